@@ -1,0 +1,289 @@
+"""Command-line interface: a thin layer over the Python API.
+
+Heavy libraries (torch, diffusers, transformers) are imported inside the commands, so `--help` is
+instant. User mistakes end as one `error: ...` line and exit code 2; `--verbose` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line: `error: ...` (exit 2)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _window(text: str):
+    """`LO:HI` -> (LO, HI) with 0 <= LO < HI <= 1000, or `auto`."""
+    if text == "auto":
+        return None
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LO:HI (e.g. 400:800) or auto, got {text!r}") from None
+    if not 0 <= lo < hi <= 1000:
+        raise argparse.ArgumentTypeError(f"needs 0 <= LO < HI <= 1000, got {text}")
+    return (lo, hi)
+
+
+def _add_device_flags(parser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="weights' precision; auto = bf16/fp16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="personamagic", description="Personalize Stable Diffusion 1.x to a face from one photo.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show debug logs and tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="learn a concept from photo(s)")
+    train.add_argument("photos", nargs="+", help="photo(s) of the person (any format PIL reads)")
+    train.add_argument("--output", "-o", required=True, help="concept folder to write")
+    train.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                       help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
+    train.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
+    train.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
+    train.add_argument("--num-vectors", type=_positive_int, default=1, help="token positions per placeholder (1)")
+    train.add_argument("--mask", default="auto",
+                       help="auto, clipseg, landmarks, none, or a mask image FILE the size of the photo")
+    train.add_argument("--image-encoder", default="auto", help="CLIP vision model id/path (openai/clip-vit-base-patch32)")
+    train.add_argument("--identity-model", default="auto", help="ArcFace model: .pth/.safetensors/.onnx path or hub id")
+    train.add_argument("--no-id-loss", action="store_true", help="train without the identity loss")
+    train.add_argument("--steps", type=_positive_int, default=1000, help="training steps (1000)")
+    train.add_argument("--batch-size", type=_positive_int, default=2, help="samples per step (2)")
+    train.add_argument("--learning-rate", type=_positive_float, default=5e-5, help="AdamW learning rate (5e-5)")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
+    train.add_argument("--stage-window", type=_window, default=(400, 800),
+                       help="dynamic stage LO:HI in timesteps (400:800, the authors' code)")
+    train.add_argument("--te-weight", type=_non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
+    train.add_argument("--id-weight", type=_non_negative_float, default=1.0, help="identity-loss weight (1.0)")
+    train.add_argument("--checkpoint-every", type=_non_negative_int, default=100,
+                       help="write a resumable checkpoint every N steps (100; 0 = never)")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    train.add_argument("--overwrite", action="store_true", help="replace a concept already in --output")
+    _add_device_flags(train)
+
+    gen = commands.add_parser("generate", help="make images with concept(s)")
+    gen.add_argument("concepts", nargs="+", help="concept folder(s) or concept.safetensors file(s)")
+    gen.add_argument("--prompt", "-p", action="append", default=[], help="prompt with S* (repeatable)")
+    gen.add_argument("--output", "-o", required=True, help="folder for the images")
+    gen.add_argument("--model", default=None, help="base model (default: the one the concept was trained on)")
+    gen.add_argument("--num-images", "-n", type=_positive_int, default=4, help="images per prompt (4)")
+    gen.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the first image (0)")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt (none by default)")
+    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
+    gen.add_argument("--guidance-scale", type=_non_negative_float, default=8.0, help="classifier-free guidance (8.0)")
+    gen.add_argument("--scheduler", default="ddim", help="ddim, dpm++, euler, euler-a, pndm, unipc (ddim)")
+    gen.add_argument("--batch-size", type=_positive_int, default=4, help="images per UNet batch (4)")
+    _add_device_flags(gen)
+    return parser
+
+
+class _LowercaseLevelFormatter(logging.Formatter):
+    """`warning: ...` like the `error: ...` lines."""
+
+    def format(self, record):
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LowercaseLevelFormatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("personamagic").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """diffusers/transformers reset their loggers on import: set their verbosity after importing."""
+    if verbose:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+
+
+def _cmd_train(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .personalize import personalize
+    from .training import TrainConfig
+
+    _quiet_libraries(args.verbose)
+    try:
+        config = TrainConfig(
+            placeholder=args.placeholder,
+            supercategory=args.supercategory,
+            num_vectors=args.num_vectors,
+            max_train_steps=args.steps,
+            train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            stage_window=args.stage_window,
+            te_weight=args.te_weight,
+            id_weight=args.id_weight,
+            use_id_loss=not args.no_id_loss,
+            checkpoint_every=args.checkpoint_every,
+        )
+    except ValueError as err:
+        from .errors import UserError
+
+        raise UserError(str(err)) from None
+    bar = None
+
+    def progress(step, total, logs):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, desc="training", unit="step", file=sys.stderr)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+        bar.update(1)
+
+    try:
+        result = personalize(
+            args.photos,
+            args.output,
+            config,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            mask=args.mask,
+            image_encoder=args.image_encoder,
+            identity_model=args.identity_model,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            local_files_only=args.local_files_only,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    c = result.concept
+    print(f"concept {c.placeholder!r} ({c.supercategory}) written to {result.concept_path}")
+    print(f"dynamic stage: {c.stage_window[0]} <= t < {c.stage_window[1]}; training took {result.timings['train_s']:.1f} s")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .errors import UserError
+    from .generate import GenerateConfig, generate
+
+    _quiet_libraries(args.verbose)
+    try:
+        config = GenerateConfig(
+            prompts=args.prompt,
+            negative_prompt=args.negative_prompt,
+            num_images=args.num_images,
+            seed=args.seed,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            scheduler=args.scheduler,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        raise UserError(f"{err} (use --prompt \"a photo of S* ...\")") from None
+    result = generate(
+        args.concepts,
+        args.output,
+        config,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        local_files_only=args.local_files_only,
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    for image in result.images:
+        print(image.path)
+    if result.grid is not None:
+        print(result.grid)
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "generate": _cmd_generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag already reported in one line
+        return int(exit_.code or 0)
+    _configure_logging(args.verbose)
+    from .errors import UserError
+
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

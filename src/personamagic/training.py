@@ -1,0 +1,476 @@
+"""Training the stage mapper (SPEC §2-3): the loop, its losses, checkpoints and resume.
+
+One step, for a batch of B samples (paper's Eq. 5):
+
+    t ~ U[t_lo, t_hi)                                    timesteps inside the dynamic stage
+    x_t = √ᾱ·z + √(1−ᾱ)·ε                                z drawn from the photo's cached VAE posterior
+    e, r = mapper(t, clip_image_embed)                   S* embedding and its value residual
+    c = text_encoder("a photo of S*" with e)             K input; V input = c + r at S* (r dropped p=0.5)
+    L = masked_mse(unet(x_t, t, c), ε) + w_te·L_te(text attention on a TE prompt)
+        + w_id·λ_id(t)·(1 − cos(ArcFace(decode(x̂0)), ArcFace(photo)))
+
+Everything but the mapper is frozen. All randomness comes from one torch.Generator on the training
+device, whose state is saved in checkpoints, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .attention import attention_processors
+from .concept import Concept, load_safetensors, save_safetensors_atomic
+from .conditioning import (
+    EmbeddingOverride,
+    PlaceholderTokens,
+    add_residuals,
+    eos_positions,
+    single_token_id,
+    tokenize,
+)
+from .errors import UserError
+from .identity import warp_faces
+from .losses import (
+    denoising_target,
+    identity_loss,
+    identity_weight,
+    masked_mse,
+    predicted_original,
+    tandem_equilibrium_loss,
+)
+from .mapper import MapperConfig, StageMapper
+from .prompts import TANDEM_EQUILIBRIUM_PROMPTS
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one concept's training. Defaults follow the paper (appendix) and SPEC.md."""
+
+    placeholder: str = "S*"  # text standing for the concept in prompts
+    supercategory: str = "face"  # single-token word: static stage 1 uses it, the mapper starts from it
+    num_vectors: int = 1  # token positions S* expands to (SPEC §1; paper: 1, authors' code: 4)
+    train_prompt: str = "a photo of {}"  # training prompt, {} = placeholder (paper, Fig. 2)
+    max_train_steps: int = 1000  # optimizer steps (paper: 1000 iterations)
+    train_batch_size: int = 2  # samples per step (paper: 2)
+    learning_rate: float = 5e-5  # AdamW learning rate (paper: 5e-5)
+    weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
+    adam_beta1: float = 0.9  # AdamW β1 (paper)
+    adam_beta2: float = 0.999  # AdamW β2 (paper)
+    adam_epsilon: float = 1e-8  # AdamW ε (PyTorch default)
+    seed: int = 0  # seeds the training generator: same seed, same device -> same concept
+    stage_window: tuple[int, int] | None = (400, 800)  # (t_lo, t_hi) dynamic stage; None = find it (SPEC §2)
+    te_weight: float = 1e-3  # w_te, weight of the tandem-equilibrium loss (authors' code)
+    te_temperature: float = 100.0  # τ of the TE softmax (authors' code)
+    id_weight: float = 1.0  # w_id, weight of the identity loss (SPEC §3)
+    use_id_loss: bool = True  # identity loss on (needs an identity encoder; off for non-face concepts)
+    bypass_drop: float = 0.5  # probability of zeroing the value residual per sample (NeTI, SPEC §1)
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0 = never)
+    mapper_hidden_dim: int = 128  # width of the mapper's MLPs (authors' code: 128)
+    time_frequencies: int = 64  # sinusoid frequencies of the mapper's timestep encoding
+
+    def __post_init__(self):
+        if isinstance(self.stage_window, list):
+            self.stage_window = tuple(self.stage_window)
+        positive = ("num_vectors", "max_train_steps", "train_batch_size", "mapper_hidden_dim", "time_frequencies")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "te_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2", "bypass_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if "{}" not in self.train_prompt:
+            raise ValueError(f"train_prompt must contain {{}} where the placeholder goes, got {self.train_prompt!r}")
+        if self.stage_window is not None:
+            lo, hi = self.stage_window
+            if not 0 <= lo < hi:
+                raise ValueError(f"stage_window must be LO:HI with 0 <= LO < HI, got {lo}:{hi}")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["stage_window"] = list(self.stage_window) if self.stage_window is not None else None
+        return out
+
+
+@dataclass
+class TrainingData:
+    """What the loop needs from the N training photos, computed once before training."""
+
+    latent_mean: torch.Tensor  # (N, 4, h, w) mean of the VAE posterior (unscaled)
+    latent_std: torch.Tensor  # (N, 4, h, w) its standard deviation
+    masks: torch.Tensor  # (N, 1, h, w) face masks at latent resolution, in [0, 1], never all zero
+    image_embeds: torch.Tensor  # (N, E) CLIP image embeddings (projection space)
+    face_theta: torch.Tensor | None = None  # (N, 2, 3) affine_grid matrices aligning each face for ArcFace
+    identity_reference: torch.Tensor | None = None  # (N, D_id) identity embeddings of the photos
+
+    @property
+    def num_images(self) -> int:
+        return self.latent_mean.shape[0]
+
+
+@torch.no_grad()
+def prepare_training_data(
+    vae,
+    pixels: torch.Tensor,
+    masks: torch.Tensor,
+    image_embeds: torch.Tensor,
+    face_theta: torch.Tensor | None = None,
+    identity_encoder=None,
+) -> TrainingData:
+    """Encode the photos once: VAE posterior (mean, std), latent masks, identity references.
+
+    pixels: (N, 3, H, W) in [-1, 1]; masks: (N, 1, H, W) in [0, 1] at pixel resolution;
+    face_theta: (N, 2, 3) from `identity.alignment_theta`, needed with an identity encoder.
+    """
+    if masks.flatten(1).sum(1).min() <= 0:
+        raise UserError("a face mask is empty; use another --mask method or a mask file that marks the face")
+    device, dtype = vae.device, vae.dtype
+    posterior = vae.encode(pixels.to(device, dtype)).latent_dist
+    latent_size = posterior.mean.shape[-2:]
+    latent_masks = torch.nn.functional.interpolate(masks.float().to(device), size=latent_size, mode="area")
+    reference = None
+    if identity_encoder is not None:
+        if face_theta is None:
+            raise ValueError("the identity loss needs the faces' alignment (face_theta)")
+        faces = warp_faces(pixels.to(device, torch.float32), face_theta.to(device), identity_encoder.input_size)
+        reference = identity_encoder(faces).float()
+    return TrainingData(
+        latent_mean=posterior.mean.float(),
+        latent_std=posterior.std.float(),
+        masks=latent_masks,
+        image_embeds=image_embeds.float().to(device),
+        face_theta=None if face_theta is None else face_theta.float().to(device),
+        identity_reference=reference,
+    )
+
+
+@dataclass
+class Batch:
+    """The random draws of one step (all from the trainer's generator)."""
+
+    image_index: torch.Tensor  # (B,) which photo each sample uses
+    latents: torch.Tensor  # (B, 4, h, w) scaled latents drawn from the posterior
+    noise: torch.Tensor  # (B, 4, h, w) ε
+    timesteps: torch.Tensor  # (B,) long
+    keep_residual: torch.Tensor  # (B,) 1.0 keeps the value residual, 0.0 drops it
+    te_prompt_index: torch.Tensor  # (B,) which TE prompt each sample uses
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # mse, te, id (unweighted)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class Trainer:
+    """Trains one concept's stage mapper on a frozen base model. Use as a context manager:
+
+        with Trainer(base, data, config, identity_encoder) as trainer:
+            trainer.train(progress=...)
+            concept = trainer.concept()
+
+    Entering installs the UNet attention processors and the token-embedding hooks; leaving removes
+    them (also on error), leaving the base model exactly as it was.
+    """
+
+    def __init__(self, base, data: TrainingData, config: TrainConfig, identity_encoder=None):
+        from diffusers import DDPMScheduler
+
+        self.base, self.data, self.config = base, data, config
+        self.device, self.weight_dtype = base.device, base.dtype
+        tokenizer, text_encoder = base.tokenizer, base.text_encoder
+        try:
+            super_id = single_token_id(tokenizer, config.supercategory)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        self.tokens = PlaceholderTokens(tokenizer, config.placeholder, config.num_vectors, slot=0)
+        self.eos_token_id = tokenizer.eos_token_id
+
+        super_embedding = text_encoder.get_input_embeddings().weight[super_id].detach().float().cpu()
+        mapper_config = MapperConfig(
+            text_embed_dim=base.hidden_size,
+            image_embed_dim=data.image_embeds.shape[-1],
+            num_vectors=config.num_vectors,
+            time_frequencies=config.time_frequencies,
+            hidden_dim=config.mapper_hidden_dim,
+        )
+        with torch.random.fork_rng(devices=[]):  # the mapper's initial weights follow the seed too
+            torch.manual_seed(config.seed)
+            self.mapper = StageMapper(mapper_config, super_embedding).to(self.device)
+        self.mapper.train()
+        self.initial_mapper_state = {k: v.clone() for k, v in self.mapper.state_dict().items()}
+        self.optimizer = self._make_optimizer()
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.step_count = 0
+
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.scaling_factor = base.vae.config.scaling_factor
+        self.stage_window = config.stage_window
+
+        prompt = self.tokens.rewrite(config.train_prompt.format(config.placeholder))
+        self.train_ids = tokenize(tokenizer, [prompt], self.device)  # (1, L)
+        te_prompts = [self.tokens.rewrite(p.replace("S*", config.placeholder)) for p in TANDEM_EQUILIBRIUM_PROMPTS]
+        self.te_ids = tokenize(tokenizer, te_prompts, self.device)  # (P, L)
+        self.te_placeholder_mask = torch.isin(self.te_ids, torch.tensor(self.tokens.ids, device=self.device))
+        self.te_eos = eos_positions(self.te_ids, self.eos_token_id)
+
+        use_id = config.use_id_loss and config.id_weight > 0
+        if use_id and (identity_encoder is None or data.identity_reference is None):
+            raise ValueError("use_id_loss needs an identity encoder and data prepared with it")
+        self.identity_encoder = identity_encoder if use_id else None
+        self._override: EmbeddingOverride | None = None
+        self._processors = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Trainer":
+        self._override = EmbeddingOverride(self.base.text_encoder)
+        self._processors = attention_processors(self.base.unet)
+        self._processors.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._override is not None:
+            self._override.remove()
+            self._override = None
+        if self._processors is not None:
+            self._processors.__exit__(*exc)
+            self._processors = None
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW(
+            self.mapper.parameters(),
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+            weight_decay=c.weight_decay,
+        )
+
+    def restart_mapper(self) -> None:
+        """Back to the initial weights with a fresh optimizer (after the partition warm-up, SPEC §2.6)."""
+        self.mapper.load_state_dict(self.initial_mapper_state)
+        self.optimizer = self._make_optimizer()
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def sample_batch(self, window: tuple[int, int] | None = None) -> Batch:
+        """Draw one batch; `window` (t_lo, t_hi) defaults to the dynamic stage."""
+        lo, hi = window or self.stage_window
+        g, B, d = self.generator, self.config.train_batch_size, self.device
+        data = self.data
+        image_index = torch.randint(0, data.num_images, (B,), generator=g, device=d)
+        latent_noise = torch.randn(data.latent_mean[image_index].shape, generator=g, device=d)
+        latents = (data.latent_mean[image_index] + data.latent_std[image_index] * latent_noise) * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=g, device=d)
+        timesteps = torch.randint(lo, hi, (B,), generator=g, device=d)
+        keep = (torch.rand((B,), generator=g, device=d) >= self.config.bypass_drop).float()
+        te_index = torch.randint(0, self.te_ids.shape[0], (B,), generator=g, device=d)
+        return Batch(image_index, latents, noise, timesteps, keep, te_index)
+
+    def encode_prompt(self, input_ids, embeddings, residuals):
+        """Text encoder output with S* = `embeddings` (B, V, D), and the V input with `residuals` added."""
+        vectors = {tid: embeddings[:, i].to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
+        with self._override.vectors(vectors):
+            encoder_hidden_states = self.base.text_encoder(input_ids)[0]
+        value_hidden_states = add_residuals(
+            encoder_hidden_states, input_ids, {tid: residuals[:, i] for i, tid in enumerate(self.tokens.ids)}
+        )
+        return encoder_hidden_states, value_hidden_states
+
+    def losses(self, batch: Batch) -> StepLosses:
+        """All loss terms of one batch (differentiable w.r.t. the mapper)."""
+        B = batch.timesteps.shape[0]
+        noisy = self.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+        embeddings, residuals = self.mapper(batch.timesteps, self.data.image_embeds[batch.image_index])
+        residuals = residuals * batch.keep_residual[:, None, None]  # (B, V, D) * (B, 1, 1)
+        input_ids = self.train_ids.expand(B, -1)
+        encoder_hidden_states, value_hidden_states = self.encode_prompt(input_ids, embeddings, residuals)
+        model_pred = self.base.unet(
+            noisy.to(self.weight_dtype),
+            batch.timesteps,
+            encoder_hidden_states,
+            cross_attention_kwargs={"value_hidden_states": value_hidden_states},
+        ).sample
+        target = denoising_target(self.prediction_type, batch.latents, batch.noise, self.alphas_cumprod, batch.timesteps)
+        terms = {"mse": masked_mse(model_pred, target, self.data.masks[batch.image_index])}
+        total = terms["mse"]
+
+        if self.config.te_weight > 0:
+            te_ids = self.te_ids[batch.te_prompt_index]
+            vectors = {tid: embeddings[:, i].to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
+            with self._override.vectors(vectors):
+                attentions = self.base.text_encoder(te_ids, output_attentions=True).attentions
+            terms["te"] = tandem_equilibrium_loss(
+                attentions[-1],
+                self.te_placeholder_mask[batch.te_prompt_index],
+                self.te_eos[batch.te_prompt_index],
+                self.config.te_temperature,
+            )
+            total = total + self.config.te_weight * terms["te"]
+
+        if self.identity_encoder is not None:
+            x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
+            images = self.base.vae.decode((x0 / self.scaling_factor).to(self.weight_dtype)).sample
+            faces = warp_faces(images.float(), self.data.face_theta[batch.image_index], self.identity_encoder.input_size)
+            per_sample = identity_loss(self.identity_encoder(faces), self.data.identity_reference[batch.image_index])
+            weights = identity_weight(batch.timesteps, self.num_train_timesteps)
+            terms["id"] = (weights * per_sample).mean()
+            total = total + self.config.id_weight * terms["id"]
+        return StepLosses(total, terms)
+
+    def step(self, window: tuple[int, int] | None = None) -> dict[str, float]:
+        """One optimizer step; returns the loss terms as floats. Raises TrainingDiverged on NaN/inf."""
+        batch = self.sample_batch(window)
+        out = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        logs = {"loss": out.total.item(), **{k: v.item() for k, v in out.terms.items()}}
+        if not all(math.isfinite(v) for v in logs.values()):
+            bad = ", ".join(f"{k}={v}" for k, v in logs.items() if not math.isfinite(v))
+            raise TrainingDiverged(
+                f"training diverged at step {self.step_count} ({bad}); lower --learning-rate, "
+                "use --dtype fp32, or check the photo and mask"
+            )
+        return logs
+
+    def train(self, num_steps: int | None = None, progress=None, checkpoint_dir: Path | None = None) -> None:
+        """Run until `num_steps` (default: max_train_steps) steps are done in total.
+
+        progress(step, total, logs) is called after every step. With `checkpoint_dir` and
+        `checkpoint_every` > 0, a resumable checkpoint is written there every that many steps.
+        """
+        total = num_steps if num_steps is not None else self.config.max_train_steps
+        every = self.config.checkpoint_every
+        while self.step_count < total:
+            logs = self.step()
+            if progress is not None:
+                progress(self.step_count, total, logs)
+            if checkpoint_dir is not None and every and self.step_count % every == 0 and self.step_count < total:
+                self.save_checkpoint(checkpoint_dir / checkpoint_name(self.step_count))
+                _remove_older_checkpoints(checkpoint_dir, keep=self.step_count)
+
+    # -- evaluation helpers ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def masked_denoising_loss(self, timesteps: torch.Tensor, noise: torch.Tensor, use_mapper: bool = True) -> float:
+        """Mean masked MSE of photo 0 at fixed `timesteps` (K,) and `noise` (K, 4, h, w), without
+        the residual dropout; `use_mapper=False` conditions S* on the plain supercategory word."""
+        K = timesteps.shape[0]
+        latents = (self.data.latent_mean[:1] * self.scaling_factor).expand(K, -1, -1, -1)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        image_embeds = self.data.image_embeds[:1].expand(K, -1)
+        embeddings, residuals = self.mapper(timesteps, image_embeds)
+        if not use_mapper:
+            embeddings = self.mapper.super_embedding.expand_as(embeddings)
+            residuals = torch.zeros_like(residuals)
+        encoder_hidden_states, value_hidden_states = self.encode_prompt(
+            self.train_ids.expand(K, -1), embeddings, residuals
+        )
+        pred = self.base.unet(
+            noisy.to(self.weight_dtype),
+            timesteps,
+            encoder_hidden_states,
+            cross_attention_kwargs={"value_hidden_states": value_hidden_states},
+        ).sample
+        target = denoising_target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
+        return masked_mse(pred, target, self.data.masks[:1]).item()
+
+    # -- checkpoints and export --------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Mapper + optimizer + step + generator state, as safetensors + JSON (no pickle)."""
+        tensors = {f"mapper.{k}": v for k, v in self.mapper.state_dict().items()}
+        state = self.optimizer.state_dict()
+        for index, param_state in state["state"].items():
+            for key, value in param_state.items():
+                tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
+        tensors["rng.generator"] = self.generator.get_state()
+        header = {
+            "checkpoint_format": CHECKPOINT_FORMAT,
+            "package_version": __version__,
+            "step": self.step_count,
+            "stage_window": list(self.stage_window) if self.stage_window else None,
+            "param_groups": state["param_groups"],
+            "config": self.config.to_dict(),
+        }
+        save_safetensors_atomic(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, {"checkpoint": json.dumps(header)}, path
+        )
+
+    def load_checkpoint(self, path: Path) -> None:
+        tensors, header = load_safetensors(path)
+        try:
+            meta = json.loads(header["checkpoint"])
+        except (KeyError, json.JSONDecodeError):
+            raise UserError(f"{path} is not a personamagic training checkpoint") from None
+        if meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path} has checkpoint format {meta.get('checkpoint_format')}, expected {CHECKPOINT_FORMAT}")
+        self.mapper.load_state_dict({k[len("mapper."):]: v for k, v in tensors.items() if k.startswith("mapper.")})
+        optimizer_state: dict = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optimizer_state.setdefault(int(index), {})[name] = value.to(self.device) if value.dim() else value
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["param_groups"]})
+        self.generator.set_state(tensors["rng.generator"])
+        self.step_count = meta["step"]
+        if meta.get("stage_window"):
+            self.stage_window = tuple(meta["stage_window"])
+
+    def concept(self, base_model: str, image_encoder: str = "", stages: dict | None = None, extra=None) -> Concept:
+        """The trained concept, ready to save."""
+        return Concept(
+            mapper_state={k: v.detach().cpu().clone() for k, v in self.mapper.state_dict().items()},
+            image_embeds=self.data.image_embeds.detach().cpu(),
+            placeholder=self.config.placeholder,
+            supercategory=self.config.supercategory,
+            stage_window=tuple(int(t) for t in self.stage_window),
+            num_train_timesteps=self.num_train_timesteps,
+            base_model=base_model,
+            text_encoder_hidden_size=self.base.hidden_size,
+            mapper_config=self.mapper.config.to_dict(),
+            image_encoder=image_encoder,
+            training={**self.config.to_dict(), "steps_done": self.step_count},
+            stages=stages or {},
+            extra=extra or {},
+        )
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}.safetensors"
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def _remove_older_checkpoints(folder: Path, keep: int) -> None:
+    for path in folder.glob("step-*.safetensors"):
+        if path.name != checkpoint_name(keep):
+            path.unlink(missing_ok=True)

@@ -1,0 +1,95 @@
+"""Concept files: exact round trip, no pickle, atomic writes, shape checks."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from personamagic.concept import Concept
+from personamagic.errors import UserError
+from personamagic.mapper import MapperConfig, StageMapper
+
+
+def make_concept(seed=0, hidden=32) -> Concept:
+    torch.manual_seed(seed)
+    mapper = StageMapper(MapperConfig(text_embed_dim=hidden, image_embed_dim=16, num_vectors=2), torch.randn(hidden))
+    with torch.no_grad():
+        for p in mapper.parameters():
+            p.add_(torch.randn_like(p))
+    return Concept(
+        mapper_state=mapper.state_dict(),
+        image_embeds=torch.randn(1, 16),
+        placeholder="S*",
+        supercategory="face",
+        stage_window=(412, 781),
+        num_train_timesteps=1000,
+        base_model="tiny",
+        text_encoder_hidden_size=hidden,
+        mapper_config=mapper.config.to_dict(),
+        training={"learning_rate": 5e-5},
+        stages={"iou": [0.1, 0.5]},
+    )
+
+
+def test_round_trip_is_exact(tmp_path):
+    concept = make_concept()
+    path = concept.save(tmp_path / "me")
+    assert path.name == "concept.safetensors" and [p.name for p in path.parent.iterdir()] == [path.name]
+    loaded = Concept.load(tmp_path / "me")
+    assert loaded.metadata() == concept.metadata()
+    assert all(torch.equal(loaded.mapper_state[k], v) for k, v in concept.mapper_state.items())
+    assert torch.equal(loaded.image_embeds, concept.image_embeds)
+    assert loaded.fingerprint() == concept.fingerprint()
+    t, e = torch.tensor([500]), concept.image_embeds
+    a, b = concept.build_mapper()(t, e), loaded.build_mapper()(t, e)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_file_is_plain_safetensors_with_json_metadata(tmp_path):
+    path = make_concept().save(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["personamagic"])
+        keys = set(f.keys())
+    assert meta["format_version"] == 1 and meta["stage_window"] == [412, 781]
+    assert meta["text_encoder_hidden_size"] == 32 and meta["package_version"]
+    assert "image_embeds" in keys and "mapper.embedding_head.weight" in keys
+
+
+def test_fingerprint_changes_with_weights():
+    assert make_concept(seed=0).fingerprint() != make_concept(seed=1).fingerprint()
+
+
+def test_other_shape_is_refused():
+    concept = make_concept(hidden=32)
+    with pytest.raises(UserError, match="text width"):
+        concept.check_compatible(768, 1000, "CompVis/stable-diffusion-v1-4")
+    assert concept.check_compatible(32, 1000, "tiny") == []
+    assert concept.check_compatible(32, 1000, "other") != []
+
+
+def test_bad_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no concept"):
+        Concept.load(tmp_path / "missing")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a readable"):
+        Concept.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(UserError, match="not a PersonaMagic concept"):
+        Concept.load(tmp_path / "other.safetensors")
+
+
+def test_failed_save_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
+    concept = make_concept()
+    path = concept.save(tmp_path)
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("personamagic.concept.save_file", broken)
+    with pytest.raises(OSError):
+        make_concept(seed=1).save(tmp_path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
