@@ -53,3 +53,16 @@ def test_bad_config_raises():
         MapperConfig(text_embed_dim=32, image_embed_dim=16, num_vectors=0)
     with pytest.raises(ValueError, match="super_embedding"):
         StageMapper(MapperConfig(text_embed_dim=32, image_embed_dim=16), torch.randn(31))
+
+
+def test_ablation_switches():
+    torch.manual_seed(0)
+    config = MapperConfig(text_embed_dim=32, image_embed_dim=16, time_dependent=False, use_residual=False)
+    mapper = StageMapper(config, torch.randn(32))
+    assert not any(name.startswith("residual") for name in mapper.state_dict())
+    with torch.no_grad():
+        for p in mapper.parameters():
+            p.add_(torch.randn_like(p))
+    embeddings, residuals = mapper(torch.tensor([10, 900]), torch.randn(2, 16))
+    assert torch.equal(embeddings[0], embeddings[1])  # one embedding for every t
+    assert torch.count_nonzero(residuals) == 0

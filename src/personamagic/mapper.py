@@ -33,6 +33,8 @@ class MapperConfig:
     time_frequencies: int = 64  # sinusoid frequencies of the timestep encoding (2x this many features)
     hidden_dim: int = 128  # width of both MLP branches (authors' code: 128)
     max_period: float = 10000.0  # longest period of the timestep sinusoids, in timesteps
+    time_dependent: bool = True  # False: one embedding for every t (textual inversion, an ablation)
+    use_residual: bool = True  # False: no value residual (text conditioning only, an ablation)
 
     def __post_init__(self):
         for name in ("text_embed_dim", "image_embed_dim", "num_vectors", "time_frequencies", "hidden_dim"):
@@ -71,9 +73,12 @@ class StageMapper(nn.Module):
         time_dim = 2 * config.time_frequencies
         self.embedding_mlp = _mlp_block(time_dim + D, H)
         self.embedding_head = nn.Linear(H, V * D)
-        self.residual_mlp = _mlp_block(time_dim + config.image_embed_dim, H)
-        self.residual_head = nn.Linear(H, V * D)
-        for head in (self.embedding_head, self.residual_head):
+        heads = [self.embedding_head]
+        if config.use_residual:
+            self.residual_mlp = _mlp_block(time_dim + config.image_embed_dim, H)
+            self.residual_head = nn.Linear(H, V * D)
+            heads.append(self.residual_head)
+        for head in heads:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
@@ -86,6 +91,8 @@ class StageMapper(nn.Module):
         B = timesteps.shape[0]
         D, V = self.config.text_embed_dim, self.config.num_vectors
         time = self.time_encoding(timesteps)  # (B, 2F)
+        if not self.config.time_dependent:
+            time = torch.zeros_like(time)
         e_super = self.super_embedding.expand(B, D)  # (B, D)
 
         hidden = self.embedding_mlp(torch.cat([time, e_super], dim=-1))
@@ -94,6 +101,8 @@ class StageMapper(nn.Module):
         norm = self.super_embedding.norm()
         embeddings = F.normalize(offsets + e_super[:, None, :], dim=-1) * norm  # (B, V, D)
 
+        if not self.config.use_residual:
+            return embeddings, torch.zeros_like(embeddings)
         hidden = self.residual_mlp(torch.cat([time, image_embeds.float()], dim=-1))
         residuals = self.residual_head(hidden).view(B, V, D)  # (B, V, D)
         return embeddings, residuals

@@ -69,6 +69,13 @@ class TrainConfig:
     adam_epsilon: float = 1e-8  # AdamW ε (PyTorch default)
     seed: int = 0  # seeds the training generator: same seed, same device -> same concept
     stage_window: tuple[int, int] | None = (400, 800)  # (t_lo, t_hi) dynamic stage; None = find it (SPEC §2)
+    lambda1: float = 0.7  # relative-IoU threshold that ends static stage 1 (paper, Table 2)
+    lambda2: float = 0.8  # relative-IoU threshold above which static stage 2 begins (paper, Table 2)
+    partition_warmup_steps: int = 100  # full-schedule steps before the attention capture (SPEC §2.1)
+    partition_timesteps: int = 50  # sampling-grid timesteps probed by the capture (50 DDIM steps)
+    partition_resolution: int = 16  # attention maps are averaged on this grid (16x16)
+    min_dynamic_fraction: float = 0.2  # narrower dynamic stages are widened to this share of T
+    restart_after_partition: bool = True  # mapper back to its initial weights after the warm-up
     te_weight: float = 1e-3  # w_te, weight of the tandem-equilibrium loss (authors' code)
     te_temperature: float = 100.0  # τ of the TE softmax (authors' code)
     id_weight: float = 1.0  # w_id, weight of the identity loss (SPEC §3)
@@ -77,23 +84,30 @@ class TrainConfig:
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0 = never)
     mapper_hidden_dim: int = 128  # width of the mapper's MLPs (authors' code: 128)
     time_frequencies: int = 64  # sinusoid frequencies of the mapper's timestep encoding
+    mapper_time_dependent: bool = True  # False: one embedding for all t (textual-inversion ablation)
+    mapper_residual: bool = True  # False: no value residual (ablation)
 
     def __post_init__(self):
         if isinstance(self.stage_window, list):
             self.stage_window = tuple(self.stage_window)
-        positive = ("num_vectors", "max_train_steps", "train_batch_size", "mapper_hidden_dim", "time_frequencies")
+        positive = ("num_vectors", "max_train_steps", "train_batch_size", "mapper_hidden_dim", "time_frequencies",
+                    "partition_timesteps", "partition_resolution")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "te_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every"):
+        for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every", "partition_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "bypass_drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.lambda1 <= self.lambda2 <= 1:
+            raise ValueError(f"need 0 <= lambda1 <= lambda2 <= 1, got {self.lambda1}, {self.lambda2}")
+        if not 0 < self.min_dynamic_fraction <= 1:
+            raise ValueError(f"min_dynamic_fraction must be in (0, 1], got {self.min_dynamic_fraction}")
         if "{}" not in self.train_prompt:
             raise ValueError(f"train_prompt must contain {{}} where the placeholder goes, got {self.train_prompt!r}")
         if self.stage_window is not None:
@@ -212,6 +226,8 @@ class Trainer:
             num_vectors=config.num_vectors,
             time_frequencies=config.time_frequencies,
             hidden_dim=config.mapper_hidden_dim,
+            time_dependent=config.mapper_time_dependent,
+            use_residual=config.mapper_residual,
         )
         with torch.random.fork_rng(devices=[]):  # the mapper's initial weights follow the seed too
             torch.manual_seed(config.seed)
