@@ -14,7 +14,7 @@ from PIL import Image
 from personamagic.cli import main
 from personamagic.concept import Concept
 
-TRAIN_FAST = ["--model", "tiny", "--steps", "3", "--checkpoint-every", "0"]
+TRAIN_FAST = ["--model", "tiny", "--steps", "3", "--checkpoint-every", "0", "--stage-window", "400:800"]
 
 
 def run_cli(capsys, *argv):
@@ -25,18 +25,23 @@ def run_cli(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One concept trained through the CLI (shared by the generate tests)."""
+    """One concept trained through the CLI with default settings but few steps (shared by tests)."""
     folder = tmp_path_factory.mktemp("concept") / "astronaut"
     photo = os.path.join(os.path.dirname(__file__), "data", "astronaut.png")
-    assert main(["train", photo, "--output", str(folder), *TRAIN_FAST]) == 0
+    assert main(["train", photo, "--output", str(folder), "--model", "tiny", "--steps", "3",
+                 "--partition-warmup-steps", "2"]) == 0
     return folder
 
 
-def test_train_writes_concept_and_mask_preview(trained, tiny_base):
-    assert sorted(p.name for p in trained.iterdir()) == ["concept.safetensors", "mask.png"]
+def test_train_writes_concept_and_pictures(trained, tiny_base):
+    assert sorted(p.name for p in trained.iterdir()) == ["attention.png", "concept.safetensors", "mask.png",
+                                                          "stages.png"]
     concept = Concept.load(trained)
     assert concept.base_model == "tiny" and concept.placeholder == "S*" and concept.supercategory == "face"
-    assert concept.stage_window == (400, 800)
+    stages = concept.stages
+    assert stages["method"] == "auto" and tuple(stages["window"]) == concept.stage_window
+    assert len(stages["iou"]) == len(stages["timesteps"]) == 50
+    assert 0 <= concept.stage_window[0] < concept.stage_window[1] <= 1000
     assert concept.text_encoder_hidden_size == tiny_base.hidden_size
     assert concept.training["steps_done"] == 3 and concept.training["use_id_loss"] is True
     assert concept.image_embeds.shape == (1, 16)
@@ -74,6 +79,15 @@ def test_same_seed_same_concept(astronaut, tmp_path, capsys):
     assert a.fingerprint() == b.fingerprint()
 
 
+def test_inspect_prints_stages_and_training(trained, capsys):
+    code, out, _ = run_cli(capsys, "inspect", trained)
+    concept = Concept.load(trained)
+    t_lo, t_hi = concept.stage_window
+    assert code == 0 and f"dynamic {t_lo} <= t < {t_hi}" in out
+    assert "partition: automatic, lambda1=0.7 lambda2=0.8" in out and "training: 3 steps" in out
+    assert concept.fingerprint() in out and len(out.strip().splitlines()) <= 8
+
+
 def test_missing_placeholder_warns(trained, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "generate", trained, "-p", "a photo of a dog", "-n", 1, "--steps", 2,
                            "-o", tmp_path)
@@ -82,9 +96,9 @@ def test_missing_placeholder_warns(trained, tmp_path, capsys):
 
 def test_resume_continues_an_interrupted_run(astronaut, tmp_path, capsys):
     folder = tmp_path / "c"
-    args = ["train", astronaut, "-o", folder, "--model", "tiny", "--checkpoint-every", 2]
-    # Simulate a run that stopped after its step-2 checkpoint: train 4 steps, keep the checkpoint.
-    assert run_cli(capsys, *args, "--steps", 3)[0] == 0
+    args = ["train", astronaut, "-o", folder, "--model", "tiny", "--checkpoint-every", 2, "--partition-warmup-steps", 2]
+    code, _, err = run_cli(capsys, *args, "--steps", 3)
+    assert code == 0 and "stage partition: dynamic stage" in err  # the partition shows in the progress output
     assert not (folder / "checkpoints").exists()  # a finished run removes its resume points
     from personamagic.training import Trainer
 
@@ -108,8 +122,10 @@ def test_resume_continues_an_interrupted_run(astronaut, tmp_path, capsys):
     resumed = Concept.load(folder)
     assert resumed.training["steps_done"] == 4
     straight = tmp_path / "straight"
-    assert run_cli(capsys, "train", astronaut, "-o", straight, "--model", "tiny", "--steps", 4)[0] == 0
+    assert run_cli(capsys, "train", astronaut, "-o", straight, "--model", "tiny", "--steps", 4,
+                   "--partition-warmup-steps", 2)[0] == 0
     assert resumed.fingerprint() == Concept.load(straight).fingerprint()
+    assert resumed.stages == Concept.load(straight).stages
 
 
 # -- user mistakes: one line, exit code != 0, no traceback, nothing written ---------------------------

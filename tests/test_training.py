@@ -27,7 +27,7 @@ def make_data(base, photo, identity=None):
 
 
 def base_config(**overrides) -> TrainConfig:
-    return replace(TrainConfig(max_train_steps=4, use_id_loss=False, seed=3), **overrides)
+    return replace(TrainConfig(max_train_steps=4, use_id_loss=False, seed=3, stage_window=(400, 800)), **overrides)
 
 
 def test_gradients_reach_the_mapper_and_nothing_else(tiny_base, photo):

@@ -66,6 +66,13 @@ def _float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
 def _window(text: str):
     """`LO:HI` -> (LO, HI) with 0 <= LO < HI <= 1000, or `auto`."""
     if text == "auto":
@@ -108,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, default=2, help="samples per step (2)")
     train.add_argument("--learning-rate", type=_positive_float, default=5e-5, help="AdamW learning rate (5e-5)")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
-    train.add_argument("--stage-window", type=_window, default=(400, 800),
-                       help="dynamic stage LO:HI in timesteps (400:800, the authors' code)")
+    train.add_argument("--stage-window", type=_window, default=None,
+                       help="dynamic stage: auto (found from S*'s attention, default) or LO:HI, e.g. 400:800 "
+                            "as in the authors' code")
+    train.add_argument("--lambda1", type=_unit_float, default=0.7, help="relative-IoU threshold ending static 1 (0.7)")
+    train.add_argument("--lambda2", type=_unit_float, default=0.8, help="relative-IoU threshold starting static 2 (0.8)")
+    train.add_argument("--partition-warmup-steps", type=_non_negative_int, default=100,
+                       help="full-schedule steps before the automatic partition (100)")
     train.add_argument("--te-weight", type=_non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
     train.add_argument("--id-weight", type=_non_negative_float, default=1.0, help="identity-loss weight (1.0)")
     train.add_argument("--checkpoint-every", type=_non_negative_int, default=100,
@@ -131,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default="ddim", help="ddim, dpm++, euler, euler-a, pndm, unipc (ddim)")
     gen.add_argument("--batch-size", type=_positive_int, default=4, help="images per UNet batch (4)")
     _add_device_flags(gen)
+
+    inspect = commands.add_parser("inspect", help="show a concept's stages, training settings and file facts")
+    inspect.add_argument("concept", help="concept folder or concept.safetensors file")
     return parser
 
 
@@ -181,6 +196,9 @@ def _cmd_train(args) -> int:
             learning_rate=args.learning_rate,
             seed=args.seed,
             stage_window=args.stage_window,
+            lambda1=args.lambda1,
+            lambda2=args.lambda2,
+            partition_warmup_steps=args.partition_warmup_steps,
             te_weight=args.te_weight,
             id_weight=args.id_weight,
             use_id_loss=not args.no_id_loss,
@@ -190,12 +208,16 @@ def _cmd_train(args) -> int:
         from .errors import UserError
 
         raise UserError(str(err)) from None
-    bar = None
+    bar, bar_phase = None, None
 
-    def progress(step, total, logs):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=step - 1, desc="training", unit="step", file=sys.stderr)
+    def progress(step, total, logs, phase):
+        nonlocal bar, bar_phase
+        if bar is None or phase != bar_phase:
+            if bar is not None:
+                bar.close()
+            desc = "warm-up (full schedule)" if phase == "warm-up" else "training"
+            bar = tqdm(total=total, initial=step - 1, desc=desc, unit="step", file=sys.stderr)
+            bar_phase = phase
         bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
         bar.update(1)
 
@@ -262,7 +284,55 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "generate": _cmd_generate}
+def _cmd_inspect(args) -> int:
+    from .concept import Concept, resolve_concept_path
+
+    path = resolve_concept_path(args.concept)
+    for line in describe_concept(Concept.load(path), path):
+        print(line)
+    return 0
+
+
+def describe_concept(concept, path) -> list[str]:
+    """A few lines about a concept: file, token, stages, training."""
+    from .concept import FORMAT_VERSION
+
+    size = path.stat().st_size
+    c, training, stages = concept, concept.training, concept.stages
+    t_lo, t_hi = c.stage_window
+    lines = [
+        f"{path}  {size / 1e6:.2f} MB, format {FORMAT_VERSION}, written by personamagic {c.version}, fingerprint {c.fingerprint()}",
+        f"placeholder {c.placeholder!r} ({c.mapper_config['num_vectors']} vector(s)), supercategory "
+        f"{c.supercategory!r}, base model {c.base_model} (text width {c.text_encoder_hidden_size})",
+        f"stages: static 1 t >= {t_hi} | dynamic {t_lo} <= t < {t_hi} | static 2 t < {t_lo}  (T = {c.num_train_timesteps})",
+    ]
+    if stages.get("method") == "auto":
+        best = max(range(len(stages["iou"])), key=lambda i: stages["iou"][i])
+        flags = [name for name in ("flat", "widened") if stages.get(name)]
+        lines.append(
+            f"partition: automatic, lambda1={stages['lambda1']} lambda2={stages['lambda2']}, warm-up "
+            f"{stages['warmup_steps']} steps ({'restarted' if stages['restarted'] else 'continued'}), "
+            f"IoU max {stages['iou'][best]:.3f} at t={stages['timesteps'][best]}"
+            + (f", {' and '.join(flags)}" if flags else "")
+        )
+    else:
+        lines.append("partition: fixed window given at training")
+    if training:
+        id_loss = f"on (weight {training['id_weight']})" if training.get("use_id_loss") else "off"
+        lines.append(
+            f"training: {training.get('steps_done')} steps, batch {training['train_batch_size']}, lr "
+            f"{training['learning_rate']}, seed {training['seed']}, TE weight {training['te_weight']}, identity loss {id_loss}"
+        )
+    extra = c.extra
+    if extra:
+        lines.append(
+            f"photos: {', '.join(extra.get('photos', []))}; mask {extra.get('mask')}; image encoder "
+            f"{c.image_encoder}; trained on {extra.get('device')} in {extra.get('dtype')}"
+        )
+    return lines
+
+
+COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "inspect": _cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from .errors import UserError
 from .faces import FaceDetector, load_photo, prepare_photo
 from .identity import DEFAULT_IDENTITY_MODEL, alignment_theta, load_identity_model
 from .masks import clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
+from .plots import attention_figure, stages_figure
 from .models import (
     DEFAULT_IMAGE_ENCODER,
     TINY,
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 FACE_SUPERCATEGORIES = {"face", "person", "man", "woman", "boy", "girl", "child", "kid", "baby", "people"}
 CHECKPOINT_DIR = "checkpoints"
 MASK_PREVIEW = "mask.png"
+STAGES_PLOT = "stages.png"
+ATTENTION_PLOT = "attention.png"
 
 
 @dataclass
@@ -146,8 +149,13 @@ def personalize(
             checkpoint = latest_checkpoint(checkpoint_dir)
             trainer.load_checkpoint(checkpoint)
             notes.append(f"resumed from {checkpoint.name} (step {trainer.step_count})")
-        trainer.train(progress=progress, checkpoint_dir=checkpoint_dir)
-        timings["train_s"] = time.perf_counter() - t0
+        if trainer.stage_window is None:
+            trainer.find_stage_window(progress=_with_phase(progress, "warm-up"))
+            timings["partition_s"] = time.perf_counter() - t0
+            logger.info(_describe_partition(trainer.stages))
+        t1 = time.perf_counter()
+        trainer.train(progress=_with_phase(progress, "train"), checkpoint_dir=checkpoint_dir)
+        timings["train_s"] = time.perf_counter() - t1
         concept = trainer.concept(
             base_model=base.name,
             image_encoder=encoder_name,
@@ -161,10 +169,15 @@ def personalize(
             },
         )
 
-    # 4. write the concept and its mask preview atomically
+    # 4. write the concept and its pictures atomically
     concept_path = concept.save(output)
-    overlay = mask_overlay(prepared[0].image, masks[0])
-    write_atomic(output / MASK_PREVIEW, lambda tmp: overlay.save(tmp, format="PNG"))
+    pictures = {MASK_PREVIEW: mask_overlay(prepared[0].image, masks[0])}
+    if concept.stages.get("method") == "auto":
+        pictures[STAGES_PLOT] = stages_figure(concept.stages, concept.num_train_timesteps)
+        if trainer.attention_maps is not None:  # not kept across a resume
+            pictures[ATTENTION_PLOT] = attention_figure(prepared[0].image, trainer.attention_maps, concept.stages)
+    for name, picture in pictures.items():
+        write_atomic(output / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
     # The run is complete: its resume points are no longer needed.
     for stale in checkpoint_dir.glob("step-*.safetensors"):
         stale.unlink()
@@ -172,6 +185,22 @@ def personalize(
         checkpoint_dir.rmdir()
     timings["total_s"] = time.perf_counter() - started
     return PersonalizeResult(concept_path, concept, notes, timings)
+
+
+def _with_phase(progress, phase: str):
+    if progress is None:
+        return None
+    return lambda step, total, logs: progress(step, total, logs, phase)
+
+
+def _describe_partition(stages: dict) -> str:
+    t_lo, t_hi = stages["window"]
+    text = f"stage partition: dynamic stage {t_lo} <= t < {t_hi}"
+    if stages.get("flat"):
+        text += " (flat IoU curve: no stage structure found, whole schedule used)"
+    elif stages.get("widened"):
+        text += " (widened to the minimum width)"
+    return text
 
 
 def _make_masks(prepared, method: str, supercategory: str) -> list[np.ndarray]:

@@ -46,10 +46,12 @@ from .losses import (
 )
 from .mapper import MapperConfig, StageMapper
 from .prompts import TANDEM_EQUILIBRIUM_PROMPTS
+from .stages import StagePartition, attention_iou, average_maps, capturing_attention, partition_stages
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+CAPTURE_PROMPT = "a photo of {}"  # the prompt of the attention capture (paper, Fig. 2)
 
 
 @dataclass
@@ -68,7 +70,7 @@ class TrainConfig:
     adam_beta2: float = 0.999  # AdamW β2 (paper)
     adam_epsilon: float = 1e-8  # AdamW ε (PyTorch default)
     seed: int = 0  # seeds the training generator: same seed, same device -> same concept
-    stage_window: tuple[int, int] | None = (400, 800)  # (t_lo, t_hi) dynamic stage; None = find it (SPEC §2)
+    stage_window: tuple[int, int] | None = None  # (t_lo, t_hi) dynamic stage; None = find it (SPEC §2)
     lambda1: float = 0.7  # relative-IoU threshold that ends static stage 1 (paper, Table 2)
     lambda2: float = 0.8  # relative-IoU threshold above which static stage 2 begins (paper, Table 2)
     partition_warmup_steps: int = 100  # full-schedule steps before the attention capture (SPEC §2.1)
@@ -244,6 +246,8 @@ class Trainer:
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.scaling_factor = base.vae.config.scaling_factor
         self.stage_window = config.stage_window
+        self.stages: dict = {"method": "fixed", "window": list(config.stage_window)} if config.stage_window else {}
+        self.attention_maps: torch.Tensor | None = None  # (K, r, r) from the partition capture
 
         prompt = self.tokens.rewrite(config.train_prompt.format(config.placeholder))
         self.train_ids = tokenize(tokenizer, [prompt], self.device)  # (1, L)
@@ -294,6 +298,8 @@ class Trainer:
 
     def sample_batch(self, window: tuple[int, int] | None = None) -> Batch:
         """Draw one batch; `window` (t_lo, t_hi) defaults to the dynamic stage."""
+        if window is None and self.stage_window is None:
+            raise RuntimeError("no stage window yet: call find_stage_window() first or set one in TrainConfig")
         lo, hi = window or self.stage_window
         g, B, d = self.generator, self.config.train_batch_size, self.device
         data = self.data
@@ -357,22 +363,94 @@ class Trainer:
             total = total + self.config.id_weight * terms["id"]
         return StepLosses(total, terms)
 
-    def step(self, window: tuple[int, int] | None = None) -> dict[str, float]:
-        """One optimizer step; returns the loss terms as floats. Raises TrainingDiverged on NaN/inf."""
+    def step(self) -> dict[str, float]:
+        """One optimizer step in the dynamic stage; returns the loss terms as floats."""
+        self.step_count += 1
+        return self._optimize(self.stage_window, f"step {self.step_count}")
+
+    def _optimize(self, window: tuple[int, int], where: str) -> dict[str, float]:
+        """Draw a batch with t in `window`, take one optimizer step. Raises TrainingDiverged on NaN/inf."""
         batch = self.sample_batch(window)
         out = self.losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         self.optimizer.step()
-        self.step_count += 1
         logs = {"loss": out.total.item(), **{k: v.item() for k, v in out.terms.items()}}
         if not all(math.isfinite(v) for v in logs.values()):
             bad = ", ".join(f"{k}={v}" for k, v in logs.items() if not math.isfinite(v))
             raise TrainingDiverged(
-                f"training diverged at step {self.step_count} ({bad}); lower --learning-rate, "
+                f"training diverged at {where} ({bad}); lower --learning-rate, "
                 "use --dtype fp32, or check the photo and mask"
             )
         return logs
+
+    # -- stage partition (SPEC §2) -----------------------------------------------------------------
+
+    def find_stage_window(self, progress=None) -> StagePartition:
+        """Warm up over the whole schedule, capture S*'s attention, partition, set `stage_window`.
+
+        progress(step, total, logs) is called after every warm-up step. Afterwards the mapper
+        restarts from its initial weights or continues, as `restart_after_partition` says.
+        """
+        c, T = self.config, self.num_train_timesteps
+        for k in range(1, c.partition_warmup_steps + 1):
+            logs = self._optimize((0, T), f"warm-up step {k}")
+            if progress is not None:
+                progress(k, c.partition_warmup_steps, logs)
+        timesteps, maps = self.capture_attention(c.partition_timesteps, c.partition_resolution)
+        mask = self.data.masks[0, 0].cpu()
+        iou = [attention_iou(m, mask) for m in maps.cpu()]
+        partition = partition_stages(
+            timesteps.tolist(), iou, c.lambda1, c.lambda2,
+            min_dynamic_fraction=c.min_dynamic_fraction, num_train_timesteps=T,
+        )
+        # No static 1 / no static 2: the dynamic stage runs to the end of the schedule.
+        t_hi = partition.t_hi if partition.has_static1 else T
+        t_lo = partition.t_lo if partition.has_static2 else 0
+        self.stage_window = (t_lo, t_hi)
+        self.attention_maps = maps.cpu()
+        self.stages = {
+            "method": "auto",
+            **partition.to_dict(),
+            "window": [t_lo, t_hi],
+            "warmup_steps": c.partition_warmup_steps,
+            "restarted": c.restart_after_partition,
+            "resolution": c.partition_resolution,
+        }
+        if c.restart_after_partition:
+            self.restart_mapper()
+        return partition
+
+    @torch.no_grad()
+    def capture_attention(self, num_timesteps: int, resolution: int, chunk: int = 10):
+        """S*'s cross-attention map at each timestep of a `num_timesteps`-step DDIM grid.
+
+        Photo 0's latent is noised with one fixed-seed noise draw (independent of the training
+        generator), the prompt is "a photo of S*" with the current mapper. Returns timesteps (K,)
+        descending and maps (K, resolution, resolution) in [0, 1].
+        """
+        from diffusers import DDIMScheduler
+
+        grid = DDIMScheduler.from_config(self.base.scheduler_config)
+        grid.set_timesteps(num_timesteps)
+        timesteps = grid.timesteps.to(self.device)
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + 1)
+        latents = self.data.latent_mean[:1] * self.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        prompt = self.tokens.rewrite(CAPTURE_PROMPT.format(self.config.placeholder))
+        ids = tokenize(self.base.tokenizer, [prompt], self.device)
+        columns = torch.nonzero(torch.isin(ids[0], torch.tensor(self.tokens.ids, device=self.device)))[:, 0]
+        maps = []
+        for t in timesteps.split(chunk):
+            b = t.shape[0]
+            noisy = self.noise_scheduler.add_noise(latents.expand(b, -1, -1, -1), noise.expand(b, -1, -1, -1), t)
+            embeddings, residuals = self.mapper(t, self.data.image_embeds[:1].expand(b, -1))
+            hidden, values = self.encode_prompt(ids.expand(b, -1), embeddings, residuals)
+            with capturing_attention(self.base.unet, columns) as store:
+                self.base.unet(noisy.to(self.weight_dtype), t, hidden,
+                               cross_attention_kwargs={"value_hidden_states": values})
+            maps.append(average_maps(store, resolution))
+        return timesteps.cpu(), torch.cat(maps)
 
     def train(self, num_steps: int | None = None, progress=None, checkpoint_dir: Path | None = None) -> None:
         """Run until `num_steps` (default: max_train_steps) steps are done in total.
@@ -431,6 +509,7 @@ class Trainer:
             "package_version": __version__,
             "step": self.step_count,
             "stage_window": list(self.stage_window) if self.stage_window else None,
+            "stages": self.stages,
             "param_groups": state["param_groups"],
             "config": self.config.to_dict(),
         }
@@ -457,8 +536,9 @@ class Trainer:
         self.step_count = meta["step"]
         if meta.get("stage_window"):
             self.stage_window = tuple(meta["stage_window"])
+            self.stages = meta.get("stages", {})
 
-    def concept(self, base_model: str, image_encoder: str = "", stages: dict | None = None, extra=None) -> Concept:
+    def concept(self, base_model: str, image_encoder: str = "", extra=None) -> Concept:
         """The trained concept, ready to save."""
         return Concept(
             mapper_state={k: v.detach().cpu().clone() for k, v in self.mapper.state_dict().items()},
@@ -472,7 +552,7 @@ class Trainer:
             mapper_config=self.mapper.config.to_dict(),
             image_encoder=image_encoder,
             training={**self.config.to_dict(), "steps_done": self.step_count},
-            stages=stages or {},
+            stages=self.stages,
             extra=extra or {},
         )
 
