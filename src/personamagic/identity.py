@@ -62,6 +62,7 @@ Alternative with better provenance (Hugging Face staff mirror, needs ``personama
 Licence of both: insightface's pretrained models are for non-commercial research purposes only.
 """
 
+RANDOM_IRESNET100 = "random-iresnet100"  # full-size IResNet-100, random weights: for benchmarks only
 ARCFACE_INPUT_SIZE = 112
 """Side in pixels of the aligned face crop that arcface_torch IResNets read."""
 
@@ -343,6 +344,8 @@ def load_identity_model(
     spec = os.fspath(spec)
     if spec == "tiny":
         encoder = build_tiny_identity_model()
+    elif spec == RANDOM_IRESNET100:
+        encoder = ArcFaceEncoder(build_iresnet(100), embedding_dim=512)
     else:
         path = Path(spec).expanduser()
         if path.is_file():

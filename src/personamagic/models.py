@@ -25,6 +25,8 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+RANDOM_SD1 = "random-sd1"  # SD-1.x sizes, random weights: for benchmarks (timing does not depend on weights)
+RANDOM_IMAGE_ENCODER = "random-clip-vit-b32"  # CLIP ViT-B/32 vision tower sizes, random weights
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-base-patch32"
 
@@ -258,10 +260,54 @@ def build_tiny_image_encoder(config: TinyConfig = TinyConfig()):
     return model.eval().requires_grad_(False), processor
 
 
+def build_random_sd1_components(device=None) -> BaseComponents:
+    """Stable Diffusion 1.x at its real sizes (UNet 320/640/1280/1280, SD VAE, CLIP ViT-L/14 text
+    encoder, real tokenizer) with random weights, initialised directly on `device`. For benchmarks:
+    timing and memory do not depend on the weights' values. Images are noise."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
+            )
+        )
+    return _freeze(BaseComponents(RANDOM_SD1, tokenizer, text_encoder, vae, unet, dict(SD1_SCHEDULER_CONFIG)))
+
+
 def load_image_encoder(name: str, *, device=None, dtype=None):
     """CLIP vision model with projection (+ its processor) by hub id / local path, or `tiny`."""
     if name == TINY:
         model, processor = build_tiny_image_encoder()
+    elif name == RANDOM_IMAGE_ENCODER:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, image_size=224, patch_size=32, projection_dim=512)
+        with torch.device(device or "cpu"):
+            model = CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+        processor = CLIPImageProcessor()
     else:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -288,6 +334,8 @@ def load_base_model(name: str, *, device=None, dtype=None, local_files_only: boo
     """
     if name == TINY:
         return build_tiny_components().to(device=device, dtype=dtype)
+    if name == RANDOM_SD1:
+        return build_random_sd1_components(device).to(device=device, dtype=dtype)
     path = Path(name).expanduser()
     if path.is_file():
         components = _load_single_file(path, local_files_only=local_files_only)

@@ -35,6 +35,7 @@ from .conditioning import (
     tokenize,
 )
 from .errors import UserError
+from .fast import GraphedStep, StaticTextEncoder, face_patches, gather_patches
 from .identity import warp_faces
 from .losses import (
     denoising_target,
@@ -77,7 +78,8 @@ class TrainConfig:
     partition_timesteps: int = 50  # sampling-grid timesteps probed by the capture (50 DDIM steps)
     partition_resolution: int = 16  # attention maps are averaged on this grid (16x16)
     min_dynamic_fraction: float = 0.2  # narrower dynamic stages are widened to this share of T
-    restart_after_partition: bool = True  # mapper back to its initial weights after the warm-up
+    restart_after_partition: bool = False  # True: mapper back to its initial weights after the warm-up
+    # (measured on the tiny model: continuing reaches a lower in-window loss, benchmarks/partition_restart.py)
     te_weight: float = 1e-3  # w_te, weight of the tandem-equilibrium loss (authors' code)
     te_temperature: float = 100.0  # τ of the TE softmax (authors' code)
     id_weight: float = 1.0  # w_id, weight of the identity loss (SPEC §3)
@@ -88,24 +90,37 @@ class TrainConfig:
     time_frequencies: int = 64  # sinusoid frequencies of the mapper's timestep encoding
     mapper_time_dependent: bool = True  # False: one embedding for all t (textual-inversion ablation)
     mapper_residual: bool = True  # False: no value residual (ablation)
+    optimize: bool = True  # speed-ups (fast.py); False = the plain reference step, every speed-up off
+    cuda_graph: bool = True  # with optimize on CUDA: replay each step from a captured CUDA graph
+    id_face_patch: bool = True  # with optimize: decode only the latent patch under the face for L_id
+    id_patch_margin: int = 2  # latent pixels added around the aligned face crop's footprint
+    sync_every: int = 10  # with optimize: steps between loss read-backs (progress, NaN check)
+    gradient_accumulation_steps: int = 1  # low-memory mode: the batch runs as this many micro-batches
+    gradient_checkpointing: bool = False  # low-memory mode: recompute UNet activations in backward
 
     def __post_init__(self):
         if isinstance(self.stage_window, list):
             self.stage_window = tuple(self.stage_window)
         positive = ("num_vectors", "max_train_steps", "train_batch_size", "mapper_hidden_dim", "time_frequencies",
-                    "partition_timesteps", "partition_resolution")
+                    "partition_timesteps", "partition_resolution", "sync_every", "gradient_accumulation_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "te_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every", "partition_warmup_steps"):
+        for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every", "partition_warmup_steps",
+                     "id_patch_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "bypass_drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.train_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"train_batch_size {self.train_batch_size} must be a multiple of gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps}"
+            )
         if not 0 <= self.lambda1 <= self.lambda2 <= 1:
             raise ValueError(f"need 0 <= lambda1 <= lambda2 <= 1, got {self.lambda1}, {self.lambda2}")
         if not 0 < self.min_dynamic_fraction <= 1:
@@ -133,6 +148,7 @@ class TrainingData:
     image_embeds: torch.Tensor  # (N, E) CLIP image embeddings (projection space)
     face_theta: torch.Tensor | None = None  # (N, 2, 3) affine_grid matrices aligning each face for ArcFace
     identity_reference: torch.Tensor | None = None  # (N, D_id) identity embeddings of the photos
+    ip_adapter_embeds: torch.Tensor | None = None  # (N, 1, ...) IP-Adapter image embeds, when plugged in
 
     @property
     def num_images(self) -> int:
@@ -263,15 +279,45 @@ class Trainer:
         self._override: EmbeddingOverride | None = None
         self._processors = None
 
+        # Speed-ups (fast.py). The plain path (optimize=False) is the reference they are tested against.
+        self.optimized = config.optimize
+        self.static_text: StaticTextEncoder | None = None
+        self.graphed: GraphedStep | None = None
+        self.id_patches = None
+        if self.optimized and self.identity_encoder is not None and config.id_face_patch:
+            self.id_patches = face_patches(
+                data.face_theta, tuple(data.latent_mean.shape[-2:]), base.vae_scale_factor, config.id_patch_margin
+            )
+            self.id_patches = (self.id_patches[0].to(self.device), self.id_patches[1], self.id_patches[2].to(self.device))
+        self.use_graph = (
+            self.optimized and config.cuda_graph and self.device.type == "cuda"
+            and config.gradient_accumulation_steps == 1 and not config.gradient_checkpointing
+        )
+        if config.te_weight > 0:
+            # Validate the TE prompts once (any attention will do), so the loss can skip its own
+            # host-syncing checks in the hot loop.
+            P, L = self.te_ids.shape
+            tandem_equilibrium_loss(torch.ones(P, 1, L, L, device=self.device), self.te_placeholder_mask, self.te_eos)
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def __enter__(self) -> "Trainer":
         self._override = EmbeddingOverride(self.base.text_encoder)
         self._processors = attention_processors(self.base.unet)
         self._processors.__enter__()
+        if self.optimized and StaticTextEncoder.supported(self.base.text_encoder):
+            self.static_text = StaticTextEncoder(self.base.text_encoder)
+        if self.config.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.config.gradient_checkpointing:
+            self.base.unet.disable_gradient_checkpointing()
+        if self.static_text is not None:
+            self.static_text.remove()
+            self.static_text = None
+        self.graphed = None
         if self._override is not None:
             self._override.remove()
             self._override = None
@@ -287,21 +333,25 @@ class Trainer:
             betas=(c.adam_beta1, c.adam_beta2),
             eps=c.adam_epsilon,
             weight_decay=c.weight_decay,
+            # One fused kernel instead of a dozen launches per step on CUDA (same update rule).
+            fused=True if self.config.optimize and self.device.type == "cuda" else None,
         )
 
     def restart_mapper(self) -> None:
         """Back to the initial weights with a fresh optimizer (after the partition warm-up, SPEC §2.6)."""
-        self.mapper.load_state_dict(self.initial_mapper_state)
+        with torch.no_grad():  # in place: a captured CUDA graph keeps pointing at these tensors
+            for name, value in self.mapper.state_dict().items():
+                value.copy_(self.initial_mapper_state[name])
         self.optimizer = self._make_optimizer()
 
     # -- one step ----------------------------------------------------------------------------------
 
-    def sample_batch(self, window: tuple[int, int] | None = None) -> Batch:
+    def sample_batch(self, window: tuple[int, int] | None = None, generator: torch.Generator | None = None) -> Batch:
         """Draw one batch; `window` (t_lo, t_hi) defaults to the dynamic stage."""
         if window is None and self.stage_window is None:
             raise RuntimeError("no stage window yet: call find_stage_window() first or set one in TrainConfig")
         lo, hi = window or self.stage_window
-        g, B, d = self.generator, self.config.train_batch_size, self.device
+        g, B, d = generator or self.generator, self.config.train_batch_size, self.device
         data = self.data
         image_index = torch.randint(0, data.num_images, (B,), generator=g, device=d)
         latent_noise = torch.randn(data.latent_mean[image_index].shape, generator=g, device=d)
@@ -322,6 +372,21 @@ class Trainer:
         )
         return encoder_hidden_states, value_hidden_states
 
+    def denoise(self, noisy, timesteps, encoder_hidden_states, value_hidden_states, image_index) -> torch.Tensor:
+        """UNet prediction with the residual-on-V conditioning; with an IP-Adapter loaded on the UNet,
+        each sample's photo embedding goes in through `added_cond_kwargs` (plug-in mode)."""
+        kwargs = {}
+        if self.data.ip_adapter_embeds is not None:
+            embeds = self.data.ip_adapter_embeds[image_index].to(self.weight_dtype)  # (B, 1, ...)
+            kwargs["added_cond_kwargs"] = {"image_embeds": [embeds]}
+        return self.base.unet(
+            noisy.to(self.weight_dtype),
+            timesteps,
+            encoder_hidden_states,
+            cross_attention_kwargs={"value_hidden_states": value_hidden_states},
+            **kwargs,
+        ).sample
+
     def losses(self, batch: Batch) -> StepLosses:
         """All loss terms of one batch (differentiable w.r.t. the mapper)."""
         B = batch.timesteps.shape[0]
@@ -329,34 +394,53 @@ class Trainer:
         embeddings, residuals = self.mapper(batch.timesteps, self.data.image_embeds[batch.image_index])
         residuals = residuals * batch.keep_residual[:, None, None]  # (B, V, D) * (B, 1, 1)
         input_ids = self.train_ids.expand(B, -1)
-        encoder_hidden_states, value_hidden_states = self.encode_prompt(input_ids, embeddings, residuals)
-        model_pred = self.base.unet(
-            noisy.to(self.weight_dtype),
-            batch.timesteps,
-            encoder_hidden_states,
-            cross_attention_kwargs={"value_hidden_states": value_hidden_states},
-        ).sample
+        te_attention = None
+        if self.static_text is not None:
+            # Training prompt and TE prompt through the text encoder as one batch of 2B.
+            ids = input_ids
+            if self.config.te_weight > 0:
+                ids = torch.cat([input_ids, self.te_ids[batch.te_prompt_index]])
+            repeat = ids.shape[0] // B
+            vectors = {tid: embeddings[:, i].repeat(repeat, 1).to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
+            with self._override.vectors(vectors):
+                hidden, attention = self.static_text(ids)
+            encoder_hidden_states = hidden[:B]
+            value_hidden_states = add_residuals(
+                encoder_hidden_states, input_ids, {tid: residuals[:, i] for i, tid in enumerate(self.tokens.ids)}
+            )
+            if self.config.te_weight > 0:
+                te_attention = attention[B:]
+        else:
+            encoder_hidden_states, value_hidden_states = self.encode_prompt(input_ids, embeddings, residuals)
+        model_pred = self.denoise(noisy, batch.timesteps, encoder_hidden_states, value_hidden_states, batch.image_index)
         target = denoising_target(self.prediction_type, batch.latents, batch.noise, self.alphas_cumprod, batch.timesteps)
         terms = {"mse": masked_mse(model_pred, target, self.data.masks[batch.image_index])}
         total = terms["mse"]
 
         if self.config.te_weight > 0:
-            te_ids = self.te_ids[batch.te_prompt_index]
-            vectors = {tid: embeddings[:, i].to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
-            with self._override.vectors(vectors):
-                attentions = self.base.text_encoder(te_ids, output_attentions=True).attentions
+            if te_attention is None:
+                te_ids = self.te_ids[batch.te_prompt_index]
+                vectors = {tid: embeddings[:, i].to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
+                with self._override.vectors(vectors):
+                    te_attention = self.base.text_encoder(te_ids, output_attentions=True).attentions[-1]
             terms["te"] = tandem_equilibrium_loss(
-                attentions[-1],
+                te_attention,
                 self.te_placeholder_mask[batch.te_prompt_index],
                 self.te_eos[batch.te_prompt_index],
                 self.config.te_temperature,
+                check=not self.optimized,
             )
             total = total + self.config.te_weight * terms["te"]
 
         if self.identity_encoder is not None:
             x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
+            theta = self.data.face_theta[batch.image_index]
+            if self.id_patches is not None:
+                indices, size, patch_theta = self.id_patches
+                x0 = gather_patches(x0, indices[batch.image_index], size)
+                theta = patch_theta[batch.image_index]
             images = self.base.vae.decode((x0 / self.scaling_factor).to(self.weight_dtype)).sample
-            faces = warp_faces(images.float(), self.data.face_theta[batch.image_index], self.identity_encoder.input_size)
+            faces = warp_faces(images.float(), theta, self.identity_encoder.input_size)
             per_sample = identity_loss(self.identity_encoder(faces), self.data.identity_reference[batch.image_index])
             weights = identity_weight(batch.timesteps, self.num_train_timesteps)
             terms["id"] = (weights * per_sample).mean()
@@ -366,23 +450,52 @@ class Trainer:
     def step(self) -> dict[str, float]:
         """One optimizer step in the dynamic stage; returns the loss terms as floats."""
         self.step_count += 1
-        return self._optimize(self.stage_window, f"step {self.step_count}")
+        return self._check(self._optimize(self.stage_window), f"step {self.step_count}")
 
-    def _optimize(self, window: tuple[int, int], where: str) -> dict[str, float]:
-        """Draw a batch with t in `window`, take one optimizer step. Raises TrainingDiverged on NaN/inf."""
+    def _optimize(self, window: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Draw a batch with t in `window` and take one optimizer step; returns the loss terms as
+        (device) tensors, without reading them back."""
         batch = self.sample_batch(window)
-        out = self.losses(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
+        if self.use_graph:
+            if self.graphed is None:
+                # The capture runs on a batch from its own generator: the training draws stay the
+                # same sequence whichever path trains.
+                example = self.sample_batch(window, torch.Generator(self.device).manual_seed(0))
+                try:
+                    self.graphed = GraphedStep(self.losses, example, self.mapper.parameters())
+                except RuntimeError as err:  # a capture-unsafe op in some library version: run eagerly
+                    logger.warning("CUDA graph capture failed (%s); training without it", str(err).splitlines()[0])
+                    self.use_graph = False
+                    for p in self.mapper.parameters():
+                        p.grad = None
+        if self.use_graph:
+            out = self.graphed.step(batch)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            accumulation = self.config.gradient_accumulation_steps
+            total, terms = 0.0, {}
+            for micro in _split_batch(batch, accumulation):
+                out = self.losses(micro)
+                (out.total / accumulation).backward()
+                total = total + out.total.detach() / accumulation
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + v.detach() / accumulation
+            out = StepLosses(total, terms)
         self.optimizer.step()
-        logs = {"loss": out.total.item(), **{k: v.item() for k, v in out.terms.items()}}
-        if not all(math.isfinite(v) for v in logs.values()):
-            bad = ", ".join(f"{k}={v}" for k, v in logs.items() if not math.isfinite(v))
+        # Copies: a graph replay overwrites its outputs, and these are read back steps later.
+        return {"loss": out.total.detach().clone(), **{k: v.detach().clone() for k, v in out.terms.items()}}
+
+    @staticmethod
+    def _check(logs: dict[str, torch.Tensor], where: str) -> dict[str, float]:
+        """Read the loss terms back; raise TrainingDiverged on NaN/inf naming the step."""
+        values = {k: float(v) for k, v in logs.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
             raise TrainingDiverged(
                 f"training diverged at {where} ({bad}); lower --learning-rate, "
                 "use --dtype fp32, or check the photo and mask"
             )
-        return logs
+        return values
 
     # -- stage partition (SPEC §2) -----------------------------------------------------------------
 
@@ -393,10 +506,15 @@ class Trainer:
         restarts from its initial weights or continues, as `restart_after_partition` says.
         """
         c, T = self.config, self.num_train_timesteps
+        pending = []
         for k in range(1, c.partition_warmup_steps + 1):
-            logs = self._optimize((0, T), f"warm-up step {k}")
-            if progress is not None:
-                progress(k, c.partition_warmup_steps, logs)
+            pending.append(self._optimize((0, T)))
+            if k % self._sync_interval() == 0 or k == c.partition_warmup_steps:
+                for j, logs in enumerate(pending, start=k - len(pending) + 1):
+                    values = self._check(logs, f"warm-up step {j}")
+                    if progress is not None:
+                        progress(j, c.partition_warmup_steps, values)
+                pending = []
         timesteps, maps = self.capture_attention(c.partition_timesteps, c.partition_resolution)
         mask = self.data.masks[0, 0].cpu()
         iou = [attention_iou(m, mask) for m in maps.cpu()]
@@ -447,26 +565,37 @@ class Trainer:
             embeddings, residuals = self.mapper(t, self.data.image_embeds[:1].expand(b, -1))
             hidden, values = self.encode_prompt(ids.expand(b, -1), embeddings, residuals)
             with capturing_attention(self.base.unet, columns) as store:
-                self.base.unet(noisy.to(self.weight_dtype), t, hidden,
-                               cross_attention_kwargs={"value_hidden_states": values})
+                self.denoise(noisy, t, hidden, values, torch.zeros_like(t))
             maps.append(average_maps(store, resolution))
         return timesteps.cpu(), torch.cat(maps)
+
+    def _sync_interval(self) -> int:
+        return self.config.sync_every if self.optimized else 1
 
     def train(self, num_steps: int | None = None, progress=None, checkpoint_dir: Path | None = None) -> None:
         """Run until `num_steps` (default: max_train_steps) steps are done in total.
 
-        progress(step, total, logs) is called after every step. With `checkpoint_dir` and
-        `checkpoint_every` > 0, a resumable checkpoint is written there every that many steps.
+        progress(step, total, logs) is called for every step (in the optimized path in bursts of
+        `sync_every`, when the losses are read back). With `checkpoint_dir` and `checkpoint_every` > 0,
+        a resumable checkpoint is written there every that many steps.
         """
         total = num_steps if num_steps is not None else self.config.max_train_steps
         every = self.config.checkpoint_every
+        pending = []
         while self.step_count < total:
-            logs = self.step()
-            if progress is not None:
-                progress(self.step_count, total, logs)
-            if checkpoint_dir is not None and every and self.step_count % every == 0 and self.step_count < total:
-                self.save_checkpoint(checkpoint_dir / checkpoint_name(self.step_count))
-                _remove_older_checkpoints(checkpoint_dir, keep=self.step_count)
+            self.step_count += 1
+            pending.append(self._optimize(self.stage_window))
+            step = self.step_count
+            checkpoint_due = checkpoint_dir is not None and every and step % every == 0 and step < total
+            if step % self._sync_interval() == 0 or step == total or checkpoint_due:
+                for j, logs in enumerate(pending, start=step - len(pending) + 1):
+                    values = self._check(logs, f"step {j}")
+                    if progress is not None:
+                        progress(j, total, values)
+                pending = []
+            if checkpoint_due:
+                self.save_checkpoint(checkpoint_dir / checkpoint_name(step))
+                _remove_older_checkpoints(checkpoint_dir, keep=step)
 
     # -- evaluation helpers ------------------------------------------------------------------------
 
@@ -485,12 +614,7 @@ class Trainer:
         encoder_hidden_states, value_hidden_states = self.encode_prompt(
             self.train_ids.expand(K, -1), embeddings, residuals
         )
-        pred = self.base.unet(
-            noisy.to(self.weight_dtype),
-            timesteps,
-            encoder_hidden_states,
-            cross_attention_kwargs={"value_hidden_states": value_hidden_states},
-        ).sample
+        pred = self.denoise(noisy, timesteps, encoder_hidden_states, value_hidden_states, torch.zeros_like(timesteps))
         target = denoising_target(self.prediction_type, latents, noise, self.alphas_cumprod, timesteps)
         return masked_mse(pred, target, self.data.masks[:1]).item()
 
@@ -555,6 +679,15 @@ class Trainer:
             stages=self.stages,
             extra=extra or {},
         )
+
+
+def _split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """A batch as `parts` equal micro-batches (gradient accumulation)."""
+    if parts == 1:
+        return [batch]
+    fields = ("image_index", "latents", "noise", "timesteps", "keep_residual", "te_prompt_index")
+    chunks = [getattr(batch, name).chunk(parts) for name in fields]
+    return [Batch(*(chunk[i] for chunk in chunks)) for i in range(parts)]
 
 
 def checkpoint_name(step: int) -> str:

@@ -1,0 +1,11 @@
+"""Run the benchmark of PERF.md (same as `personamagic bench`); see personamagic/bench.py.
+
+    python benchmarks/bench.py [--device cuda] [--steps 1000] [--output benchmarks/results/x.json]
+"""
+
+import sys
+
+from personamagic.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -1,0 +1,340 @@
+"""The benchmark of PERF.md: personalize and generate, the plain step beside the optimised one.
+
+On a GPU it runs Stable Diffusion 1.x at its real sizes with random weights (timing does not depend on
+the weights' values) in bf16; on a CPU it runs the tiny model in fp32. Every figure is measured in the
+same process as the plain straightforward step, and printed as a ratio to it. Results: a table and a
+JSON file (device, versions, date, every figure) under benchmarks/results/.
+
+    personamagic bench                      # this machine, defaults per device
+    python benchmarks/bench.py --steps 1000 # the same script
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, load_base_model, resolve_device
+
+logger = logging.getLogger(__name__)
+
+# A source checkout has the test photo; an installed package needs --photo.
+PHOTO = Path(__file__).resolve().parent.parent.parent / "tests" / "data" / "astronaut.png"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _median_ms(fn, device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+class Setup:
+    """Models and prepared photo data shared by the step timings."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, model: str, photo: Path):
+        from .faces import prepare_photo
+        from .identity import alignment_theta, load_identity_model
+        from .masks import landmark_mask
+        from .personalize import pil_to_tensor
+        from .training import prepare_training_data
+
+        self.device, self.dtype, self.model = device, dtype, model
+        self.base = load_base_model(model, device=device, dtype=dtype)
+        size = self.base.resolution
+        photo = prepare_photo(photo, size)
+        self.identity_spec = "tiny" if model == TINY else "random-iresnet100"
+        self.encoder = load_identity_model(self.identity_spec, device=device, dtype=dtype)
+        theta = alignment_theta(photo.face.landmarks, (size, size), landmarks_order="yunet")[None]
+        embed_dim = 16 if model == TINY else 512
+        self.data = prepare_training_data(
+            self.base.vae,
+            pil_to_tensor(photo.image)[None],
+            torch.from_numpy(landmark_mask(photo.face, size))[None, None],
+            torch.randn(1, embed_dim, device=device),
+            theta,
+            self.encoder,
+        )
+
+    def trainer(self, config):
+        from .training import Trainer
+
+        return Trainer(self.base, self.data, config, self.encoder)
+
+
+def time_steps(setup: Setup, config, steps: int, warmup: int) -> dict:
+    """Median ms per training step (the loss read back every step, as a plain loop does) and peak GiB."""
+    _reset_peak(setup.device)
+    with setup.trainer(config) as trainer:
+        start = time.perf_counter()
+        trainer.step()  # first step: CUDA graph capture, cuDNN autotune...
+        _sync(setup.device)
+        first_s = time.perf_counter() - start
+        ms = _median_ms(trainer.step, setup.device, repeats=steps, warmup=warmup)
+        graph = trainer.use_graph
+    return {"ms": ms, "first_step_s": first_s, "peak_gib": _peak_gib(setup.device), "cuda_graph": graph}
+
+
+def check_equivalence(setup: Setup, config) -> dict:
+    """Loss terms and mapper gradients of the optimised vs the plain step on one identical batch."""
+    results = {}
+    for name, cfg in (("plain", replace(config, optimize=False)), ("optimized", config)):
+        with setup.trainer(cfg) as trainer:
+            batch = trainer.sample_batch()
+            if trainer.use_graph:
+                from .fast import GraphedStep
+
+                graphed = GraphedStep(trainer.losses, trainer.sample_batch(generator=torch.Generator(setup.device).manual_seed(0)),
+                                      trainer.mapper.parameters())
+                out = graphed.step(batch)
+            else:
+                out = trainer.losses(batch)
+                out.total.backward()
+            results[name] = (
+                {k: float(v.detach()) for k, v in out.terms.items()},
+                torch.cat([p.grad.flatten().float() for p in trainer.mapper.parameters()]),
+            )
+    (plain_terms, plain_grad), (fast_terms, fast_grad) = results["plain"], results["optimized"]
+    return {
+        "plain_terms": plain_terms,
+        "optimized_terms": fast_terms,
+        "grad_rel_diff": float((fast_grad - plain_grad).norm() / plain_grad.norm().clamp_min(1e-12)),
+    }
+
+
+def time_personalize(model: str, device: torch.device, dtype_name: str, steps: int, warmup_steps: int,
+                     photo: Path) -> dict:
+    """The whole job through the public API: load, detect, mask, embed, partition, train, save."""
+    from .personalize import personalize
+    from .training import TrainConfig
+
+    _reset_peak(device)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    config = TrainConfig(max_train_steps=steps, partition_warmup_steps=warmup_steps, checkpoint_every=0)
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        result = personalize(
+            [str(photo)], Path(folder) / "concept", config, model=model, device=str(device), dtype=dtype_name,
+            mask="landmarks", image_encoder=TINY if model == TINY else RANDOM_IMAGE_ENCODER,
+            identity_model="tiny" if model == TINY else "random-iresnet100",
+        )
+        total = time.perf_counter() - start
+        return {
+            "personalize_s": total,
+            "timings": result.timings,
+            "window": list(result.concept.stage_window),
+            # The benchmark's own models stay resident meanwhile: count only what the job added.
+            "peak_gib": None if device.type != "cuda" else (torch.cuda.max_memory_allocated(device) - baseline) / 2**30,
+            "concept": result.concept,
+        }
+
+
+def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: float, cuda_graph: bool = False) -> dict:
+    """Seconds for one image and images/s per batch size (DDIM, CFG, VAE decode included)."""
+    from .pipeline import PersonaMagicPipeline
+
+    pipe = PersonaMagicPipeline.from_base(setup.base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(concept)
+    if cuda_graph:
+        pipe.enable_cuda_graph()
+    results = {}
+    for batch in batch_sizes:
+        prompts = ["a photo of S* as an astronaut"] * batch
+
+        def run():
+            generator = [torch.Generator(setup.device).manual_seed(i) for i in range(batch)]
+            pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="pt")
+
+        _reset_peak(setup.device)
+        seconds = _median_ms(run, setup.device, repeats=1, warmup=1) / 1000
+        results[batch] = {"seconds": seconds, "images_per_s": batch / seconds, "peak_gib": _peak_gib(setup.device)}
+    return results
+
+
+SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence")
+
+
+def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: int | None = None,
+                  photo: Path = PHOTO, generation_batches=None, output: Path | None = None,
+                  sections=SECTIONS) -> dict:
+    """Measure the chosen `sections` (the plain step always); returns the result dict, also written
+    as JSON to `output` (default benchmarks/results/<device>-<date>.json) after every section."""
+    from .training import TrainConfig
+
+    if not Path(photo).is_file():
+        from .errors import UserError
+
+        raise UserError(f"benchmark photo {photo} not found; pass --photo FACE.jpg")
+    device_ = resolve_device(device)
+    gpu = device_.type == "cuda"
+    model = RANDOM_SD1 if gpu else TINY
+    dtype_name = "bf16" if gpu else "fp32"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    steps = steps or (1000 if gpu else 20)
+    warmup_steps = warmup_steps if warmup_steps is not None else (100 if gpu else 10)
+    batches = generation_batches or ([1, 4, 8, 16] if gpu else [1, 2])
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    result: dict = {
+        "device": torch.cuda.get_device_name(device_) if gpu else f"CPU ({platform.processor() or platform.machine()}, "
+                                                                     f"{torch.get_num_threads()} threads)",
+        "model": model,
+        "dtype": dtype_name,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "versions": _versions(),
+        "steps": steps,
+        "partition_warmup_steps": warmup_steps,
+        "sections": list(sections),
+        "errors": {},
+    }
+    if output is None:
+        name = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
+        output = Path("benchmarks") / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M')}.json"
+    result["output"] = str(output)
+    setup = Setup(device_, dtype, model, photo)
+    config = TrainConfig(stage_window=(400, 800), max_train_steps=10**6, seed=0)
+    repeats = 20 if gpu else 5
+
+    def save() -> None:  # after every section, so a run cut short still leaves its figures
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2, default=str))
+
+    def attempt(name, fn):
+        try:
+            return fn()
+        except Exception as err:  # a failing section must not cost the other figures
+            result["errors"][name] = f"{type(err).__name__}: {err}"
+            logger.exception("%s failed", name)
+            return None
+        finally:
+            save()
+
+    plain = time_steps(setup, replace(config, optimize=False), repeats if "steps" in sections else 5, warmup=3)
+    result["plain_step_ms"], result["plain_peak_gib"] = plain["ms"], plain["peak_gib"]
+    result["variants"] = {}
+    if "steps" in sections:
+        optimized = attempt("optimized", lambda: time_steps(setup, config, repeats, warmup=3))
+        if optimized is not None:
+            result["variants"]["optimized"] = optimized
+            result["step_ms"] = optimized["ms"]
+            result["graph_capture_s"] = optimized["first_step_s"]
+
+    concept = None
+    if "personalize" in sections:
+        job = attempt("personalize", lambda: time_personalize(model, device_, dtype_name, steps, warmup_steps, photo))
+        if job is not None:
+            concept = job.pop("concept")
+            result["personalize_s"] = job["personalize_s"]
+            result["train_loop_s"] = job["timings"]["train_s"]
+            result["peak_gib"] = job["peak_gib"]
+            result["personalize"] = job
+    if "generation" in sections:
+        if concept is None:  # sampling time does not depend on what the mapper learned
+            with setup.trainer(config) as trainer:
+                concept = trainer.concept(model)
+        modes = [("generation", False)] + ([("generation_cuda_graph", True)] if gpu else [])
+        for key, graph in modes:
+            gen = attempt(key, lambda graph=graph: time_generation(setup, concept, batches, 50, 8.0, cuda_graph=graph))
+            if gen is not None:
+                result[key] = {str(k): v for k, v in gen.items()}
+        fastest = {}
+        for key, _ in modes:
+            for batch, figures in result.get(key, {}).items():
+                if batch not in fastest or figures["seconds"] < fastest[batch]["seconds"]:
+                    fastest[batch] = {**figures, "mode": key}
+        if fastest:
+            result["gen_single_image_s"] = fastest["1"]["seconds"] if "1" in fastest else None
+            best = max(fastest, key=lambda k: fastest[k]["images_per_s"])
+            result["gen_images_per_s_best"] = fastest[best]["images_per_s"]
+            result["gen_best_batch"] = f"{best} ({fastest[best]['mode']})"
+
+    variants = {
+        "optimized_no_graph": replace(config, cuda_graph=False),
+        "optimized_full_decode": replace(config, id_face_patch=False),
+        "low_memory": replace(config, gradient_checkpointing=True, gradient_accumulation_steps=2, cuda_graph=False),
+    }
+    for name, cfg in variants.items() if "variants" in sections else ():
+        if name == "optimized_no_graph" and not gpu:
+            continue
+        timing = attempt(name, lambda cfg=cfg: time_steps(setup, cfg, repeats, warmup=3))
+        if timing is not None:
+            result["variants"][name] = timing
+    if "equivalence" in sections:
+        equivalence = attempt("equivalence", lambda: check_equivalence(setup, replace(config, id_face_patch=False)))
+        if equivalence is not None:
+            result["equivalence"] = equivalence
+
+    result["ratios_to_plain_step"] = {
+        name: result["plain_step_ms"] / v["ms"] for name, v in result["variants"].items()
+    }
+    if "train_loop_s" in result:
+        result["ratios_to_plain_step"]["train_loop"] = result["plain_step_ms"] * steps / 1000 / result["train_loop_s"]
+    save()
+    return result
+
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    versions = {"personamagic": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def format_table(result: dict) -> str:
+    """The figures as a plain-text table, each with its ratio to the plain step where it applies."""
+    plain = result["plain_step_ms"]
+    rows = [("figure", "value", "vs plain step"), ("device", result["device"], "")]
+    rows.append(("plain step (batch 2, ID loss)", f"{plain:.1f} ms", "1.00x"))
+    for name, v in result.get("variants", {}).items():
+        peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
+        rows.append((f"step: {name}", f"{v['ms']:.1f} ms{peak}", f"{plain / v['ms']:.2f}x"))
+    if "train_loop_s" in result:
+        steps = result["steps"]
+        rows.append((f"training loop, {steps} steps", f"{result['train_loop_s']:.1f} s",
+                     f"{result['ratios_to_plain_step']['train_loop']:.2f}x ({plain * steps / 1000:.1f} s plain)"))
+        rows.append(("whole personalize job", f"{result['personalize_s']:.1f} s", ""))
+    if result.get("peak_gib") is not None:
+        rows.append(("peak GPU memory (job)", f"{result['peak_gib']:.1f} GiB", ""))
+    if result.get("gen_single_image_s") is not None:
+        rows.append(("generate 1 image (50 DDIM, CFG 8)", f"{result['gen_single_image_s']:.2f} s", ""))
+        rows.append((f"generate, best batch ({result['gen_best_batch']})", f"{result['gen_images_per_s_best']:.2f} img/s", ""))
+    for name, error in result.get("errors", {}).items():
+        rows.append((f"FAILED {name}", error[:80], ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
