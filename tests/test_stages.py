@@ -1,5 +1,7 @@
 """Stage regulation (SPEC §2): IoU, partition of hand-made curves, attention capture."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,16 @@ def test_order_of_timesteps_does_not_matter():
     t = [GRID10[i] for i in shuffled]
     iou = [MONOTONE[i] for i in shuffled]
     assert partition_from_iou(t, iou, min_dynamic_fraction=0.05) == (200, 300)
+
+
+def test_widening_keeps_the_stage_flags_consistent():
+    # r rises sharply at t = 500: the raw dynamic stage is one grid step; widened, static 1 remains above.
+    curve = [0.1] * 4 + [0.75] + [1.0] * 5
+    result = partition_stages(GRID10, curve, 0.7, 0.8)
+    assert result.widened and result.has_static1 and result.has_static2
+    assert (result.t_lo, result.t_hi) == (400, 600)
+    top = partition_stages(GRID10, [1.0] * 9 + [0.5], 0.7, 0.8)  # at once above lambda2: nothing dynamic at the top
+    assert top.widened and not top.has_static1 and (top.t_lo, top.t_hi) == (700, 900)
 
 
 def test_lambda2_one_gives_no_static_2_and_small_lambda1_no_static_1():
@@ -181,8 +193,12 @@ def test_trainer_finds_a_window_and_records_the_curve(tiny_base, astronaut):
         assert len(partition.timesteps) == 10 and all(0 <= v <= 1 for v in partition.iou)
         t_lo, t_hi = trainer.stage_window
         assert 0 <= t_lo < t_hi <= 1000 and trainer.stages["window"] == [t_lo, t_hi]
-        # restart_after_partition (default): back to the initial weights after the warm-up
-        assert all(torch.equal(initial[k], v) for k, v in trainer.mapper.state_dict().items())
+        # default: the mapper continues from the warm-up
+        assert not all(torch.equal(initial[k], v) for k, v in trainer.mapper.state_dict().items())
         trainer.train()
         concept = trainer.concept("tiny")
     assert concept.stage_window == (t_lo, t_hi) and concept.stages["iou"] == partition.iou
+    assert concept.stages["restarted"] is False
+    with Trainer(tiny_base, data, replace(config, restart_after_partition=True)) as trainer:
+        trainer.find_stage_window()
+        assert all(torch.equal(initial[k], v) for k, v in trainer.mapper.state_dict().items())

@@ -146,6 +146,8 @@ def partition_stages(
             t_lo, t_hi, 100 * min_dynamic_fraction, new_lo, new_hi,
         )
         t_lo, t_hi, widened = new_lo, new_hi, True
+        # The widened stage may now leave room above or below it (or reach an end it did not).
+        has_static1, has_static2 = t_hi < high, t_lo > low
     return StagePartition(t.tolist(), values.tolist(), relative.tolist(), lambda1, lambda2,
                           t_lo, t_hi, has_static1, has_static2, widened, False)
 
