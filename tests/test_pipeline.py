@@ -1,37 +1,21 @@
-"""Generation with stage switching (SPEC §4) on the tiny model."""
+"""Generation with stage switching (SPEC §4) on the tiny model: stages, batching, schedulers,
+compositional and localized generation, and attaching concepts to a diffusers pipeline."""
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
+from _concepts import random_concept
+from PIL import Image
 
-from personamagic.concept import Concept
-from personamagic.mapper import MapperConfig, StageMapper
-from personamagic.pipeline import PersonaMagicPipeline
-
-
-def random_concept(base, window=(400, 800), seed=0) -> Concept:
-    """A concept whose mapper has random (not zero) heads, so every stage is distinguishable."""
-    tokenizer = base.tokenizer
-    face = tokenizer("face", add_special_tokens=False).input_ids[0]
-    super_embedding = base.text_encoder.get_input_embeddings().weight[face].detach()
-    torch.manual_seed(seed)
-    mapper = StageMapper(MapperConfig(text_embed_dim=base.hidden_size, image_embed_dim=16), super_embedding)
-    with torch.no_grad():
-        for p in mapper.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return Concept(
-        mapper_state=mapper.state_dict(),
-        image_embeds=torch.randn(1, 16),
-        placeholder="S*",
-        supercategory="face",
-        stage_window=window,
-        num_train_timesteps=1000,
-        base_model="tiny",
-        text_encoder_hidden_size=base.hidden_size,
-        mapper_config=mapper.config.to_dict(),
-    )
+from personamagic.conditioning import EmbeddingOverride, tokenize
+from personamagic.errors import UserError
+from personamagic.pipeline import PersonaMagicPipeline, attach_concepts
 
 
-def sample(pipe, prompt, seed=0, steps=4, **kwargs):
+def sample(pipe, prompt, seed=0, steps=2, **kwargs):
     return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                 output_type="np", **kwargs).images
 
@@ -86,3 +70,136 @@ def test_missing_placeholder_is_reported(pipe, tiny_base):
     pipe.load_concept(random_concept(tiny_base))
     assert pipe.check_prompts(["a photo of S*"]) == []
     assert "does not contain S*" in pipe.check_prompts(["a photo of a dog"])[0]
+
+
+# -- batching and schedulers ---------------------------------------------------------------------------
+
+
+def test_batched_equals_unbatched(pipe, tiny_base):
+    pipe.load_concept(random_concept(tiny_base, window=(0, 1000)))
+    prompts, seeds = ["a photo of S*", "S* on the beach"], [3, 4]
+    batched = pipe(prompts, num_inference_steps=2, output_type="np",
+                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    for prompt, seed, image in zip(prompts, seeds, batched):
+        alone = sample(pipe, prompt, seed=seed)[0]
+        assert np.abs(alone - image).max() < 1e-4
+    assert np.abs(batched[0] - batched[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["dpm++", "euler-a", "UniPCMultistepScheduler"])
+def test_scheduler_swap_runs(pipe, tiny_base, name):
+    pipe.load_concept(random_concept(tiny_base))
+    pipe.set_scheduler(name)
+    image = sample(pipe, "a photo of S*")
+    assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+
+
+def test_unknown_scheduler_is_a_user_error(pipe):
+    with pytest.raises(UserError, match="unknown scheduler 'fast'"):
+        pipe.set_scheduler("fast")
+
+
+# -- compositional generation ----------------------------------------------------------------------------
+
+
+def test_two_concepts_get_their_own_embeddings_at_their_positions(pipe, tiny_base):
+    me = pipe.load_concept(random_concept(tiny_base, window=(0, 1000), placeholder="<me>"))
+    style = pipe.load_concept(random_concept(tiny_base, window=(0, 500), seed=1, placeholder="<style>",
+                                             supercategory="painting", num_vectors=2))
+    ids = tokenize(pipe.tokenizer, [pipe.rewrite_prompt("a photo of <me> in the style of <style>")])
+    table = pipe.text_encoder.get_input_embeddings().weight
+    override = EmbeddingOverride(pipe.text_encoder)
+    seen = []  # registered after the override's hook: sees the text encoder's actual input
+    handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out[0]))
+    try:
+        for t in (700, 300):  # 700: <me> dynamic, <style> static 1; 300: both dynamic
+            hidden, values = pipe.encode_at(ids, t, override)
+            inputs = seen[-1]
+            for loaded in (me, style):
+                embeddings, residuals = loaded.vectors(t)
+                for i, token_id in enumerate(loaded.tokens.ids):
+                    (position,) = torch.nonzero(ids[0] == token_id)[:, 0].tolist()
+                    assert torch.allclose(inputs[position], embeddings[i])
+                    assert torch.allclose(values[0, position] - hidden[0, position], residuals[i], atol=1e-6)
+            assert torch.equal(style.vectors(700)[0][0], style.mapper.super_embedding)  # static 1: the word
+            placeholder_ids = torch.tensor(me.tokens.ids + style.tokens.ids)
+            plain = ~torch.isin(ids[0], placeholder_ids)
+            assert torch.equal(inputs[plain], table[ids[0][plain]])
+            assert torch.equal(values[0, plain], hidden[0, plain])
+        assert ids[0].tolist().count(style.tokens.ids[1]) == 1  # two vectors, two positions
+    finally:
+        handle.remove()
+        override.remove()
+
+
+def test_placeholders_are_replaced_longest_first(pipe, tiny_base):
+    a = pipe.load_concept(random_concept(tiny_base, placeholder="S*"))
+    b = pipe.load_concept(random_concept(tiny_base, placeholder="S*2"))
+    assert pipe.rewrite_prompt("S*2 and S*") == f"{b.tokens.tokens[0]} and {a.tokens.tokens[0]}"
+    with pytest.raises(UserError, match="--placeholder"):
+        pipe.load_concept(random_concept(tiny_base, placeholder="S*"))
+
+
+# -- localized customization --------------------------------------------------------------------------
+
+
+def background_and_region(size=128):
+    rng = np.random.default_rng(0)
+    background = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    region = np.zeros((size, size), np.uint8)
+    region[32:96, 40:104] = 255
+    return background, Image.fromarray(region)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_localized_generation_leaves_the_outside_untouched(pipe, tiny_base, scheduler):
+    pipe.load_concept(random_concept(tiny_base, window=(0, 1000)))
+    pipe.set_scheduler(scheduler)
+    background, region = background_and_region()
+    known, mask = pipe.prepare_localized(background, region, 1, 128, 128)
+    assert mask.shape == (1, 1, 16, 16) and mask.sum() == 8 * 8  # 64x64 pixels -> 8x8 latents
+    latents = pipe("a photo of S*", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                   output_type="latent", background=background, region=region).images
+    outside = (1 - mask).bool().expand_as(latents)
+    assert torch.equal(latents[outside], known[outside])  # exactly the background's latent
+    assert (latents[~outside] - known[~outside]).abs().mean() > 0.1  # the inside is generated
+
+
+def test_localized_generation_needs_background_and_a_region(pipe, tiny_base):
+    pipe.load_concept(random_concept(tiny_base))
+    background, region = background_and_region()
+    with pytest.raises(ValueError, match="both"):
+        sample(pipe, "a photo of S*", steps=1, background=background)
+    with pytest.raises(UserError, match="empty"):
+        sample(pipe, "a photo of S*", steps=1, background=background, region=Image.new("L", (128, 128)))
+
+
+# -- diffusers integration -----------------------------------------------------------------------------
+
+
+def test_attach_concepts_to_a_stable_diffusion_pipeline(tiny_base):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline(
+        vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
+        scheduler=DDIMScheduler.from_config(tiny_base.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    sd.set_progress_bar_config(disable=True)
+    pm = attach_concepts(sd, [random_concept(tiny_base, placeholder="<me>"),
+                              random_concept(tiny_base, placeholder="<style>", supercategory="painting")])
+    shared = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    assert all(getattr(pm, name) is getattr(sd, name) for name in shared)
+    assert [c.tokens.placeholder for c in pm.concepts] == ["<me>", "<style>"]
+    image = pm("a photo of <me> in the style of <style>", num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+    assert attach_concepts(sd, [], scheduler="dpm++").scheduler.__class__.__name__ == "DPMSolverMultistepScheduler"
+
+
+def test_package_root_exports_lazily():
+    code = "import sys, personamagic; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import personamagic
+
+    assert personamagic.PersonaMagicPipeline is PersonaMagicPipeline and personamagic.attach_concepts is attach_concepts

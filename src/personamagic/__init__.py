@@ -1,3 +1,31 @@
-"""PersonaMagic: stage-regulated face personalization of Stable Diffusion 1.x from one photo."""
+"""PersonaMagic: stage-regulated face personalization of Stable Diffusion 1.x from one photo.
+
+`import personamagic` stays light (no torch, no diffusers); the public objects below load their
+modules on first use.
+"""
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "PersonaMagicPipeline": "personamagic.pipeline",
+    "attach_concepts": "personamagic.pipeline",
+    "export_textual_inversion": "personamagic.export",
+    "IPAdapterSpec": "personamagic.ip_adapter",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'personamagic' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

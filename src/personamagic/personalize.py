@@ -85,13 +85,15 @@ def personalize(
     resume: bool = False,
     local_files_only: bool = False,
     progress=None,
+    ip_adapter=None,
 ) -> PersonalizeResult:
     """Learn a concept from `photos` and write it to the folder `output`.
 
     mask: "auto" (CLIPSeg for real models, landmarks for tiny), "clipseg", "landmarks", "none" (whole
     image, for styles), or a mask image file (one photo only). image_encoder / identity_model: "auto"
-    or a hub id / local path ("tiny" for the tiny stand-ins). `progress(step, total, logs)` is called
-    after every training step.
+    or a hub id / local path ("tiny" for the tiny stand-ins). `progress(step, total, logs, phase)` is
+    called for every step, phase "warm-up" (before the automatic stage partition) or "train". ip_adapter: an `ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file`
+    text) to train with that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -130,7 +132,7 @@ def personalize(
     identity_encoder, face_theta = None, None
     if config.use_id_loss:
         spec = identity_model if identity_model != "auto" else (TINY if model == TINY else DEFAULT_IDENTITY_MODEL)
-        identity_encoder = load_identity_model(spec, device=device_)
+        identity_encoder = load_identity_model(spec, device=device_, dtype=dtype_)
         face_theta = torch.stack([
             alignment_theta(p.face.landmarks, (size, size), identity_encoder.input_size, landmarks_order="yunet")
             for p in prepared
@@ -138,6 +140,8 @@ def personalize(
     pixels = torch.stack([pil_to_tensor(p.image) for p in prepared])
     mask_tensor = torch.from_numpy(np.stack(masks))[:, None]
     data = prepare_training_data(base.vae, pixels, mask_tensor, image_embeds, face_theta, identity_encoder)
+    if ip_adapter is not None:
+        ip_adapter = _plug_in_ip_adapter(base, ip_adapter, data, [p.image for p in prepared], local_files_only)
     timings["encode_s"] = time.perf_counter() - t0
 
     # 3. train, checkpointing into output/checkpoints
@@ -166,6 +170,7 @@ def personalize(
                 "identity_model": identity_model if config.use_id_loss else None,
                 "dtype": str(dtype_).replace("torch.", ""),
                 "device": device_.type,
+                **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),
             },
         )
 
@@ -185,6 +190,18 @@ def personalize(
         checkpoint_dir.rmdir()
     timings["total_s"] = time.perf_counter() - started
     return PersonalizeResult(concept_path, concept, notes, timings)
+
+
+def _plug_in_ip_adapter(base, spec, data, photos, local_files_only: bool):
+    """Load the IP-Adapter into `base.unet` through diffusers and give the trainer each photo's input."""
+    from .ip_adapter import IPAdapterSpec, load_ip_adapter, training_embeds
+    from .pipeline import PersonaMagicPipeline
+
+    spec = spec if isinstance(spec, IPAdapterSpec) else IPAdapterSpec.parse(spec)
+    pipe = PersonaMagicPipeline.from_base(base)
+    load_ip_adapter(pipe, spec, local_files_only=local_files_only)
+    data.ip_adapter_embeds = training_embeds(pipe, photos)  # (N, 1, E)
+    return spec
 
 
 def _with_phase(progress, phase: str):

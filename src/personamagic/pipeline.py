@@ -9,45 +9,88 @@ concept's S* follows its stages:
 | dynamic  | t_lo <= t < t_hi | mapper(t)              | mapper(t)      |
 | static 2 | t < t_lo         | mapper(t_lo), frozen   | mapper(t_lo)   |
 
-Conditional and unconditional branches run through the UNet in one batch (classifier-free guidance).
+Conditional and unconditional branches of all prompts × seeds run through the UNet in one batch
+(classifier-free guidance). Several concepts may share a prompt, each with its own placeholder and its
+own stages (compositional generation, paper Fig. 12). Two more of the paper's applications are
+arguments of `__call__`: localized customization (`background` + `region`, Blended Latent Diffusion,
+`blend.py`) and the IP-Adapter plug-in (`pipe.load_ip_adapter(...)` from diffusers' `IPAdapterMixin`,
+then `ip_adapter_image=`).
+
+`attach_concepts(sd_pipe, concepts)` builds one on top of an existing diffusers
+`StableDiffusionPipeline`, sharing its modules.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import IPAdapterMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import attention_processors
+from .blend import blend_latents, latent_region, noised_background
 from .concept import Concept
 from .conditioning import EmbeddingOverride, PlaceholderTokens, add_residuals, tokenize
 from .errors import UserError
+from .fast import GraphedUNet
+from .ip_adapter import encode_images, num_ip_adapters
 
 logger = logging.getLogger(__name__)
 
-# Scheduler names for `--scheduler`, mapped to diffusers classes and config overrides.
+# Scheduler names for `--scheduler`, mapped to diffusers classes and config overrides. Any other
+# diffusers scheduler that fits SD-1.x (`KarrasDiffusionSchedulers`) is accepted by its class name.
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
 }
+# Schedulers that need a package PersonaMagic does not install.
+SCHEDULER_REQUIREMENTS = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDEScheduler": "torchsde"}
+
+
+def scheduler_choice(name: str) -> tuple[str, dict]:
+    """(diffusers class name, config overrides) for a `--scheduler` name; UserError if unusable here."""
+    from diffusers.schedulers import KarrasDiffusionSchedulers
+
+    # The schedulers diffusers' Stable Diffusion pipelines accept; EDM's needs an EDM-trained model.
+    compatible = {s.name for s in KarrasDiffusionSchedulers} - {"EDMEulerScheduler"}
+    if name in SCHEDULERS:
+        class_name, overrides = SCHEDULERS[name]
+    elif name in compatible:
+        class_name, overrides = name, {}
+    else:
+        raise UserError(
+            f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or a diffusers class name "
+            "such as KDPM2DiscreteScheduler"
+        )
+    package = SCHEDULER_REQUIREMENTS.get(class_name)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise UserError(f"scheduler {name!r} needs the package {package}: pip install {package}")
+    return class_name, overrides
 
 
 def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler by short name, on the base model's noise schedule."""
+    """A diffusers scheduler by short name (`SCHEDULERS`) or class name, on the base model's noise schedule."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    class_name, overrides = SCHEDULERS[name]
+    class_name, overrides = scheduler_choice(name)
     return getattr(diffusers, class_name).from_config({**config, **overrides})
 
 
@@ -80,18 +123,31 @@ class LoadedConcept:
         return embeddings[0], residuals[0]
 
 
-class PersonaMagicPipeline(DiffusionPipeline):
+class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
     """Text-to-image with PersonaMagic concepts; the base model stays untouched."""
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["image_encoder", "feature_extractor"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, image_encoder=None, feature_extractor=None):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
         self.concepts: list[LoadedConcept] = []
         self.base_model_name = getattr(text_encoder.config, "_name_or_path", "")
+        self.graphed_unet: GraphedUNet | None = None  # see enable_cuda_graph()
 
     @classmethod
     def from_base(cls, base, scheduler: str = "ddim") -> "PersonaMagicPipeline":
@@ -109,6 +165,14 @@ class PersonaMagicPipeline(DiffusionPipeline):
     def set_scheduler(self, name: str) -> None:
         self.scheduler = make_scheduler(name, dict(self.scheduler.config))
 
+    def enable_cuda_graph(self, enabled: bool = True) -> None:
+        """Replay the UNet's forward from a CUDA graph (captured once per batch shape): same kernels,
+        far fewer launches — at batch 1-2 the eager UNet mostly waits for them. CUDA only; not used
+        with IP-Adapter inputs."""
+        if enabled and self.device.type != "cuda":
+            raise UserError("CUDA graphs need a CUDA device; run on --device cuda or without them")
+        self.graphed_unet = GraphedUNet(self.unet) if enabled else None
+
     # -- concepts ----------------------------------------------------------------------------------
 
     def load_concept(self, concept: Concept | str, placeholder: str | None = None) -> LoadedConcept:
@@ -121,8 +185,12 @@ class PersonaMagicPipeline(DiffusionPipeline):
             logger.warning(warning)
         placeholder = placeholder or concept.placeholder
         if any(c.tokens.placeholder == placeholder for c in self.concepts):
-            raise UserError(f"two concepts use the placeholder {placeholder!r}; give one another placeholder")
-        tokens = PlaceholderTokens(self.tokenizer, placeholder, concept.mapper_config["num_vectors"], len(self.concepts))
+            raise UserError(
+                f"two concepts use the placeholder {placeholder!r}; give each its own "
+                "(--placeholder once per concept, e.g. --placeholder '<me>' --placeholder '<style>')"
+            )
+        num_vectors = concept.mapper_config["num_vectors"]
+        tokens = PlaceholderTokens(self.tokenizer, placeholder, num_vectors, slot=len(self.concepts))
         mapper = concept.build_mapper(self.device)
         image_embed = concept.mean_image_embed()[None].to(self.device)
         loaded = LoadedConcept(concept, mapper, tokens, image_embed)
@@ -130,9 +198,13 @@ class PersonaMagicPipeline(DiffusionPipeline):
         return loaded
 
     def rewrite_prompt(self, prompt: str) -> str:
-        for loaded in self.concepts:
-            prompt = loaded.tokens.rewrite(prompt)
-        return prompt
+        """Replace every concept's placeholder by its tokens, in one pass, longest placeholder first,
+        so that `S*` never eats the start of `S*2`."""
+        if not self.concepts:
+            return prompt
+        by_text = {c.tokens.placeholder: c.tokens for c in self.concepts}
+        pattern = "|".join(re.escape(p) for p in sorted(by_text, key=len, reverse=True))
+        return re.sub(pattern, lambda m: " ".join(by_text[m.group(0)].tokens), prompt)
 
     # -- conditioning ------------------------------------------------------------------------------
 
@@ -140,8 +212,9 @@ class PersonaMagicPipeline(DiffusionPipeline):
         """Steps with the same key share text conditioning (static stages are computed once)."""
         return tuple(c.stage(t) if c.stage(t) != "dynamic" else t for c in self.concepts)
 
-    def _encode(self, input_ids: torch.Tensor, t: int, override: EmbeddingOverride):
-        """(B, L) ids -> K input (B, L, D) and V input (B, L, D) at timestep t."""
+    def encode_at(self, input_ids: torch.Tensor, t: int, override: EmbeddingOverride):
+        """(B, L) ids -> K input (B, L, D) and V input (B, L, D) at timestep t: each concept's tokens get
+        that concept's embedding for its stage at t, and its residual is added to the V input there."""
         vectors, residuals = {}, {}
         for loaded in self.concepts:
             embeds, res = loaded.vectors(t)
@@ -163,6 +236,56 @@ class PersonaMagicPipeline(DiffusionPipeline):
             if self.concepts and not any(c.tokens.occurs_in(p) for c in self.concepts)
         ]
 
+    def prepare_localized(self, background, region, batch_size: int, height: int, width: int):
+        """Background image(s) and region mask(s) -> scaled background latents (B, C, h, w) and the
+        latent region (B or 1, 1, h, w) in {0, 1}. Images are resized to (height, width)."""
+        if (background is None) != (region is None):
+            raise ValueError("localized generation needs both `background` and `region`")
+        pixels = self.image_processor.preprocess(background, height=height, width=width)
+        mask = self.mask_processor.preprocess(region, height=height, width=width)
+        pixels = pixels.to(self.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.mean.float() * self.vae.config.scaling_factor
+        if latents.shape[0] not in (1, batch_size):
+            raise ValueError(f"{latents.shape[0]} backgrounds for {batch_size} images")
+        region = latent_region(mask.to(self.device), latents.shape[-2:])
+        if not region.any():
+            raise UserError("the region mask is empty at latent resolution; paint a larger white area")
+        return latents.expand(batch_size, -1, -1, -1), region
+
+    def prepare_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds, batch_size: int, do_cfg: bool):
+        """Per loaded IP-Adapter, its image input for the whole UNet batch ((uncond, cond) with guidance).
+
+        `ip_adapter_image`: one image (or list of images) per adapter. `ip_adapter_image_embeds`: one
+        tensor per adapter as in diffusers: (1 or B, K, ...), with guidance the negative half first.
+        """
+        count = num_ip_adapters(self.unet)
+        if count == 0:
+            if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+                raise ValueError("ip_adapter_image given but no IP-Adapter is loaded; call pipe.load_ip_adapter(...)")
+            return None
+        pairs = []
+        if ip_adapter_image_embeds is not None:
+            for embeds in ip_adapter_image_embeds:
+                pairs.append(embeds.chunk(2) if do_cfg else (None, embeds))
+        elif ip_adapter_image is not None:
+            images = ip_adapter_image if isinstance(ip_adapter_image, list) and count > 1 else [ip_adapter_image]
+            for index, image in enumerate(images):
+                positive, negative = encode_images(self, image if isinstance(image, list) else [image], index)
+                pairs.append((negative[None], positive[None]))  # (1, K, ...)
+        else:
+            raise ValueError(
+                "an IP-Adapter is loaded: pass ip_adapter_image (or ip_adapter_image_embeds), "
+                "or call pipe.unload_ip_adapter()"
+            )
+        if len(pairs) != count:
+            raise ValueError(f"{len(pairs)} IP-Adapter inputs for {count} loaded IP-Adapters")
+        embeds = []
+        for negative, positive in pairs:
+            parts = ([negative] if do_cfg else []) + [positive]
+            parts = [p.expand(batch_size, *p.shape[1:]) if p.shape[0] == 1 else p for p in parts]
+            embeds.append(torch.cat(parts).to(self.device, self.unet.dtype))
+        return embeds
+
     @torch.no_grad()
     def __call__(
         self,
@@ -177,8 +300,19 @@ class PersonaMagicPipeline(DiffusionPipeline):
         width: int | None = None,
         output_type: str = "pil",
         eta: float = 0.0,
+        background=None,
+        region=None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ):
-        # 1. prompts -> token ids (cond after uncond, one batch)
+        """Sample images; `prompt` may hold several prompts, one generator per image keeps each image
+        independent of the batch it is in.
+
+        background, region: localized customization (PIL image / tensor in [-1, 1]; mask: white = paint
+        the concept here); the outside follows the background (Blended Latent Diffusion).
+        ip_adapter_image / ip_adapter_image_embeds: inputs of IP-Adapters loaded with `load_ip_adapter`.
+        """
+        # 1. prompts -> token ids (uncond first, cond after: one batch for classifier-free guidance)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch_size = len(prompts)
@@ -195,41 +329,108 @@ class PersonaMagicPipeline(DiffusionPipeline):
         # 2. timesteps and initial noise
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        timesteps = self.scheduler.timesteps
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (batch_size, self.unet.config.in_channels, *latent_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        latents = latents.to(self.device, torch.float32) * self.scheduler.init_noise_sigma
+        noise = latents.to(self.device, torch.float32)
+        latents = noise * self.scheduler.init_noise_sigma
         step_parameters = inspect.signature(self.scheduler.step).parameters
         extra = {"eta": eta} if "eta" in step_parameters else {}
         if "generator" in step_parameters:
             extra["generator"] = generator
 
-        # 3. denoising loop, S* conditioning switched per step by each concept's stages
+        # 3. localized customization: the outside starts as the background noised to the first step
+        known = None
+        if background is not None or region is not None:
+            known, region_mask = self.prepare_localized(background, region, batch_size, height, width)
+            latents = blend_latents(latents, noised_background(self.scheduler, known, noise, timesteps[0]), region_mask)
+
+        # 4. IP-Adapter image tokens (constant over the steps)
+        unet_kwargs = {}
+        ip_embeds = self.prepare_ip_adapter(ip_adapter_image, ip_adapter_image_embeds, batch_size, do_cfg)
+        if ip_embeds is not None:
+            unet_kwargs["added_cond_kwargs"] = {"image_embeds": ip_embeds}
+
+        # 5. denoising loop, S* conditioning switched per step by each concept's stages
         override = EmbeddingOverride(self.text_encoder)
         cached_key, conditioning = None, None
         try:
             with attention_processors(self.unet):
-                for t in self.progress_bar(self.scheduler.timesteps):
+                for i, t in enumerate(self.progress_bar(timesteps)):
                     key = self._stage_key(int(t))
                     if key != cached_key:
-                        conditioning, cached_key = self._encode(input_ids, int(t), override), key
+                        conditioning, cached_key = self.encode_at(input_ids, int(t), override), key
                     hidden, values = conditioning
                     model_input = torch.cat([latents] * 2) if do_cfg else latents
                     model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
-                    noise_pred = self.unet(
-                        model_input, t, hidden, cross_attention_kwargs={"value_hidden_states": values}
-                    ).sample.float()
+                    if self.graphed_unet is not None and not unet_kwargs:
+                        noise_pred = self.graphed_unet(model_input, t, hidden, values).float()
+                    else:
+                        noise_pred = self.unet(
+                            model_input, t, hidden, cross_attention_kwargs={"value_hidden_states": values},
+                            **unet_kwargs,
+                        ).sample.float()
                     if do_cfg:
                         uncond, cond = noise_pred.chunk(2)
                         noise_pred = uncond + guidance_scale * (cond - uncond)
                     latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+                    if known is not None:
+                        next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the end
+                        outside = noised_background(self.scheduler, known, noise, next_t)
+                        latents = blend_latents(latents, outside, region_mask)
         finally:
             override.remove()
 
-        # 4. decode
+        # 6. decode
         if output_type == "latent":
             return ImagePipelineOutput(images=latents)
         images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
         images = self.image_processor.postprocess(images.float(), output_type=output_type)
         return ImagePipelineOutput(images=images)
+
+
+def attach_concepts(
+    pipe,
+    concepts: list,
+    placeholders: list[str | None] | None = None,
+    scheduler: str | None = None,
+) -> PersonaMagicPipeline:
+    """A `PersonaMagicPipeline` on the modules of an existing diffusers pipeline (no copy), with
+    `concepts` (paths or `Concept`s) loaded.
+
+    pipe: a `StableDiffusionPipeline` (or any pipeline with vae, text_encoder, tokenizer, unet and
+    scheduler; its image_encoder/feature_extractor are shared too). The tokenizer is shared, so the
+    concepts' placeholder tokens are added to it. `scheduler`: a `--scheduler` name to use instead of
+    `pipe`'s scheduler (e.g. "ddim", the paper's); by default `pipe`'s scheduler is shared.
+    """
+    components = pipe.components
+    missing = [k for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if components.get(k) is None]
+    if missing:
+        raise ValueError(
+            f"the pipeline has no {', '.join(missing)}; attach concepts to a Stable Diffusion 1.x pipeline"
+        )
+    placeholders = list(placeholders) if placeholders is not None else [None] * len(concepts)
+    if len(placeholders) != len(concepts):
+        raise ValueError(f"{len(placeholders)} placeholders for {len(concepts)} concepts")
+    result = PersonaMagicPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        image_encoder=components.get("image_encoder"),
+        feature_extractor=components.get("feature_extractor"),
+    )
+    result.base_model_name = getattr(pipe, "name_or_path", None) or result.base_model_name
+    if scheduler is not None:
+        result.set_scheduler(scheduler)
+    if hasattr(pipe, "_progress_bar_config"):
+        result.set_progress_bar_config(**pipe._progress_bar_config)
+    for concept, placeholder in zip(concepts, placeholders):
+        result.load_concept(concept, placeholder)
+    return result

@@ -1,0 +1,121 @@
+"""Export a concept as a textual-inversion embedding for the wider ecosystem.
+
+The file is the format diffusers' textual-inversion training writes: safetensors `{token: Tensor[n, D]}`
+(n = the concept's `num_vectors`, D = the text encoder width). diffusers' `load_textual_inversion`
+reads it (a multi-vector token loads as `token, token_1, ...`), and so do A1111 and ComfyUI from their
+`embeddings/` folder (both accept a single-tensor safetensors file and use the file name as the
+trigger word). No pickle: A1111's `.pt` format is not written.
+
+What a static embedding cannot hold, and is therefore lost:
+* **the stages**: PersonaMagic's S* is the supercategory word while t >= t_hi (the layout follows the
+  prompt), mapper(t) inside the dynamic stage and mapper(t_lo) below it. An embedding is one vector
+  for every timestep, so the early steps see the learned identity too, which tends to pull the layout
+  towards the training photo and to weaken the rest of the prompt.
+* **the value residual**: it is added to the text encoder *output* and used only as the V input of
+  the UNet's cross-attention (computed from the photo's CLIP embedding); a token embedding enters the
+  text encoder's *input*, so there is no place for it. Identity detail carried by the residual is lost.
+
+How the vectors are chosen (`vectors`):
+* `mean` (default): the mapper's embedding averaged over every integer timestep of the dynamic stage
+  [t_lo, t_hi), then rescaled to the norm of the supercategory word. Training draws t uniformly from
+  that range, so this is the expected embedding under the training distribution — the single vector
+  closest (in L2) to everything the mapper learned — and the identity lives in this stage. The rescale
+  is the mapper's own rule (every S* vector has the norm of a real word); a plain mean would be shorter
+  and out of the distribution the text encoder was trained on.
+* `centre`: the mapper's embedding at the middle timestep of the dynamic stage, (t_lo + t_hi) // 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .concept import Concept, resolve_concept_path, save_safetensors_atomic
+from .errors import UserError
+
+VECTOR_CHOICES = ("mean", "centre")
+
+
+@dataclass
+class ExportResult:
+    path: Path  # the file written
+    token: str  # the key the embedding is stored under
+    num_vectors: int  # n
+    width: int  # D
+    description: str  # how the vectors were chosen, in words
+
+
+@torch.no_grad()
+def static_vectors(concept: Concept, vectors: str = "mean") -> tuple[torch.Tensor, str]:
+    """(n, D) float32 static embedding approximating the concept, and a description of the choice."""
+    mapper = concept.build_mapper("cpu")
+    t_lo, t_hi = concept.stage_window
+    if vectors == "mean":
+        timesteps = torch.arange(t_lo, t_hi)
+        description = f"mapper mean over t in [{t_lo}, {t_hi}), rescaled to the supercategory's norm"
+    elif vectors == "centre":
+        timesteps = torch.tensor([(t_lo + t_hi) // 2])
+        description = f"mapper at t = {(t_lo + t_hi) // 2}, the centre of the dynamic stage"
+    else:
+        raise ValueError(f"unknown vector choice {vectors!r}; use one of {', '.join(VECTOR_CHOICES)}")
+    image_embeds = concept.mean_image_embed()[None].expand(len(timesteps), -1)
+    embeddings, _ = mapper(timesteps, image_embeds)  # (K, n, D); residuals have no place in an embedding
+    mean = embeddings.mean(dim=0)  # (n, D)
+    return F.normalize(mean, dim=-1) * mapper.super_embedding.norm(), description
+
+
+def default_token(concept: Concept, output: Path) -> str:
+    """The concept's placeholder when it already looks like a token (`<me>`), else `<file-name>`."""
+    if re.fullmatch(r"<[a-z0-9_-]+>", concept.placeholder):
+        return concept.placeholder
+    name = re.sub(r"[^a-z0-9_-]+", "-", output.stem.lower()).strip("-") or "concept"
+    return f"<{name}>"
+
+
+def export_textual_inversion(
+    concept_path: str | Path,
+    output: str | Path | None = None,
+    *,
+    token: str | None = None,
+    vectors: str = "mean",
+    overwrite: bool = False,
+) -> ExportResult:
+    """Write the concept as a textual-inversion embedding file (see the module docstring).
+
+    output: file to write (default `./<concept folder name>.safetensors`); token: the key (default
+    `default_token`); an existing file is replaced only with `overwrite`.
+    """
+    source = resolve_concept_path(concept_path)
+    concept = Concept.load(source)
+    if output is None:
+        output = Path(source.parent.name + ".safetensors")
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output} must end in .safetensors (the format diffusers, A1111 and ComfyUI read)")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a folder; give a file name ending in .safetensors")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} exists; pass --overwrite to replace it")
+    token = token or default_token(concept, output)
+    if not token.strip() or token != token.strip():
+        raise UserError(f"token {token!r} must be non-empty text without surrounding spaces")
+    embedding, description = static_vectors(concept, vectors)
+    header = {
+        "personamagic": json.dumps({
+            "source_fingerprint": concept.fingerprint(),
+            "placeholder": concept.placeholder,
+            "supercategory": concept.supercategory,
+            "stage_window": list(concept.stage_window),
+            "base_model": concept.base_model,
+            "vectors": vectors,
+            "description": description,
+            "lost": "stages (static embedding at every timestep) and the value residual",
+        })
+    }
+    save_safetensors_atomic({token: embedding.contiguous()}, header, output)
+    return ExportResult(output, token, embedding.shape[0], embedding.shape[1], description)

@@ -1,0 +1,28 @@
+"""Concepts for tests: random (non-zero) mappers on the tiny model, so every stage is distinguishable."""
+
+import torch
+
+from personamagic.concept import Concept
+from personamagic.mapper import MapperConfig, StageMapper
+
+
+def random_concept(base, window=(400, 800), seed=0, placeholder="S*", supercategory="face", num_vectors=1) -> Concept:
+    word = base.tokenizer(supercategory, add_special_tokens=False).input_ids[0]
+    super_embedding = base.text_encoder.get_input_embeddings().weight[word].detach().float().cpu()
+    torch.manual_seed(seed)
+    config = MapperConfig(text_embed_dim=base.hidden_size, image_embed_dim=16, num_vectors=num_vectors)
+    mapper = StageMapper(config, super_embedding)
+    with torch.no_grad():
+        for p in mapper.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return Concept(
+        mapper_state=mapper.state_dict(),
+        image_embeds=torch.randn(1, 16),
+        placeholder=placeholder,
+        supercategory=supercategory,
+        stage_window=window,
+        num_train_timesteps=1000,
+        base_model="tiny",
+        text_encoder_hidden_size=base.hidden_size,
+        mapper_config=mapper.config.to_dict(),
+    )
