@@ -1,0 +1,192 @@
+"""The work of a study: units (training runs) and items (images), their ids, and who does what.
+
+- a *unit* is one training run (dataset, identity, repeat, method) -> one concept;
+- an *item* is one image of a unit (prompt, seed) -> one generated PNG and its scores.
+
+Ids are hashes of everything that determines the result (photos, effective TrainConfig, base model,
+sampling settings, metric models): a changed setting makes new items instead of silently mixing old
+results in, and the same config plans the same ids in every process and on every run. Units are
+dealt to processes round-robin in the order of a hash of their ids, so each is done exactly once
+without any process talking to another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from .config import GENERATE_KEYS, MethodConfig, StudyConfig
+from .datasets import discover_identities, select_identities, training_photos
+
+# TrainConfig fields that do not change the learned concept, left out of unit ids.
+NON_RESULT_TRAIN_KEYS = ("checkpoint_every",)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One training run: a concept learnt from `photos` by `method`."""
+
+    unit_id: str  # identity slug, repeat and a hash of everything that determines the concept
+    dataset: str  # DatasetConfig.name
+    identity: str  # Identity.name
+    repeat: int  # 0..repeats-1; shifts the training seed and the one-shot photo draw
+    method: str  # MethodConfig.name
+    photos: tuple[str, ...]  # absolute paths of the training photos (also the I-Pre references)
+    train: dict = field(hash=False, compare=False)  # TrainConfig.to_dict()
+    mask: str = "auto"  # personalize(mask=...)
+
+    @property
+    def folder(self) -> Path:
+        """The unit's place under concepts/ and images/."""
+        return Path(slug(self.dataset)) / slug(self.method) / self.unit_id
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a unit and its scores."""
+
+    item_id: str  # hash of image_id and the metric models
+    image_id: str  # hash of the unit, prompt, seed and sampling settings: the PNG's identity
+    unit_id: str  # the unit whose concept makes the image
+    prompt: str  # with the placeholder, as given to the pipeline
+    seed: int  # torch.Generator seed of the image (as `personamagic generate --seed`)
+
+    def filename(self) -> str:
+        return f"{slug(self.prompt)[:40]}-seed{self.seed}-{self.image_id[:8]}.png"
+
+
+@dataclass
+class Plan:
+    units: list[Unit]  # in planning order: dataset, identity, repeat, method
+    items: dict[str, list[Item]]  # unit_id -> its items, prompt-major
+
+    @property
+    def item_ids(self) -> set[str]:
+        return {item.item_id for items in self.items.values() for item in items}
+
+
+def slug(text: str) -> str:
+    """Lower-case [a-z0-9+-] only: safe as one path component."""
+    return re.sub(r"[^a-z0-9+]+", "-", text.lower()).strip("-") or "x"
+
+
+def digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def plan_study(config: StudyConfig) -> Plan:
+    """Every unit and item of the study, the same in every process and run."""
+    units, items = [], {}
+    for dataset in config.datasets:
+        root = Path(dataset.identities)
+        identities = select_identities(
+            discover_identities(root, dataset.layout), dataset=dataset.name, seed=config.seed,
+            max_identities=dataset.max_identities, min_photos=dataset.min_photos,
+        )
+        for identity in identities:
+            for repeat in range(dataset.repeats):
+                photos = training_photos(identity, mode=dataset.mode, repeat=repeat, dataset=dataset.name,
+                                         seed=config.seed, max_photos=dataset.max_photos)
+                for method in config.methods:
+                    unit = _unit(config, dataset.name, identity.name, repeat, method, photos, root)
+                    units.append(unit)
+                    items[unit.unit_id] = _items(config, unit)
+    return Plan(units, items)
+
+
+def _unit(config: StudyConfig, dataset: str, identity: str, repeat: int, method: MethodConfig, photos,
+          root: Path) -> Unit:
+    train = method.train_config(config.train, repeat).to_dict()
+    key = {
+        "dataset": dataset,
+        "identity": identity,
+        "repeat": repeat,
+        "method": method.name,
+        "photos": [Path(p).relative_to(root).as_posix() for p in photos],
+        "train": {k: v for k, v in train.items() if k not in NON_RESULT_TRAIN_KEYS},
+        "mask": method.effective_mask,
+        "model": config.model,
+        "image_encoder": config.image_encoder,
+        "identity_model": config.identity_model if train["use_id_loss"] else None,
+    }
+    unit_id = f"{slug(identity)[:40]}-r{repeat}-{digest(key)[:10]}"
+    return Unit(unit_id, dataset, identity, repeat, method.name, tuple(str(p) for p in photos), train,
+                method.effective_mask)
+
+
+def _items(config: StudyConfig, unit: Unit) -> list[Item]:
+    sampling = dataclasses.asdict(config.generate_config("-"))
+    sampling = {k: sampling[k] for k in GENERATE_KEYS if k != "batch_size"}  # batch size: memory, not result
+    items = []
+    for prompt in config.prompts:
+        for seed in config.seeds:
+            image_id = digest({"unit": unit.unit_id, "prompt": prompt, "seed": seed, "sampling": sampling})
+            item_id = digest({"image": image_id, "clip_model": config.clip_model, "face_model": config.face_model,
+                              "supercategory": unit.train["supercategory"]})
+            items.append(Item(item_id[:16], image_id[:16], unit.unit_id, prompt, seed))
+    return items
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which process this is, among how many."""
+
+    index: int = 0  # RANK
+    count: int = 1  # WORLD_SIZE
+    local_index: int = 0  # LOCAL_RANK: picks the GPU on a multi-GPU machine
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"process index {self.index} out of range for {self.count} processes")
+
+    @classmethod
+    def from_environment(cls) -> Shard:
+        """From the variables `accelerate launch`/`torchrun` (RANK, WORLD_SIZE, LOCAL_RANK) or MPI set."""
+
+        def first(*names, default):
+            for name in names:
+                if os.environ.get(name, "").strip():
+                    return int(os.environ[name])
+            return default
+
+        return cls(
+            index=first("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", default=0),
+            count=first("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", default=1),
+            local_index=first("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`K/N`: process K of N (0-based), e.g. for job arrays without a launcher."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+            return cls(index, count)
+        except ValueError:
+            raise UserError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4), got {text!r}") from None
+
+    def take(self, units: list[Unit]) -> list[Unit]:
+        """This process's share: the units, ordered by a hash of their ids, dealt round-robin.
+
+        Counts differ by at most one between processes, and the hash order mixes methods, whose costs
+        differ a lot (a plain round-robin over the planned order would give process k every k-th
+        method when there are as many methods as processes).
+        """
+        order = sorted(units, key=lambda unit: digest(unit.unit_id))
+        return order[self.index :: self.count]
+
+
+def process_device(device: str, shard: Shard) -> str:
+    """`auto`/`cuda` with several processes -> this process's GPU (LOCAL_RANK); anything else as given."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and shard.count > 1:
+        return f"cuda:{shard.local_index % torch.cuda.device_count()}"
+    return device
+
+

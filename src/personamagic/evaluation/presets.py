@@ -1,0 +1,109 @@
+"""Methods as presets of our own trainer (the paper's ablation rows), and ready-made studies.
+
+A method preset is a set of `TrainConfig` overrides (plus the mask of the denoising loss). A study's
+method entry names a preset and may override anything on top (`{"name": "l0.6", "preset":
+"personamagic", "train": {"lambda1": 0.6, "lambda2": 1.0}}`). The whole schedule is (0, 1000): the
+SD-1.x schedule has T = 1000 timesteps, so no timestep falls in a static stage.
+
+| preset              | S* embedding            | dynamic stage         | TE loss | identity loss | mask      |
+|---------------------|-------------------------|-----------------------|---------|---------------|-----------|
+| `textual-inversion` | one static vector       | whole schedule        | no      | no            | none      |
+| `vanilla`           | mapper(t) + residual    | whole schedule        | no      | no            | face      |
+| `+stage`            | mapper(t) + residual    | automatic (λ1, λ2)    | no      | no            | face      |
+| `+te`               | mapper(t) + residual    | automatic (λ1, λ2)    | yes     | no            | face      |
+| `personamagic`      | mapper(t) + residual    | automatic (λ1, λ2)    | yes     | yes           | face      |
+
+`+te` adds TE on top of `+stage`. The paper's Table 1 may instead mean TE added to Vanilla alone
+("integrating both strategies" is its last row); that reading is `{"preset": "vanilla", "train":
+{"te_weight": 0.001}}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..prompts import EVALUATION_PROMPTS
+
+WHOLE_SCHEDULE = (0, 1000)
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """One row of an ablation: how our trainer is configured to be that method."""
+
+    description: str  # one line for tables and --help
+    train: dict = field(default_factory=dict)  # TrainConfig overrides that define the method
+    mask: str | None = None  # personalize(mask=...): None = its default (CLIPSeg, landmarks on tiny)
+    paper: tuple[str, str] | None = None  # (table, row) of the paper's published numbers for it
+
+
+METHOD_PRESETS: dict[str, MethodPreset] = {
+    "textual-inversion": MethodPreset(
+        "one static embedding over the whole schedule, unmasked loss (Textual Inversion in our trainer)",
+        {"mapper_time_dependent": False, "mapper_residual": False, "stage_window": WHOLE_SCHEDULE,
+         "te_weight": 0.0, "use_id_loss": False},
+        mask="none",
+        paper=("table6", "Textual Inversion"),
+    ),
+    "vanilla": MethodPreset(
+        "dynamic embeddings over the whole schedule, no TE, no identity loss",
+        {"stage_window": WHOLE_SCHEDULE, "te_weight": 0.0, "use_id_loss": False},
+        paper=("table1", "Vanilla"),
+    ),
+    "+stage": MethodPreset(
+        "vanilla + automatic stage partition",
+        {"stage_window": None, "te_weight": 0.0, "use_id_loss": False},
+        paper=("table1", "+Stage Regulation"),
+    ),
+    "+te": MethodPreset(
+        "+stage + tandem-equilibrium loss",
+        {"stage_window": None, "use_id_loss": False},
+        paper=("table1", "+Tandem Equilibrium"),
+    ),
+    "personamagic": MethodPreset(
+        "full method: stage partition + TE loss + identity loss",
+        {"stage_window": None},
+        paper=("table6", "PersonaMagic"),
+    ),
+}
+
+# Table 2's (lambda1, lambda2) grid, as method entries on top of the full method.
+TABLE2_METHODS = [
+    {"name": f"l1={l1}-l2={l2}", "preset": "personamagic", "train": {"lambda1": l1, "lambda2": l2},
+     "paper": ["table2", [l1, l2]]}
+    for l1, l2 in [(0.5, 1.0), (0.6, 1.0), (0.7, 1.0), (0.8, 1.0), (0.7, 0.9), (0.7, 0.8)]
+]
+
+# The paper's datasets (identities folders relative to --data-root; recipes in docs/evaluation.md).
+CELEBA_HQ = {"name": "CelebA-HQ", "identities": "celeba-hq", "layout": "files", "mode": "one-shot",
+             "max_identities": 100, "repeats": 5}
+FFHQ = {"name": "FFHQ", "identities": "ffhq", "layout": "files", "mode": "one-shot",
+        "max_identities": 100, "repeats": 5}
+LFW = {"name": "LFW", "identities": "lfw", "layout": "folders", "mode": "few-shot",
+       "max_identities": 100, "min_photos": 2, "max_photos": 5, "repeats": 1}
+
+_PAPER_SETTINGS = {
+    "model": "CompVis/stable-diffusion-v1-4",
+    "prompts": list(EVALUATION_PROMPTS),
+    "seeds": [0, 1, 2, 3],  # four samples per prompt (paper)
+    "train": {"checkpoint_every": 200},  # a crash loses at most 200 steps of one concept
+}
+
+STUDY_PRESETS: dict[str, dict] = {
+    "table6": {**_PAPER_SETTINGS, "datasets": [CELEBA_HQ, FFHQ, LFW], "methods": ["textual-inversion", "personamagic"]},
+    "table1": {**_PAPER_SETTINGS, "datasets": [CELEBA_HQ, LFW],
+               "methods": ["vanilla", "+stage", "+te", "personamagic"]},
+    "table2": {**_PAPER_SETTINGS, "datasets": [CELEBA_HQ], "methods": TABLE2_METHODS},
+    # The harness end to end on the offline tiny model in about a minute on a CPU (noise images: no faces).
+    "tiny-demo": {
+        "model": "tiny",
+        "datasets": [{"name": "demo", "identities": ".", "layout": "files", "mode": "one-shot", "repeats": 1}],
+        "methods": ["textual-inversion", "personamagic"],
+        "prompts": list(EVALUATION_PROMPTS[:2]),
+        "seeds": [0],
+        "train": {"max_train_steps": 5, "partition_warmup_steps": 2, "partition_timesteps": 10},
+        "generate": {"num_inference_steps": 5},
+        "clip_model": "tiny",
+        "device": "cpu",
+    },
+}

@@ -1,0 +1,231 @@
+"""The study's report: a summary table (markdown + JSON) and a Pareto plot of T-Sim vs I-Pre.
+
+Rows are (dataset, method). Only records of the current plan count (a changed setting makes new item
+ids, so stale results never mix in); an item recorded twice (e.g. by two launches) counts once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .images import CONVENTIONS_NOTE, write_json
+from .paper_points import PAPER, TABLE6, paper_dataset, paper_value
+from .statistics import NO_FACE_CONVENTIONS, mean_std, summarize
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+PARETO_PNG = "pareto.png"
+
+TEXT_LABELS = {
+    "clip_s": "T-Sim: CLIP-S = 2.5·max(cos, 0) (Hessel et al.; the paper's scale)",
+    "t_sim": "T-Sim: raw CLIP cosine",
+}
+IDENTITY_LABELS = {"paper": "I-Pre (no face = −1, the paper's rule)", "zero": "I-Pre (no face = 0)",
+                   "excluded": "I-Pre (faces found only)"}
+
+
+def summary_rows(config, plan, records: list[dict]) -> list[dict]:
+    """One row per (dataset, method) with the statistics of its finished items."""
+    item_ids = plan.item_ids
+    unit_ids = {u.unit_id for u in plan.units}
+    images, seen = defaultdict(list), set()
+    for record in records:
+        if record.get("type") == "image" and record["item"] in item_ids and record["item"] not in seen:
+            seen.add(record["item"])
+            images[(record["dataset"], record["method"])].append(record)
+    train_s = defaultdict(dict)
+    failed = defaultdict(set)
+    for record in records:
+        if record.get("unit") not in unit_ids:
+            continue
+        key = (record["dataset"], record["method"])
+        if record.get("type") == "train" and record.get("train_s") is not None:
+            train_s[key].setdefault(record["unit"], record["train_s"])
+        elif record.get("type") == "failed":
+            failed[key].add(record["unit"])
+    planned_units = defaultdict(int)
+    for unit in plan.units:
+        planned_units[(unit.dataset, unit.method)] += 1
+
+    rows = []
+    for dataset in config.datasets:
+        reference = dataset.paper or paper_dataset(dataset.name)
+        for method in config.methods:
+            key = (dataset.name, method.name)
+            rows_images = images[key]
+            concepts = {r["unit"] for r in rows_images}
+            generate_s = [r["generate_s"] for r in rows_images if r.get("generate_s") is not None]
+            score_s = [r["score_s"] for r in rows_images if r.get("score_s") is not None]
+            paper = _paper_point(method.paper_row, reference)
+            rows.append({
+                "dataset": dataset.name,
+                "method": method.name,
+                "preset": method.preset,
+                "planned_concepts": planned_units[key],
+                "concepts": len(concepts),
+                "failed_concepts": len(failed[key] - concepts),
+                "planned_images": planned_units[key] * len(config.prompts) * len(config.seeds),
+                **summarize(rows_images),
+                "train_s_per_concept": mean_std(train_s[key].values()),
+                "generate_s_per_image": mean_std(generate_s),
+                "wall_s": math.fsum([*train_s[key].values(), *generate_s, *score_s]),
+                "paper": paper,
+            })
+    return rows
+
+
+def _paper_point(row: tuple | None, dataset: str | None) -> dict | None:
+    if row is None:
+        return None
+    table, name = row
+    value = paper_value(table, dataset, name)
+    if value is None:
+        return None
+    return {"table": table, "row": list(name) if isinstance(name, tuple) else name, "dataset": dataset,
+            "t_sim": value[0], "i_pre": value[1], "source": PAPER}
+
+
+def write_report(output: Path, config, plan, records: list[dict]) -> dict:
+    """Write summary.json, summary.md and pareto.png into `output`; return their paths."""
+    rows = summary_rows(config, plan, records)
+    done = sum(row["images"] for row in rows)
+    total = sum(len(items) for items in plan.items.values())
+    summary = {
+        "complete": done == total,
+        "images_done": done,
+        "images_planned": total,
+        "model": config.model,
+        "clip_model": config.clip_model,
+        "face_model": config.face_model,
+        "face_detector": "yunet-2023mar-int8",
+        "prompts": len(config.prompts),
+        "seeds": list(config.seeds),
+        "conventions": {name: CONVENTIONS_NOTE[name] for name in NO_FACE_CONVENTIONS},
+        "text_scales": {"t_sim": "raw cosine", "t_sim_100": "100·cos (torchmetrics)",
+                        "clip_s": "2.5·max(cos, 0) (Hessel et al. 2021; the paper's scale)"},
+        "std": "population standard deviation over images (ddof 0)",
+        "wall_s": "seconds of training + generation + scoring of a row, summed over the processes that did them",
+        "rows": rows,
+    }
+    paths = {"json": output / SUMMARY_JSON, "markdown": output / SUMMARY_MD, "plot": output / PARETO_PNG}
+    write_json(paths["json"], summary)
+    markdown = markdown_summary(summary)
+    write_text(paths["markdown"], markdown)
+    pareto_plot(rows, paths["plot"], text_metric=config.plot_text_metric,
+                identity_convention=config.plot_identity_convention,
+                datasets=[(d.name, d.paper or paper_dataset(d.name)) for d in config.datasets])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text atomically."""
+    from ..concept import write_atomic
+
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _fmt(stat: dict, digits: int = 3) -> str:
+    if not stat or stat.get("mean") is None:
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _seconds(stat: dict) -> str:
+    return "–" if not stat or stat.get("mean") is None else f"{stat['mean']:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary table: one line per (dataset, method)."""
+    columns = ["dataset", "method", "concepts", "images", "T-Sim (cos)", "T-Sim (CLIP-S)", "I-Pre (−1)", "I-Pre (0)",
+               "I-Pre (excl.)", "faces found", "train s/concept", "gen s/image", "wall s", "paper T-Sim / I-Pre"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        concepts = f"{row['concepts']}/{row['planned_concepts']}"
+        if row["failed_concepts"]:
+            concepts += f" ({row['failed_concepts']} failed)"
+        rate = row["face_detection_rate"]
+        paper = row["paper"]
+        cells = [
+            row["dataset"],
+            row["method"],
+            concepts,
+            f"{row['images']}/{row['planned_images']}",
+            _fmt(row["t_sim"]),
+            _fmt(row["clip_s"]),
+            *(_fmt(row["i_pre"][name]) for name in ("paper", "zero", "excluded")),
+            "–" if rate is None else f"{100 * rate:.1f}%",
+            _seconds(row["train_s_per_concept"]),
+            _seconds(row["generate_s_per_image"]),
+            f"{row['wall_s']:.0f}",
+            "–" if paper is None else f"{paper['t_sim']:.3f} / {paper['i_pre']:.3f} ({paper['table']})",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_summary(summary: dict) -> str:
+    status = "complete" if summary["complete"] else "partial"
+    return (
+        f"# Evaluation summary ({status}: {summary['images_done']}/{summary['images_planned']} images)\n\n"
+        f"Base model `{summary['model']}`; T-Sim with CLIP `{summary['clip_model']}`; I-Pre with "
+        f"`{summary['face_model']}` on YuNet detections. Mean ± std over images ({summary['std']}); "
+        f"wall s: {summary['wall_s']}.\n\n"
+        + markdown_table(summary["rows"])
+        + "\nI-Pre conventions: " + "; ".join(f"**{k}**: {v}" for k, v in summary["conventions"].items()) + ".\n"
+        + "T-Sim scales: " + "; ".join(f"**{k}**: {v}" for k, v in summary["text_scales"].items()) + ".\n"
+        + f"Paper values: {PAPER}, Tables 1, 2 and 6 (SD v1.4; MTCNN + CosFace, no face = −1).\n"
+    )
+
+
+def _standard_error(stat: dict) -> float:
+    return stat["std"] / math.sqrt(stat["n"]) if stat["n"] else 0.0
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (higher is better), by increasing x."""
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in points)]
+    return sorted(set(front))
+
+
+def pareto_plot(rows: list[dict], path: Path, *, text_metric: str = "clip_s", identity_convention: str = "paper",
+                datasets: list[tuple[str, str | None]] | None = None) -> Path:
+    """T-Sim vs I-Pre per dataset (one panel each), ours filled, the paper's Table 6 hollow (Fig. 8)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..concept import write_atomic
+
+    datasets = datasets or list(dict.fromkeys((r["dataset"], None) for r in rows))
+    figure = Figure(figsize=(5.0 * len(datasets), 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, (name, reference) in zip(axes, datasets):
+        ours = []
+        for row in rows:
+            x, y = (row[text_metric] or {}).get("mean"), row["i_pre"][identity_convention].get("mean")
+            if row["dataset"] != name or x is None or y is None:
+                continue
+            ours.append((x, y))
+            ax.errorbar(x, y, xerr=_standard_error(row[text_metric]),
+                        yerr=_standard_error(row["i_pre"][identity_convention]), fmt="o", capsize=2,
+                        label=row["method"])
+        if len(ours) > 1:
+            front = pareto_front(ours)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="0.5", linewidth=0.8)
+        # The paper's numbers are on the CLIP-S scale with no face = −1: only comparable on those axes.
+        if reference in TABLE6 and text_metric == "clip_s" and identity_convention == "paper":
+            for method, (x, y) in TABLE6[reference].items():
+                ax.scatter([x], [y], facecolors="none", edgecolors="0.3", marker="s")
+                ax.annotate(f"{method} (paper)", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color="0.3")
+        ax.set_title(name + (" (hollow: the paper's Table 6)" if reference in TABLE6 else ""), fontsize=9)
+        ax.set_xlabel(TEXT_LABELS[text_metric], fontsize=8)
+        ax.set_ylabel(IDENTITY_LABELS[identity_convention], fontsize=8)
+        ax.grid(True, linewidth=0.3)
+        if ours:
+            ax.legend(fontsize=7, loc="best")
+    figure.suptitle("T-Sim vs I-Pre (higher is better on both; error bars: standard error)", fontsize=10)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+    return path

@@ -1,0 +1,265 @@
+"""Running a study: each process trains, generates and scores its units, then the report is merged.
+
+Every process plans the whole study from the config (`plan`), takes its share of units, skips items
+already in the results, and appends one JSON line per finished item to its own file (`ledger`), so a
+crash loses nothing finished and a rerun picks up where it stopped. The process that finds every item
+finished merges all files into the report; a rerun with everything done just rewrites the report.
+
+Processes come from any launcher that sets RANK/WORLD_SIZE (`accelerate launch`, `torchrun`) or
+MPI's variables; no process group is created, so CPU processes work as well as one GPU each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from .config import StudyConfig
+from .ledger import Ledger
+from .plan import Item, Shard, Unit, plan_study, process_device
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILENAME = "study.json"
+RESULTS_DIR = "results"
+CONCEPTS_DIR = "concepts"
+IMAGES_DIR = "images"
+
+
+@dataclass
+class StudyRun:
+    """What one process did."""
+
+    output: Path
+    shard: Shard
+    units: int = 0  # units assigned to this process
+    trained: int = 0  # concepts trained now
+    failed: int = 0  # units that failed now (bad photo...), recorded and retried on the next run
+    generated: int = 0  # images generated now
+    scored: int = 0  # items scored now (generated now, or found on disk from an earlier run)
+    skipped: int = 0  # items already finished before this run
+    complete: bool = False  # every item of the study is finished (or its unit failed)
+    report: dict | None = None  # paths written by report.write_report, when this process wrote it
+    remaining: int = 0  # items of the whole study still to do
+
+
+class _Scorers:
+    """The metric models, loaded on first use and kept for the whole process."""
+
+    def __init__(self, config: StudyConfig, device):
+        self.config = config
+        self.device = device
+        self._text = None
+        self._identity = None
+
+    @property
+    def text(self):
+        if self._text is None:
+            from .text_similarity import TextSimilarity
+
+            self._text = TextSimilarity.load(self.config.clip_model, device=self.device,
+                                             local_files_only=self.config.local_files_only)
+        return self._text
+
+    @property
+    def identity(self):
+        if self._identity is None:
+            from .identity_preservation import IdentityPreservation, load_face_embedder
+
+            self._identity = IdentityPreservation(load_face_embedder(self.config.face_model, device=self.device))
+        return self._identity
+
+
+class _Sampler:
+    """The base model, loaded once per process; a fresh pipeline per concept."""
+
+    def __init__(self, config: StudyConfig, device):
+        self.config = config
+        self.device = device
+        self._base = None
+
+    def pipeline(self, concept_path: Path):
+        from ..concept import Concept
+        from ..models import load_base_model, resolve_dtype
+        from ..pipeline import PersonaMagicPipeline
+
+        if self._base is None:
+            self._base = load_base_model(self.config.model, device=self.device,
+                                         dtype=resolve_dtype(self.config.dtype, self.device),
+                                         local_files_only=self.config.local_files_only)
+        settings = self.config.generate_config("-")
+        pipe = PersonaMagicPipeline.from_base(self._base, scheduler=settings.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        concept = Concept.load(concept_path)
+        pipe.load_concept(concept)
+        return pipe, concept
+
+
+def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
+    """Do this process's share of the study, then write the report if the whole study is finished."""
+    from .report import write_report
+
+    shard = shard or Shard.from_environment()
+    output = Path(config.output)
+    plan = plan_study(config)
+    _write_study_file(output, config)
+    worker = _Worker(config, shard)
+    finished = {r["item"] for r in worker.ledger.records() if r.get("type") == "image"}
+    mine = shard.take(plan.units)
+    run = worker.run
+    run.units = len(mine)
+    logger.info("process %d of %d: %d of %d training runs", shard.index, shard.count, len(mine), len(plan.units))
+
+    for number, unit in enumerate(mine, start=1):
+        todo = [item for item in plan.items[unit.unit_id] if item.item_id not in finished]
+        run.skipped += len(plan.items[unit.unit_id]) - len(todo)
+        if not todo:
+            continue
+        logger.info("[%d/%d] %s / %s / %s (repeat %d): %d images to do",
+                    number, len(mine), unit.dataset, unit.method, unit.identity, unit.repeat, len(todo))
+        try:
+            worker.generate_and_score(unit, todo, worker.ensure_concept(unit))
+        except UserError as err:
+            logger.warning("%s failed: %s", unit.unit_id, err)
+            worker.record("failed", unit, error=str(err))
+            run.failed += 1
+
+    records = worker.ledger.records()
+    done = {r["item"] for r in records if r.get("type") == "image"}
+    failed_units = {r["unit"] for r in records if r.get("type") == "failed"}
+    remaining = [i for u, items in plan.items.items() for i in items if i.item_id not in done and u not in failed_units]
+    run.remaining = len(remaining)
+    run.complete = not remaining
+    if run.complete or shard.count == 1:
+        # Several processes: only one that sees every item finished writes, so a partial report can
+        # never replace a complete one.
+        run.report = write_report(output, config, plan, records)
+    else:
+        logger.info("%d items are left to other processes; the last one to finish writes the report "
+                    "(or rerun this command to merge)", run.remaining)
+    return run
+
+
+def _write_study_file(output: Path, config: StudyConfig) -> None:
+    from .images import write_json
+
+    write_json(output / STUDY_FILENAME, config.to_dict())
+
+
+class _Worker:
+    """One process's tools: its ledger file, device, metric models and base model."""
+
+    def __init__(self, config: StudyConfig, shard: Shard):
+        from ..models import resolve_device
+
+        self.config = config
+        self.shard = shard
+        self.output = Path(config.output)
+        self.ledger = Ledger(self.output / RESULTS_DIR, shard.index, shard.count)
+        self.device_name = process_device(config.device, shard)
+        device = resolve_device(self.device_name)
+        self.scorers = _Scorers(config, device)
+        self.sampler = _Sampler(config, device)
+        self.run = StudyRun(self.output, shard)
+
+    def record(self, kind: str, unit: Unit, **fields) -> None:
+        """Append one record about `unit` to this process's results file."""
+        self.ledger.append({
+            "type": kind, "unit": unit.unit_id, "dataset": unit.dataset, "method": unit.method,
+            "identity": unit.identity, "repeat": unit.repeat, **fields, "process": self.shard.index,
+            "time": time.time(),
+        })
+
+    def ensure_concept(self, unit: Unit) -> Path:
+        """The unit's concept: found on disk, or trained now (resuming its checkpoints if a run was cut)."""
+        from ..concept import CONCEPT_FILENAME
+        from ..personalize import CHECKPOINT_DIR, personalize
+        from ..training import TrainConfig, latest_checkpoint
+
+        folder = self.output / CONCEPTS_DIR / unit.folder
+        if (folder / CONCEPT_FILENAME).is_file():
+            return folder / CONCEPT_FILENAME
+        resume = latest_checkpoint(folder / CHECKPOINT_DIR) is not None
+        logger.info("training %s on %s%s", unit.method, ", ".join(Path(p).name for p in unit.photos),
+                    " (resuming)" if resume else "")
+        config = self.config
+        result = personalize(
+            list(unit.photos), folder, TrainConfig(**unit.train), model=config.model, device=self.device_name,
+            dtype=config.dtype, mask=unit.mask, image_encoder=config.image_encoder,
+            identity_model=config.identity_model, resume=resume, local_files_only=config.local_files_only,
+        )
+        self.record("train", unit, photos=[Path(p).name for p in unit.photos],
+                    concept=str(result.concept_path.relative_to(self.output)),
+                    stage_window=list(result.concept.stage_window), train_s=result.timings.get("total_s"),
+                    notes=result.notes)
+        self.run.trained += 1
+        return result.concept_path
+
+    def generate_and_score(self, unit: Unit, todo: list[Item], concept_path: Path) -> None:
+        """Generate the unit's missing images (reusing PNGs already on disk), score them, record each."""
+        from PIL import Image
+
+        folder = self.output / IMAGES_DIR / unit.folder
+        reference = self.scorers.identity.reference(unit.photos)
+        settings = self.config.generate_config("-")
+        pipe = concept = None
+        for start in range(0, len(todo), settings.batch_size):
+            batch = todo[start : start + settings.batch_size]
+            images, seconds = {}, {}
+            for item in batch:
+                if (folder / item.filename()).is_file():  # written atomically by an earlier run: complete
+                    with Image.open(folder / item.filename()) as image:
+                        images[item.item_id] = image.convert("RGB")
+            missing = [item for item in batch if item.item_id not in images]
+            if missing:
+                if pipe is None:
+                    pipe, concept = self.sampler.pipeline(concept_path)
+                t0 = time.perf_counter()
+                for item, image in zip(missing, self._generate(pipe, missing)):
+                    self._save(folder / item.filename(), image, item, concept, concept_path)
+                    images[item.item_id] = image
+                per_image = (time.perf_counter() - t0) / len(missing)
+                seconds = {item.item_id: per_image for item in missing}
+                self.run.generated += len(missing)
+
+            t0 = time.perf_counter()
+            texts = self.scorers.text.score([images[i.item_id] for i in batch], [i.prompt for i in batch],
+                                            placeholders=(unit.train["placeholder"],),
+                                            supercategory=unit.train["supercategory"])
+            matches = [self.scorers.identity.score(images[i.item_id], reference) for i in batch]
+            score_s = (time.perf_counter() - t0) / len(batch)
+            for item, text, match in zip(batch, texts, matches):
+                self.record(
+                    "image", unit, item=item.item_id, prompt=item.prompt, seed=item.seed,
+                    path=str((folder / item.filename()).relative_to(self.output)), text=text.text,
+                    t_sim=text.t_sim, t_sim_100=text.t_sim_100, clip_s=text.clip_s, i_pre=match.i_pre,
+                    face_found=match.face_found, num_faces=match.num_faces,
+                    generate_s=seconds.get(item.item_id), score_s=score_s,
+                )
+            self.run.scored += len(batch)
+
+    def _generate(self, pipe, items: list[Item]) -> list:
+        """One batch through the pipeline; image i uses torch.Generator(seed_i), as `personamagic generate`."""
+        import torch
+
+        settings = self.config.generate_config("-")
+        return pipe(
+            [item.prompt for item in items],
+            negative_prompt=settings.negative_prompt,
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            generator=[torch.Generator(self.sampler.device).manual_seed(item.seed) for item in items],
+        ).images
+
+    def _save(self, path: Path, image, item: Item, concept, concept_path: Path) -> None:
+        """The PNG with the metadata `personamagic generate` writes (so it can be regenerated), atomically."""
+        from ..concept import write_atomic
+        from ..generate import image_metadata, png_info
+
+        config = self.config.generate_config(item.prompt, item.seed)
+        meta = image_metadata(item.prompt, item.seed, config, [concept], self.config.model, image.size,
+                              concept_paths=[str(concept_path)], extra={"study_item": item.item_id})
+        write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
