@@ -79,6 +79,16 @@ def test_same_seed_same_concept(astronaut, tmp_path, capsys):
     assert a.fingerprint() == b.fingerprint()
 
 
+@pytest.mark.parametrize("flag, expected", [
+    ("--no-optimize", {"optimize": False, "gradient_checkpointing": False}),
+    ("--low-memory", {"optimize": True, "gradient_checkpointing": True, "gradient_accumulation_steps": 2}),
+])
+def test_speed_and_memory_flags_reach_the_trainer(flag, expected, astronaut, tmp_path, capsys):
+    assert run_cli(capsys, "train", astronaut, "-o", tmp_path / "c", *TRAIN_FAST, flag)[0] == 0
+    training = Concept.load(tmp_path / "c").training
+    assert {k: training[k] for k in expected} == expected
+
+
 def test_inspect_prints_stages_and_training(trained, capsys):
     code, out, _ = run_cli(capsys, "inspect", trained)
     concept = Concept.load(trained)

@@ -10,6 +10,9 @@ import argparse
 import logging
 import sys
 
+from .evaluation import cli as evaluation_cli
+from .ui import cli as ui_cli
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -126,26 +129,73 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--id-weight", type=_non_negative_float, default=1.0, help="identity-loss weight (1.0)")
     train.add_argument("--checkpoint-every", type=_non_negative_int, default=100,
                        help="write a resumable checkpoint every N steps (100; 0 = never)")
+    train.add_argument("--train-prompt", default="a photo of {}",
+                       help='training prompt, {} = the placeholder ("a photo of {}"; e.g. "a painting in the style of {}")')
+    train.add_argument("--no-optimize", action="store_true",
+                       help="turn every speed-up off and run the plain reference step (slower, for comparison)")
+    train.add_argument("--low-memory", action="store_true",
+                       help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     train.add_argument("--overwrite", action="store_true", help="replace a concept already in --output")
     _add_device_flags(train)
 
     gen = commands.add_parser("generate", help="make images with concept(s)")
-    gen.add_argument("concepts", nargs="+", help="concept folder(s) or concept.safetensors file(s)")
+    gen.add_argument("concepts", nargs="*", help="concept folder(s) or concept.safetensors file(s)")
     gen.add_argument("--prompt", "-p", action="append", default=[], help="prompt with S* (repeatable)")
+    gen.add_argument("--prompts-file", help="text file with one prompt per line (blank lines and # comments skipped)")
     gen.add_argument("--output", "-o", required=True, help="folder for the images")
     gen.add_argument("--model", default=None, help="base model (default: the one the concept was trained on)")
-    gen.add_argument("--num-images", "-n", type=_positive_int, default=4, help="images per prompt (4)")
-    gen.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the first image (0)")
-    gen.add_argument("--negative-prompt", default="", help="negative prompt (none by default)")
-    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (50)")
-    gen.add_argument("--guidance-scale", type=_non_negative_float, default=8.0, help="classifier-free guidance (8.0)")
-    gen.add_argument("--scheduler", default="ddim", help="ddim, dpm++, euler, euler-a, pndm, unipc (ddim)")
-    gen.add_argument("--batch-size", type=_positive_int, default=4, help="images per UNet batch (4)")
+    gen.add_argument("--placeholder", action="append", default=[],
+                     help="text standing for the i-th concept in prompts, once per concept (default: as trained), "
+                          "e.g. --placeholder '<me>' --placeholder '<style>'")
+    # Sampling flags default to None so that --from-image can tell which were given; defaults in help.
+    gen.add_argument("--num-images", "-n", type=_positive_int, help="images per prompt (4)")
+    gen.add_argument("--seed", type=_non_negative_int, help="seed of the first image (0)")
+    gen.add_argument("--negative-prompt", help="negative prompt (none by default)")
+    gen.add_argument("--steps", type=_positive_int, help="denoising steps (50)")
+    gen.add_argument("--guidance-scale", type=_non_negative_float, help="classifier-free guidance (8.0)")
+    gen.add_argument("--scheduler", help="ddim, dpm++, dpm++-karras, euler, euler-a, heun, dpm2, dpm2-a, lms, pndm, "
+                                          "unipc, deis, ddpm, or a diffusers scheduler class name (ddim)")
+    gen.add_argument("--batch-size", type=_positive_int, help="images per UNet batch (4)")
+    gen.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the UNet eagerly (no CUDA graph)")
+    gen.add_argument("--width", type=_positive_int, help="image width, a multiple of 8 (the model's resolution)")
+    gen.add_argument("--height", type=_positive_int, help="image height, a multiple of 8 (as --width)")
+    gen.add_argument("--background", help="localized generation: background image the concept is painted into")
+    gen.add_argument("--region", help="mask of the background's size: white (or opaque) = where to paint")
+    gen.add_argument("--ip-adapter", help="IP-Adapter weights: owner/repo/subfolder/file on the hub "
+                                          "(h94/IP-Adapter/models/ip-adapter_sd15.safetensors) or a local file")
+    gen.add_argument("--ip-adapter-image", action="append", default=[], help="image for the IP-Adapter (repeatable)")
+    gen.add_argument("--ip-adapter-scale", type=_non_negative_float, help="IP-Adapter weight (1.0)")
+    gen.add_argument("--from-image", help="make a generated PNG again from its metadata (concepts optional)")
     _add_device_flags(gen)
+
+    export = commands.add_parser("export", help="write a concept in another tool's format")
+    export.add_argument("concept", help="concept folder or concept.safetensors file")
+    export.add_argument("--format", default="textual-inversion", choices=["textual-inversion"],
+                        help="textual-inversion: {token: [n, D]} safetensors for diffusers load_textual_inversion, "
+                             "A1111 and ComfyUI embeddings/ (default)")
+    export.add_argument("--output", "-o", help="file to write (default: ./<concept folder name>.safetensors)")
+    export.add_argument("--token", help="token the embedding is stored under (default: the placeholder if it "
+                                        "looks like <name>, else <file name>)")
+    export.add_argument("--vectors", default="mean", choices=["mean", "centre"],
+                        help="mean: mapper averaged over the dynamic stage (default); centre: at its middle timestep")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     inspect = commands.add_parser("inspect", help="show a concept's stages, training settings and file facts")
     inspect.add_argument("concept", help="concept folder or concept.safetensors file")
+
+    evaluation_cli.add_parser(commands)
+    ui_cli.add_parser(commands)
+
+    bench = commands.add_parser("bench", help="measure personalize and generate speed on this machine")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    bench.add_argument("--steps", type=_positive_int, default=None, help="training steps (1000 on GPU, 20 on CPU)")
+    bench.add_argument("--warmup-steps", type=_non_negative_int, default=None,
+                       help="partition warm-up steps (100 on GPU, 10 on CPU)")
+    bench.add_argument("--photo", default=None, help="face photo (default: the repository's test photo)")
+    bench.add_argument("--output", "-o", default=None, help="JSON file (default: benchmarks/results/<device>-<date>.json)")
+    bench.add_argument("--sections", default="steps,personalize,generation,variants,equivalence",
+                       help="comma-separated parts to measure (the plain step is always measured)")
     return parser
 
 
@@ -203,6 +253,10 @@ def _cmd_train(args) -> int:
             id_weight=args.id_weight,
             use_id_loss=not args.no_id_loss,
             checkpoint_every=args.checkpoint_every,
+            train_prompt=args.train_prompt,
+            optimize=not args.no_optimize,
+            gradient_checkpointing=args.low_memory,
+            gradient_accumulation_steps=args.batch_size if args.low_memory else 1,
         )
     except ValueError as err:
         from .errors import UserError
@@ -248,39 +302,98 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# `generate` flags that --from-image takes from the image, by GenerateConfig field.
+_SAMPLING_FLAGS = {
+    "num_images": "num_images", "seed": "seed", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
+    "guidance_scale": "guidance_scale", "scheduler": "scheduler", "batch_size": "batch_size", "width": "width",
+    "height": "height", "background": "background", "region": "region", "ip_adapter": "ip_adapter",
+    "ip_adapter_scale": "ip_adapter_scale",
+}
+
+
 def _cmd_generate(args) -> int:
     from .errors import UserError
-    from .generate import GenerateConfig, generate
+    from .generate import GenerateConfig, generate, read_prompts_file, regenerate
 
     _quiet_libraries(args.verbose)
-    try:
-        config = GenerateConfig(
-            prompts=args.prompt,
-            negative_prompt=args.negative_prompt,
-            num_images=args.num_images,
-            seed=args.seed,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            scheduler=args.scheduler,
-            batch_size=args.batch_size,
+    if args.from_image is not None:
+        given = [f"--{flag.replace('_', '-')}" for flag in _SAMPLING_FLAGS if getattr(args, flag) is not None]
+        given += [f"--{flag.replace('_', '-')}" for flag in ("prompt", "prompts_file", "placeholder", "ip_adapter_image")
+                  if getattr(args, flag)]
+        if given:
+            raise UserError(f"--from-image takes prompt, seed and settings from the image; drop {', '.join(given)}")
+        result = regenerate(
+            args.from_image,
+            args.output,
+            concept_paths=args.concepts or None,
+            model=args.model,
+            device=args.device,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            local_files_only=args.local_files_only,
         )
-    except ValueError as err:
-        raise UserError(f"{err} (use --prompt \"a photo of S* ...\")") from None
-    result = generate(
-        args.concepts,
-        args.output,
-        config,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        local_files_only=args.local_files_only,
-    )
+    else:
+        prompts = list(args.prompt)
+        if args.prompts_file is not None:
+            prompts += read_prompts_file(args.prompts_file)
+        if not args.concepts:
+            raise UserError("give at least one concept folder (or --from-image IMAGE)")
+        settings = {field: getattr(args, flag) for flag, field in _SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
+        try:
+            config = GenerateConfig(
+                prompts=prompts,
+                placeholders=args.placeholder,
+                ip_adapter_images=args.ip_adapter_image,
+                cuda_graph=not args.no_cuda_graph,
+                **settings,
+            )
+        except ValueError as err:
+            hint = " (use --prompt \"a photo of S* ...\" or --prompts-file)" if not prompts else ""
+            raise UserError(f"{err}{hint}") from None
+        result = generate(
+            args.concepts,
+            args.output,
+            config,
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            local_files_only=args.local_files_only,
+        )
     for note in result.notes:
         print(f"note: {note}")
     for image in result.images:
         print(image.path)
     if result.grid is not None:
         print(result.grid)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_textual_inversion
+
+    result = export_textual_inversion(
+        args.concept, args.output, token=args.token, vectors=args.vectors, overwrite=args.overwrite
+    )
+    print(f"wrote {result.path}: token {result.token!r}, {result.num_vectors} vector(s) of width {result.width} "
+          f"({result.description})")
+    print("lost in the export: the stages (one static embedding for every timestep) and the value residual")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import PHOTO, SECTIONS, format_table, run_benchmark
+    from .errors import UserError
+
+    _quiet_libraries(args.verbose)
+    sections = [part.strip() for part in args.sections.split(",") if part.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"unknown --sections {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    result = run_benchmark(args.device, args.steps, args.warmup_steps, Path(args.photo) if args.photo else PHOTO,
+                           output=Path(args.output) if args.output else None, sections=sections)
+    print(format_table(result))
+    print(f"results written to {result['output']}")
     return 0
 
 
@@ -332,7 +445,8 @@ def describe_concept(concept, path) -> list[str]:
     return lines
 
 
-COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "inspect": _cmd_inspect}
+COMMANDS = {"train": _cmd_train, "generate": _cmd_generate, "inspect": _cmd_inspect, "export": _cmd_export,
+            "bench": _cmd_bench, "evaluate": evaluation_cli.run, "ui": ui_cli.run}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,10 +455,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a bad flag already reported in one line
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
+    return run_handler(COMMANDS[args.command], args)
+
+
+def run_handler(handler, args) -> int:
+    """Run a command: a user mistake ends as one `error: ...` line and exit code 2 (a traceback only
+    with --verbose); Ctrl-C as `error: interrupted` and exit code 130."""
     from .errors import UserError
 
     try:
-        return COMMANDS[args.command](args)
+        return handler(args)
     except UserError as err:
         if args.verbose:
             raise
