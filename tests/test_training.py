@@ -128,7 +128,7 @@ def test_processors_and_hooks_removed_after_training(tiny_base, photo):
 def test_training_lowers_held_out_masked_loss(tiny_base, photo):
     """The learning test: 40 steps at lr 3e-2 (batch 2, window 400:800, no TE term) lower the masked
     denoising loss on 16 fixed held-out (t, noise) draws inside the window by more than 7% against the
-    plain supercategory word (measured on the tiny model: 1.245 -> 1.067, -14%; 20 steps give -8%).
+    plain supercategory word (measured on the tiny model: 1.245 -> 1.071, -14%; 20 steps give about -8%).
     The untrained mapper *is* the supercategory word, so the comparison isolates what was learned. The
     tiny UNet's random cross-attention reacts weakly to text, hence the high learning rate."""
     data = make_data(tiny_base, photo)
