@@ -364,13 +364,14 @@ class Trainer:
 
     def encode_prompt(self, input_ids, embeddings, residuals):
         """Text encoder output with S* = `embeddings` (B, V, D), and the V input with `residuals` added."""
-        vectors = {tid: embeddings[:, i].to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
-        with self._override.vectors(vectors):
+        with self._override.vectors(self._per_token(embeddings.to(self.weight_dtype))):
             encoder_hidden_states = self.base.text_encoder(input_ids)[0]
-        value_hidden_states = add_residuals(
-            encoder_hidden_states, input_ids, {tid: residuals[:, i] for i, tid in enumerate(self.tokens.ids)}
-        )
+        value_hidden_states = add_residuals(encoder_hidden_states, input_ids, self._per_token(residuals))
         return encoder_hidden_states, value_hidden_states
+
+    def _per_token(self, vectors: torch.Tensor) -> dict[int, torch.Tensor]:
+        """(B, V, D) -> {placeholder token id: (B, D)}, the form the override and the residuals take."""
+        return {token_id: vectors[:, i] for i, token_id in enumerate(self.tokens.ids)}
 
     def denoise(self, noisy, timesteps, encoder_hidden_states, value_hidden_states, image_index) -> torch.Tensor:
         """UNet prediction with the residual-on-V conditioning; with an IP-Adapter loaded on the UNet,
@@ -401,13 +402,10 @@ class Trainer:
             if self.config.te_weight > 0:
                 ids = torch.cat([input_ids, self.te_ids[batch.te_prompt_index]])
             repeat = ids.shape[0] // B
-            vectors = {tid: embeddings[:, i].repeat(repeat, 1).to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
-            with self._override.vectors(vectors):
+            with self._override.vectors(self._per_token(embeddings.repeat(repeat, 1, 1).to(self.weight_dtype))):
                 hidden, attention = self.static_text(ids)
             encoder_hidden_states = hidden[:B]
-            value_hidden_states = add_residuals(
-                encoder_hidden_states, input_ids, {tid: residuals[:, i] for i, tid in enumerate(self.tokens.ids)}
-            )
+            value_hidden_states = add_residuals(encoder_hidden_states, input_ids, self._per_token(residuals))
             if self.config.te_weight > 0:
                 te_attention = attention[B:]
         else:
@@ -420,8 +418,7 @@ class Trainer:
         if self.config.te_weight > 0:
             if te_attention is None:
                 te_ids = self.te_ids[batch.te_prompt_index]
-                vectors = {tid: embeddings[:, i].to(self.weight_dtype) for i, tid in enumerate(self.tokens.ids)}
-                with self._override.vectors(vectors):
+                with self._override.vectors(self._per_token(embeddings.to(self.weight_dtype))):
                     te_attention = self.base.text_encoder(te_ids, output_attentions=True).attentions[-1]
             terms["te"] = tandem_equilibrium_loss(
                 te_attention,
