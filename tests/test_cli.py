@@ -82,6 +82,7 @@ def test_same_seed_same_concept(astronaut, tmp_path, capsys):
 @pytest.mark.parametrize("flag, expected", [
     ("--no-optimize", {"optimize": False, "gradient_checkpointing": False}),
     ("--low-memory", {"optimize": True, "gradient_checkpointing": True, "gradient_accumulation_steps": 2}),
+    ("--compile=aot_eager", {"optimize": True, "compile": True, "compile_backend": "aot_eager"}),
 ])
 def test_speed_and_memory_flags_reach_the_trainer(flag, expected, astronaut, tmp_path, capsys):
     assert run_cli(capsys, "train", astronaut, "-o", tmp_path / "c", *TRAIN_FAST, flag)[0] == 0

@@ -142,3 +142,57 @@ def test_cuda_graph_sampling_needs_cuda(tiny_base):
     with pytest.raises(UserError, match="CUDA"):
         pipe.enable_cuda_graph()
     assert pipe.graphed_unet is None
+
+
+# -- torch.compile (a GPU lever; here traced with aot_eager, which runs dynamo and AOTAutograd without
+# generating code, so the CPU checks the capture, the guards and the arithmetic in seconds) -------------
+
+
+def test_compiled_step_matches_and_does_not_recompile(tiny_base, data_and_encoder):
+    import torch._dynamo
+
+    data, encoder = data_and_encoder
+    eager_losses, eager_grads = losses_and_grads(tiny_base, data, encoder, config())
+    torch._dynamo.reset()
+    cfg = config(compile=True, compile_backend="aot_eager")
+    with Trainer(tiny_base, data, cfg, encoder) as trainer:
+        assert trainer.unet is not tiny_base.unet
+        batch = trainer.sample_batch()
+        out = trainer.losses(batch)
+        out.total.backward()
+        compiled_losses = {k: v.item() for k, v in out.terms.items()}
+        for name, p in trainer.mapper.named_parameters():
+            assert torch.allclose(p.grad, eager_grads[name], rtol=1e-4, atol=1e-7), name
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            trainer.train(num_steps=3)  # new timesteps, noise and mapper weights: same compiled code
+            trainer.capture_attention(2, 4)  # the partition capture runs the plain UNet
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert tiny_base.unet.attn_processors  # the base model is left usable
+    torch._dynamo.reset()
+
+
+def test_compiled_sampling_matches_eager_and_reuses_its_code(tiny_base):
+    import numpy as np
+    import torch._dynamo
+    from _concepts import random_concept
+
+    from personamagic.pipeline import PersonaMagicPipeline
+
+    pipe = PersonaMagicPipeline.from_base(tiny_base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(random_concept(tiny_base, window=(0, 1000)))
+
+    def sample(seed, prompt="a photo of S*"):
+        return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+    eager = sample(0)
+    torch._dynamo.reset()
+    pipe.enable_compile(backend="aot_eager", channels_last=False)
+    try:
+        assert np.abs(sample(0) - eager).max() < 1e-5
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert np.abs(sample(1) - sample(1, "S* on the beach")).max() > 1e-3  # other seeds and prompts
+    finally:
+        pipe.enable_compile(False)
+        torch._dynamo.reset()
+    assert pipe._denoiser() is pipe.unet

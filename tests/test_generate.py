@@ -117,6 +117,18 @@ def test_localized_generation_keeps_the_background_shape(concepts, tmp_path, cap
     assert code == 2 and "changed" in err
 
 
+def test_compiled_generation_gives_the_same_images(concepts, tmp_path, capsys):
+    import torch._dynamo
+
+    for name, argv in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
+        code, _, err = run_cli(capsys, "generate", concepts[0], "-p", "a photo of S*", *FAST, *argv,
+                               "-o", tmp_path / name)
+        assert code == 0, err
+    torch._dynamo.reset()
+    eager, compiled = (pixels(next((tmp_path / n).glob("000-*.png"))).astype(int) for n in ("eager", "compiled"))
+    assert np.abs(eager - compiled).max() <= 1  # channels-last convolutions may round differently
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--background", "bg.png"], "both a background and a region"),
     (["--prompts-file", "missing.txt"], "cannot read the prompts file"),

@@ -132,6 +132,38 @@ def test_two_concepts_get_their_own_embeddings_at_their_positions(pipe, tiny_bas
         override.remove()
 
 
+def test_schedule_conditioning_equals_per_step_encoding_in_one_call(pipe, tiny_base):
+    me = pipe.load_concept(random_concept(tiny_base, window=(300, 700), placeholder="<me>"))
+    pipe.load_concept(random_concept(tiny_base, window=(0, 500), seed=1, placeholder="<style>",
+                                      supercategory="painting", num_vectors=2))
+    texts = ["", "", "a photo of <me>", "a photo of <me>", "<me> in the style of <style>"]
+    ids = tokenize(pipe.tokenizer, [pipe.rewrite_prompt(p) for p in texts])
+    pipe.scheduler.set_timesteps(10)
+    timesteps = pipe.scheduler.timesteps
+    batches = []
+    handle = pipe.text_encoder.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        schedule = pipe.encode_schedule(ids, timesteps)
+    finally:
+        handle.remove()
+    keys = {pipe._stage_key(int(t)) for t in timesteps}
+    # one call: the negative prompt once, each of the 2 distinct personal prompts once per stage key
+    assert batches == [1 + 2 * len(keys)] and len(keys) < len(timesteps)
+    override = EmbeddingOverride(pipe.text_encoder)
+    try:
+        for t in timesteps:
+            hidden, values = schedule.at(t)
+            expected_hidden, expected_values = pipe.encode_at(ids, int(t), override)
+            assert torch.allclose(hidden, expected_hidden, atol=1e-5)
+            assert torch.allclose(values, expected_values, atol=1e-5)
+    finally:
+        override.remove()
+    early, late = schedule.at(timesteps[0]), schedule.at(timesteps[-1])  # me: static 1 vs static 2
+    assert torch.equal(early[0][0], late[0][0])  # the negative prompt never changes
+    position = ids[2].tolist().index(me.tokens.ids[0])
+    assert not torch.allclose(early[1][2, position], late[1][2, position])
+
+
 def test_placeholders_are_replaced_longest_first(pipe, tiny_base):
     a = pipe.load_concept(random_concept(tiny_base, placeholder="S*"))
     b = pipe.load_concept(random_concept(tiny_base, placeholder="S*2"))

@@ -160,30 +160,80 @@ def time_personalize(model: str, device: torch.device, dtype_name: str, steps: i
         }
 
 
-def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: float, cuda_graph: bool = False) -> dict:
-    """Seconds for one image and images/s per batch size (DDIM, CFG, VAE decode included)."""
+def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: float, cuda_graph: bool = False,
+                    compile: bool = False) -> dict:
+    """Seconds for one image and images/s per batch size (DDIM, CFG, VAE decode included); the first
+    call of each batch size (graph capture, compilation) is timed apart as `first_call_s`."""
     from .pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_concept(concept)
+    if compile:
+        pipe.enable_compile()
     if cuda_graph:
         pipe.enable_cuda_graph()
     results = {}
-    for batch in batch_sizes:
-        prompts = ["a photo of S* as an astronaut"] * batch
+    try:
+        for batch in batch_sizes:
+            prompts = ["a photo of S* as an astronaut"] * batch
 
-        def run():
-            generator = [torch.Generator(setup.device).manual_seed(i) for i in range(batch)]
-            pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="pt")
+            def run():
+                generator = [torch.Generator(setup.device).manual_seed(i) for i in range(batch)]
+                pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                     output_type="pt")
 
-        _reset_peak(setup.device)
-        seconds = _median_ms(run, setup.device, repeats=1, warmup=1) / 1000
-        results[batch] = {"seconds": seconds, "images_per_s": batch / seconds, "peak_gib": _peak_gib(setup.device)}
+            _reset_peak(setup.device)
+            first_s = _median_ms(run, setup.device, repeats=1, warmup=0) / 1000
+            seconds = _median_ms(run, setup.device, repeats=1, warmup=0) / 1000
+            results[batch] = {"seconds": seconds, "images_per_s": batch / seconds, "first_call_s": first_s,
+                              "peak_gib": _peak_gib(setup.device)}
+    finally:
+        if compile:
+            pipe.enable_compile(False)
+            setup.base.unet.to(memory_format=torch.contiguous_format)
     return results
 
 
-SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence")
+def time_conditioning(setup: Setup, concept, batch_sizes, steps: int) -> dict:
+    """The text conditioning of a whole sampling run (50 DDIM steps, CFG): one text-encoder call per
+    step whose conditioning changes (how sampling did it before) vs `encode_schedule` (all at once)."""
+    from .conditioning import EmbeddingOverride, tokenize
+    from .pipeline import PersonaMagicPipeline
+
+    pipe = PersonaMagicPipeline.from_base(setup.base)
+    pipe.load_concept(concept)
+    pipe.scheduler.set_timesteps(steps, device=setup.device)
+    timesteps = pipe.scheduler.timesteps
+    results = {}
+    for batch in batch_sizes:
+        texts = [""] * batch + [pipe.rewrite_prompt("a photo of S* as an astronaut")] * batch
+        ids = tokenize(pipe.tokenizer, texts, setup.device)
+
+        @torch.no_grad()
+        def per_step():
+            override = EmbeddingOverride(pipe.text_encoder)
+            try:
+                cached = None
+                for t in timesteps:
+                    key = pipe._stage_key(int(t))
+                    if key != cached:
+                        pipe.encode_at(ids, int(t), override)
+                        cached = key
+            finally:
+                override.remove()
+
+        @torch.no_grad()
+        def schedule():
+            pipe.encode_schedule(ids, timesteps)
+
+        per_step_ms = _median_ms(per_step, setup.device, repeats=3, warmup=1)
+        schedule_ms = _median_ms(schedule, setup.device, repeats=3, warmup=1)
+        results[batch] = {"per_step_ms": per_step_ms, "schedule_ms": schedule_ms, "ratio": per_step_ms / schedule_ms}
+    return results
+
+
+SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile")
 
 
 def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: int | None = None,
@@ -260,17 +310,30 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
             result["train_loop_s"] = job["timings"]["train_s"]
             result["peak_gib"] = job["peak_gib"]
             result["personalize"] = job
+    modes = {}  # generation figures: result key -> time_generation options
     if "generation" in sections:
+        modes["generation"] = {}
+        if gpu:
+            modes["generation_cuda_graph"] = {"cuda_graph": True}
+    if "compile" in sections:
+        modes["generation_compile"] = {"cuda_graph": gpu, "compile": True}
+    if modes:
         if concept is None:  # sampling time does not depend on what the mapper learned
             with setup.trainer(config) as trainer:
                 concept = trainer.concept(model)
-        modes = [("generation", False)] + ([("generation_cuda_graph", True)] if gpu else [])
-        for key, graph in modes:
-            gen = attempt(key, lambda graph=graph: time_generation(setup, concept, batches, 50, 8.0, cuda_graph=graph))
+        if "generation" in sections:
+            conditioning = attempt("conditioning", lambda: time_conditioning(setup, concept, batches, 50))
+            if conditioning is not None:
+                result["conditioning"] = {str(k): v for k, v in conditioning.items()}
+        for key, options in modes.items():
+            # Compiling costs about a minute per batch shape: only the smallest and the largest batch.
+            sizes = sorted({batches[0], batches[-1]}) if options.get("compile") else batches
+            gen = attempt(key, lambda sizes=sizes, options=options:
+                          time_generation(setup, concept, sizes, 50, 8.0, **options))
             if gen is not None:
                 result[key] = {str(k): v for k, v in gen.items()}
         fastest = {}
-        for key, _ in modes:
+        for key in modes:
             for batch, figures in result.get(key, {}).items():
                 if batch not in fastest or figures["seconds"] < fastest[batch]["seconds"]:
                     fastest[batch] = {**figures, "mode": key}
@@ -285,7 +348,10 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
         "optimized_full_decode": replace(config, id_face_patch=False),
         "low_memory": replace(config, gradient_checkpointing=True, gradient_accumulation_steps=2, cuda_graph=False),
     }
-    for name, cfg in variants.items() if "variants" in sections else ():
+    variants = {name: cfg for name, cfg in variants.items() if "variants" in sections}
+    if "compile" in sections:
+        variants["optimized_compile"] = replace(config, compile=True)
+    for name, cfg in variants.items():
         if name == "optimized_no_graph" and not gpu:
             continue
         timing = attempt(name, lambda cfg=cfg: time_steps(setup, cfg, repeats, warmup=3))
@@ -323,7 +389,8 @@ def format_table(result: dict) -> str:
     rows.append(("plain step (batch 2, ID loss)", f"{plain:.1f} ms", "1.00x"))
     for name, v in result.get("variants", {}).items():
         peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
-        rows.append((f"step: {name}", f"{v['ms']:.1f} ms{peak}", f"{plain / v['ms']:.2f}x"))
+        rows.append((f"step: {name}", f"{v['ms']:.1f} ms{peak}, first step {v['first_step_s']:.1f} s",
+                     f"{plain / v['ms']:.2f}x"))
     if "train_loop_s" in result:
         steps = result["steps"]
         rows.append((f"training loop, {steps} steps", f"{result['train_loop_s']:.1f} s",
@@ -331,6 +398,13 @@ def format_table(result: dict) -> str:
         rows.append(("whole personalize job", f"{result['personalize_s']:.1f} s", ""))
     if result.get("peak_gib") is not None:
         rows.append(("peak GPU memory (job)", f"{result['peak_gib']:.1f} GiB", ""))
+    for mode in ("generation", "generation_cuda_graph", "generation_compile"):
+        for batch, v in result.get(mode, {}).items():
+            rows.append((f"{mode}, {batch} image(s)", f"{v['seconds']:.2f} s ({v['images_per_s']:.2f} img/s), "
+                         f"first call {v['first_call_s']:.1f} s", ""))
+    for batch, v in result.get("conditioning", {}).items():
+        rows.append((f"text conditioning of 50 steps, {batch} image(s)", f"{v['per_step_ms']:.1f} ms step by step -> "
+                     f"{v['schedule_ms']:.1f} ms at once", f"{v['ratio']:.2f}x"))
     if result.get("gen_single_image_s") is not None:
         rows.append(("generate 1 image (50 DDIM, CFG 8)", f"{result['gen_single_image_s']:.2f} s", ""))
         rows.append((f"generate, best batch ({result['gen_best_batch']})", f"{result['gen_images_per_s_best']:.2f} img/s", ""))

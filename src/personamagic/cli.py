@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='training prompt, {} = the placeholder ("a photo of {}"; e.g. "a painting in the style of {}")')
     train.add_argument("--no-optimize", action="store_true",
                        help="turn every speed-up off and run the plain reference step (slower, for comparison)")
+    train.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="torch.compile the networks of the training step (backend: inductor; the first step "
+                            "compiles; an experiment, see docs/performance.md)")
     train.add_argument("--low-memory", action="store_true",
                        help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
@@ -158,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "unipc, deis, ddpm, or a diffusers scheduler class name (ddim)")
     gen.add_argument("--batch-size", type=_positive_int, help="images per UNet batch (4)")
     gen.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the UNet eagerly (no CUDA graph)")
+    gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                     help="torch.compile the UNet (backend: inductor): faster for large batches after a one-off "
+                          "compile per batch shape, which PyTorch caches on disk")
     gen.add_argument("--width", type=_positive_int, help="image width, a multiple of 8 (the model's resolution)")
     gen.add_argument("--height", type=_positive_int, help="image height, a multiple of 8 (as --width)")
     gen.add_argument("--background", help="localized generation: background image the concept is painted into")
@@ -255,6 +261,8 @@ def _cmd_train(args) -> int:
             checkpoint_every=args.checkpoint_every,
             train_prompt=args.train_prompt,
             optimize=not args.no_optimize,
+            compile=args.compile is not None,
+            compile_backend=args.compile or "inductor",
             gradient_checkpointing=args.low_memory,
             gradient_accumulation_steps=args.batch_size if args.low_memory else 1,
         )
@@ -344,6 +352,8 @@ def _cmd_generate(args) -> int:
                 placeholders=args.placeholder,
                 ip_adapter_images=args.ip_adapter_image,
                 cuda_graph=not args.no_cuda_graph,
+                compile=args.compile is not None,
+                compile_backend=args.compile or "inductor",
                 **settings,
             )
         except ValueError as err:
@@ -455,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, or a bad flag already reported in one line
         return int(exit_.code or 0)
     _configure_logging(args.verbose)
+    if args.command in ("train", "generate", "bench", "evaluate", "ui"):
+        import torch
+
+        # Shapes stay fixed through training and sampling, so cuDNN's per-shape autotune pays off.
+        torch.backends.cudnn.benchmark = True
     return run_handler(COMMANDS[args.command], args)
 
 

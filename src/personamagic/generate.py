@@ -58,6 +58,8 @@ class GenerateConfig:
     ip_adapter_images: list[str] = field(default_factory=list)  # image file(s) for the IP-Adapter (e.g. the photo)
     ip_adapter_scale: float = 1.0  # weight of the IP-Adapter's image tokens
     cuda_graph: bool = True  # on CUDA, replay the UNet from a CUDA graph (same kernels, fewer launches)
+    compile: bool = False  # torch.compile the UNet: faster large batches after a one-off compile per batch shape
+    compile_backend: str = "inductor"  # torch.compile backend
 
     def __post_init__(self):
         if not self.prompts:
@@ -284,6 +286,8 @@ class _Session:
         base = load_base_model(self.model, device=self.device, dtype=self.dtype, local_files_only=local_files_only)
         self.pipe = PersonaMagicPipeline.from_base(base, scheduler=config.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
+        if config.compile:
+            self.pipe.enable_compile(backend=config.compile_backend)
         if config.cuda_graph and self.device.type == "cuda" and config.ip_adapter is None:
             self.pipe.enable_cuda_graph()
         placeholders = config.placeholders or [None] * len(self.concepts)

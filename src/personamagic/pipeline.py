@@ -113,14 +113,34 @@ class LoadedConcept:
 
     def vectors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(V, D) token embeddings and (V, D) value residuals of S* at timestep t."""
-        stage = self.stage(t)
-        if stage == "static1":
-            embed = self.mapper.super_embedding.expand(self.mapper.config.num_vectors, -1)
-            return embed, torch.zeros_like(embed)
-        t_eff = t if stage == "dynamic" else self.window[0]
-        timesteps = torch.tensor([t_eff], device=self.image_embed.device)
-        embeddings, residuals = self.mapper(timesteps, self.image_embed)
+        embeddings, residuals = self.vectors_at([t])
         return embeddings[0], residuals[0]
+
+    def vectors_at(self, timesteps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V, D) token embeddings and (K, V, D) value residuals at K timesteps, in one mapper call."""
+        lo, _ = self.window
+        stages = [self.stage(t) for t in timesteps]
+        t_eff = torch.tensor([t if s == "dynamic" else lo for t, s in zip(timesteps, stages)],
+                             device=self.image_embed.device)
+        embeddings, residuals = self.mapper(t_eff, self.image_embed.expand(len(timesteps), -1))
+        static1 = torch.tensor([s == "static1" for s in stages], device=embeddings.device)[:, None, None]
+        word = self.mapper.super_embedding.expand_as(embeddings)
+        return torch.where(static1, word, embeddings), residuals.masked_fill(static1, 0.0)
+
+
+@dataclass
+class ScheduledConditioning:
+    """Text conditioning for a whole sampling run: a table of encoded rows and, per timestep, which
+    rows make the batch."""
+
+    hidden: torch.Tensor  # (R, L, D) text encoder outputs: the K input of cross-attention
+    values: torch.Tensor  # (R, L, D) the same plus the mapper residuals: the V input
+    index: dict  # timestep -> (B,) rows of the table
+
+    def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) K input and (B, L, D) V input at timestep t."""
+        rows = self.index[int(t)]
+        return self.hidden[rows], self.values[rows]
 
 
 class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
@@ -148,6 +168,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         self.concepts: list[LoadedConcept] = []
         self.base_model_name = getattr(text_encoder.config, "_name_or_path", "")
         self.graphed_unet: GraphedUNet | None = None  # see enable_cuda_graph()
+        self.compiled_unet = None  # see enable_compile()
 
     @classmethod
     def from_base(cls, base, scheduler: str = "ddim") -> "PersonaMagicPipeline":
@@ -171,7 +192,24 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         with IP-Adapter inputs."""
         if enabled and self.device.type != "cuda":
             raise UserError("CUDA graphs need a CUDA device; run on --device cuda or without them")
-        self.graphed_unet = GraphedUNet(self.unet) if enabled else None
+        self.graphed_unet = GraphedUNet(self._denoiser()) if enabled else None
+
+    def enable_compile(self, enabled: bool = True, backend: str = "inductor", channels_last: bool = True) -> None:
+        """Run the UNet through `torch.compile`: fused kernels, worth it where sampling is compute-bound
+        (large batches). The first call of each batch shape compiles (about a minute for SD-1.x;
+        PyTorch caches the generated code on disk for later processes); further calls reuse it.
+        `channels_last` also switches the UNet's weights to that memory format (same values) — the
+        pairing PERF.md measured. Combines with `enable_cuda_graph`, which then replays compiled code.
+        """
+        if enabled and channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.compiled_unet = torch.compile(self.unet, backend=backend) if enabled else None
+        if self.graphed_unet is not None:
+            self.graphed_unet = GraphedUNet(self._denoiser())
+
+    def _denoiser(self):
+        """The UNet callable sampling uses: compiled when enabled, else the module itself."""
+        return self.compiled_unet if self.compiled_unet is not None else self.unet
 
     # -- concepts ----------------------------------------------------------------------------------
 
@@ -212,18 +250,67 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         """Steps with the same key share text conditioning (static stages are computed once)."""
         return tuple(c.stage(t) if c.stage(t) != "dynamic" else t for c in self.concepts)
 
+    def _vectors(self, timesteps: list[int], rows: int) -> tuple[dict, dict]:
+        """Per placeholder token id, its (K·rows, D) embeddings and residuals for K timesteps, each
+        repeated for `rows` consecutive rows."""
+        vectors, residuals = {}, {}
+        for loaded in self.concepts:
+            embeds, res = loaded.vectors_at(timesteps)  # (K, V, D)
+            for i, token_id in enumerate(loaded.tokens.ids):
+                vectors[token_id] = embeds[:, i].repeat_interleave(rows, 0).to(self.text_encoder.dtype)
+                residuals[token_id] = res[:, i].repeat_interleave(rows, 0)
+        return vectors, residuals
+
     def encode_at(self, input_ids: torch.Tensor, t: int, override: EmbeddingOverride):
         """(B, L) ids -> K input (B, L, D) and V input (B, L, D) at timestep t: each concept's tokens get
         that concept's embedding for its stage at t, and its residual is added to the V input there."""
-        vectors, residuals = {}, {}
-        for loaded in self.concepts:
-            embeds, res = loaded.vectors(t)
-            for i, token_id in enumerate(loaded.tokens.ids):
-                vectors[token_id] = embeds[i].to(self.text_encoder.dtype)
-                residuals[token_id] = res[i]
+        vectors, residuals = self._vectors([t], input_ids.shape[0])
         with override.vectors(vectors):
             hidden = self.text_encoder(input_ids)[0]
         return hidden, add_residuals(hidden, input_ids, residuals)
+
+    def encode_schedule(self, input_ids: torch.Tensor, timesteps, chunk: int = 256) -> "ScheduledConditioning":
+        """The text conditioning of every denoising step, in as few text-encoder calls as possible.
+
+        Equivalent to `encode_at(input_ids, t)` at each t, but each distinct prompt is encoded once per
+        distinct stage key (once in all if it holds no placeholder), all in batches of up to `chunk`
+        rows: one call instead of one per dynamic step, and no repeated work for the negative prompt or
+        for many images of one prompt.
+        """
+        steps = [int(t) for t in timesteps]
+        keys = [self._stage_key(t) for t in steps]
+        distinct = list(dict.fromkeys(keys))  # in order of first use
+        key_times = [steps[keys.index(k)] for k in distinct]
+        # (B, L) -> (U, L) distinct prompts; inverse: (B,) row of each prompt in the distinct ones
+        prompts, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        placeholder_ids = torch.tensor([i for c in self.concepts for i in c.tokens.ids], dtype=prompts.dtype,
+                                       device=prompts.device)
+        dependent = torch.isin(prompts, placeholder_ids).any(dim=1)  # (U,)
+        plain, personal = prompts[~dependent], prompts[dependent]
+        P, D, K = plain.shape[0], personal.shape[0], len(distinct)
+        # rows: the P plain prompts once, then the D personal prompts once per stage key (k-major)
+        ids = torch.cat([plain, personal.repeat(K, 1)])
+        vectors, residuals = self._vectors(key_times, D) if D else ({}, {})
+        vectors = {i: torch.cat([v.new_zeros(P, v.shape[1]), v]) for i, v in vectors.items()}
+        residuals = {i: torch.cat([r.new_zeros(P, r.shape[1]), r]) for i, r in residuals.items()}
+        override = EmbeddingOverride(self.text_encoder)
+        hidden = []
+        try:
+            for start in range(0, ids.shape[0], chunk):
+                part = {i: v[start:start + chunk] for i, v in vectors.items()}
+                with override.vectors(part):
+                    hidden.append(self.text_encoder(ids[start:start + chunk])[0])
+        finally:
+            override.remove()
+        hidden = torch.cat(hidden)  # (P + K·D, L, D)
+        values = add_residuals(hidden, ids, residuals)
+        # table row of distinct prompt u under key k
+        position = torch.empty(K, prompts.shape[0], dtype=torch.long, device=prompts.device)
+        position[:, ~dependent] = torch.arange(P, device=prompts.device)
+        position[:, dependent] = P + torch.arange(K * D, device=prompts.device).view(K, D)
+        rows = position[:, inverse]  # (K, B)
+        index = {t: rows[distinct.index(k)] for t, k in zip(steps, keys)}
+        return ScheduledConditioning(hidden, values, index)
 
     # -- sampling ----------------------------------------------------------------------------------
 
@@ -356,35 +443,29 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         if ip_embeds is not None:
             unet_kwargs["added_cond_kwargs"] = {"image_embeds": ip_embeds}
 
-        # 5. denoising loop, S* conditioning switched per step by each concept's stages
-        override = EmbeddingOverride(self.text_encoder)
-        cached_key, conditioning = None, None
-        try:
-            with attention_processors(self.unet):
-                for i, t in enumerate(self.progress_bar(timesteps)):
-                    key = self._stage_key(int(t))
-                    if key != cached_key:
-                        conditioning, cached_key = self.encode_at(input_ids, int(t), override), key
-                    hidden, values = conditioning
-                    model_input = torch.cat([latents] * 2) if do_cfg else latents
-                    model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
-                    if self.graphed_unet is not None and not unet_kwargs:
-                        noise_pred = self.graphed_unet(model_input, t, hidden, values).float()
-                    else:
-                        noise_pred = self.unet(
-                            model_input, t, hidden, cross_attention_kwargs={"value_hidden_states": values},
-                            **unet_kwargs,
-                        ).sample.float()
-                    if do_cfg:
-                        uncond, cond = noise_pred.chunk(2)
-                        noise_pred = uncond + guidance_scale * (cond - uncond)
-                    latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
-                    if known is not None:
-                        next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the end
-                        outside = noised_background(self.scheduler, known, noise, next_t)
-                        latents = blend_latents(latents, outside, region_mask)
-        finally:
-            override.remove()
+        # 5. text conditioning of every step (S* switched by each concept's stages), then denoising
+        conditioning = self.encode_schedule(input_ids, timesteps)
+        unet = self._denoiser()
+        with attention_processors(self.unet):
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                hidden, values = conditioning.at(t)
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
+                if self.graphed_unet is not None and not unet_kwargs:
+                    noise_pred = self.graphed_unet(model_input, t, hidden, values).float()
+                else:
+                    noise_pred = unet(
+                        model_input, t, hidden, cross_attention_kwargs={"value_hidden_states": values},
+                        **unet_kwargs,
+                    ).sample.float()
+                if do_cfg:
+                    uncond, cond = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+                if known is not None:
+                    next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the end
+                    outside = noised_background(self.scheduler, known, noise, next_t)
+                    latents = blend_latents(latents, outside, region_mask)
 
         # 6. decode
         if output_type == "latent":

@@ -95,6 +95,8 @@ class TrainConfig:
     id_face_patch: bool = True  # with optimize: decode only the latent patch under the face for L_id
     id_patch_margin: int = 2  # latent pixels added around the aligned face crop's footprint
     sync_every: int = 10  # with optimize: steps between loss read-backs (progress, NaN check)
+    compile: bool = False  # with optimize: torch.compile the UNet, VAE decoder and identity net (1st step compiles)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces without code generation
     gradient_accumulation_steps: int = 1  # low-memory mode: the batch runs as this many micro-batches
     gradient_checkpointing: bool = False  # low-memory mode: recompute UNet activations in backward
 
@@ -289,6 +291,14 @@ class Trainer:
                 data.face_theta, tuple(data.latent_mean.shape[-2:]), base.vae_scale_factor, config.id_patch_margin
             )
             self.id_patches = (self.id_patches[0].to(self.device), self.id_patches[1], self.id_patches[2].to(self.device))
+        # The networks the loss runs through; compiled ones when asked (the partition capture and
+        # anything else outside the loss keep the plain modules).
+        self.unet, self.vae_decode = base.unet, base.vae.decode
+        if self.optimized and config.compile:
+            self.unet = torch.compile(base.unet, backend=config.compile_backend)
+            self.vae_decode = torch.compile(base.vae.decode, backend=config.compile_backend)
+            if self.identity_encoder is not None:
+                self.identity_encoder = torch.compile(self.identity_encoder, backend=config.compile_backend)
         self.use_graph = (
             self.optimized and config.cuda_graph and self.device.type == "cuda"
             and config.gradient_accumulation_steps == 1 and not config.gradient_checkpointing
@@ -373,14 +383,16 @@ class Trainer:
         """(B, V, D) -> {placeholder token id: (B, D)}, the form the override and the residuals take."""
         return {token_id: vectors[:, i] for i, token_id in enumerate(self.tokens.ids)}
 
-    def denoise(self, noisy, timesteps, encoder_hidden_states, value_hidden_states, image_index) -> torch.Tensor:
+    def denoise(self, noisy, timesteps, encoder_hidden_states, value_hidden_states, image_index,
+                unet=None) -> torch.Tensor:
         """UNet prediction with the residual-on-V conditioning; with an IP-Adapter loaded on the UNet,
-        each sample's photo embedding goes in through `added_cond_kwargs` (plug-in mode)."""
+        each sample's photo embedding goes in through `added_cond_kwargs` (plug-in mode).
+        `unet`: the module to run instead of the loss's (possibly compiled) one."""
         kwargs = {}
         if self.data.ip_adapter_embeds is not None:
             embeds = self.data.ip_adapter_embeds[image_index].to(self.weight_dtype)  # (B, 1, ...)
             kwargs["added_cond_kwargs"] = {"image_embeds": [embeds]}
-        return self.base.unet(
+        return (unet or self.unet)(
             noisy.to(self.weight_dtype),
             timesteps,
             encoder_hidden_states,
@@ -436,7 +448,7 @@ class Trainer:
                 indices, size, patch_theta = self.id_patches
                 x0 = gather_patches(x0, indices[batch.image_index], size)
                 theta = patch_theta[batch.image_index]
-            images = self.base.vae.decode((x0 / self.scaling_factor).to(self.weight_dtype)).sample
+            images = self.vae_decode((x0 / self.scaling_factor).to(self.weight_dtype)).sample
             faces = warp_faces(images.float(), theta, self.identity_encoder.input_size)
             per_sample = identity_loss(self.identity_encoder(faces), self.data.identity_reference[batch.image_index])
             weights = identity_weight(batch.timesteps, self.num_train_timesteps)
@@ -562,7 +574,7 @@ class Trainer:
             embeddings, residuals = self.mapper(t, self.data.image_embeds[:1].expand(b, -1))
             hidden, values = self.encode_prompt(ids.expand(b, -1), embeddings, residuals)
             with capturing_attention(self.base.unet, columns) as store:
-                self.denoise(noisy, t, hidden, values, torch.zeros_like(t))
+                self.denoise(noisy, t, hidden, values, torch.zeros_like(t), unet=self.base.unet)
             maps.append(average_maps(store, resolution))
         return timesteps.cpu(), torch.cat(maps)
 
