@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from personamagic.conditioning import EmbeddingOverride, PlaceholderTokens, tokenize
+from personamagic.conditioning import EmbeddingOverride, LastLayerAttention, PlaceholderTokens, tokenize
 from personamagic.fast import StaticTextEncoder, face_patches, gather_patches
 from personamagic.faces import prepare_photo
 from personamagic.identity import alignment_theta, build_tiny_identity_model, warp_faces
@@ -49,16 +49,37 @@ def test_static_text_encoder_equals_the_model(tiny_base):
     tokens = PlaceholderTokens(tiny_base.tokenizer, "S*", 1, slot=0)
     ids = tokenize(tiny_base.tokenizer, [tokens.rewrite("a photo of S*"), tokens.rewrite("S* playing chess")])
     override = EmbeddingOverride(text_encoder)
-    static = StaticTextEncoder(text_encoder)
     try:
         with override.vectors({tokens.ids[0]: torch.randn(2, tiny_base.hidden_size)}):
-            reference = text_encoder(ids, output_attentions=True)
-            hidden, attention = static(ids)
+            reference = text_encoder(ids).last_hidden_state
+            hidden = StaticTextEncoder(text_encoder)(ids)
     finally:
-        static.remove()
         override.remove()
-    assert torch.allclose(hidden, reference.last_hidden_state, atol=1e-6)
-    assert torch.allclose(attention, reference.attentions[-1], atol=1e-6)
+    assert torch.allclose(hidden, reference, atol=1e-6)
+
+
+def test_last_layer_attention_is_eager_there_only(tiny_base):
+    text_encoder = tiny_base.text_encoder
+    layers = text_encoder.text_model.encoder.layers if hasattr(text_encoder, "text_model") else text_encoder.encoder.layers
+    ids = tokenize(tiny_base.tokenizer, ["a photo of a face", "a dog playing chess"])
+    text_encoder.set_attn_implementation("eager")
+    try:
+        reference = text_encoder(ids, output_attentions=True)
+    finally:
+        text_encoder.set_attn_implementation("sdpa")
+    original = layers[-1].self_attn.config
+    last = LastLayerAttention(text_encoder)
+    try:
+        hidden = text_encoder(ids).last_hidden_state
+        assert [layer.self_attn.config._attn_implementation for layer in layers] == ["sdpa"] * (len(layers) - 1) + ["eager"]
+        probabilities = last.take()
+        with pytest.raises(RuntimeError, match="no text-encoder forward"):
+            last.take()
+    finally:
+        last.remove()
+    assert layers[-1].self_attn.config is original and original._attn_implementation == "sdpa"
+    assert torch.allclose(hidden, reference.last_hidden_state, atol=1e-5)
+    assert torch.allclose(probabilities, reference.attentions[-1], atol=1e-6)
 
 
 def test_optimised_step_matches_the_plain_step(tiny_base, data_and_encoder):

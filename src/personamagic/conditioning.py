@@ -9,6 +9,7 @@ mapper's output, one per sample), so the frozen text encoder runs its own, unmod
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 
 import torch
@@ -136,3 +137,56 @@ def add_residuals(
         hit = (input_ids == token_id)[..., None].to(values.dtype)  # (B, L, 1)
         values = values + hit * residual.to(values.dtype)
     return values
+
+
+def causal_mask(length: int, device, dtype) -> torch.Tensor:
+    """(1, 1, L, L) additive causal mask: 0 on and below the diagonal, the dtype's minimum above."""
+    return torch.full((length, length), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
+
+
+class LastLayerAttention:
+    """Keeps the attention probabilities (B, H, L, L) of a CLIP text encoder's last layer, which the
+    tandem-equilibrium loss needs (SPEC §3). Only that layer runs eager attention, through its own
+    copy of the config; every other layer keeps the model's fused kernel. `remove()` restores it.
+
+    With SDPA, transformers passes no mask and asks the kernel for causal attention (`is_causal`),
+    which eager attention ignores: the layer then gets the causal mask explicitly.
+    """
+
+    def __init__(self, text_encoder: nn.Module):
+        core = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 wraps the model once more
+        self.module = core.encoder.layers[-1].self_attn
+        self._config = self.module.config
+        eager = copy.copy(self._config)
+        eager._attn_implementation = "eager"
+        self.module.config = eager
+        self._probabilities: torch.Tensor | None = None
+        self._masks: dict = {}
+        self._handles = [
+            self.module.register_forward_pre_hook(self._add_causal_mask, with_kwargs=True),
+            self.module.register_forward_hook(self._keep),
+        ]
+
+    def _add_causal_mask(self, module, args, kwargs):
+        if kwargs.get("attention_mask") is not None:
+            return None
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        key = (hidden.shape[1], hidden.device, hidden.dtype)
+        if key not in self._masks:
+            self._masks[key] = causal_mask(*key)
+        return args, {**kwargs, "attention_mask": self._masks[key]}
+
+    def _keep(self, module, args, output):
+        self._probabilities = output[1]
+
+    def take(self) -> torch.Tensor:
+        """The probabilities of the latest forward, (B, H, L, L); raises if there was none since."""
+        probabilities, self._probabilities = self._probabilities, None
+        if probabilities is None:
+            raise RuntimeError("no text-encoder forward since the last take()")
+        return probabilities
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.module.config = self._config

@@ -3,8 +3,7 @@
 At batch 2 the eager step mostly waits for Python to launch kernels. The levers here:
 
 * `StaticTextEncoder` runs CLIP's text encoder for 77-token prompts with its causal mask built once,
-  so the whole step can be captured as a CUDA graph (transformers builds the mask inside `forward`);
-  it returns the last layer's attention probabilities the tandem-equilibrium loss needs.
+  so the whole step can be captured as a CUDA graph (transformers builds the mask inside `forward`).
 * `face_patches` precomputes, per photo, the latent patch under the aligned face crop, so the identity
   loss decodes ~1/8 of the latent instead of the whole 64x64 (an approximation: the VAE decoder sees
   less context; measured by the tests and the benchmark).
@@ -20,23 +19,22 @@ import math
 
 import torch
 
+from .conditioning import causal_mask
+
 logger = logging.getLogger(__name__)
 
 
 class StaticTextEncoder:
     """CLIPTextModel's forward for fixed-length prompts, causal mask built once per (length, dtype).
 
-    Equivalent to `text_encoder(input_ids).last_hidden_state` (and `.attentions[-1]`, which needs the
-    model loaded with eager attention). Works with the transformers 5 layout (layers called as
-    `layer(hidden_states, attention_mask)`); `supported(text_encoder)` says whether it applies.
+    Equivalent to `text_encoder(input_ids).last_hidden_state`. Works with the transformers 5 layout
+    (layers called as `layer(hidden_states, attention_mask)`); `supported(text_encoder)` says whether
+    it applies.
     """
 
     def __init__(self, text_encoder):
         self.core = getattr(text_encoder, "text_model", text_encoder)
-        self.attention_module = self.core.encoder.layers[-1].self_attn
         self._masks: dict = {}
-        self._last_attention = None
-        self._handle = self.attention_module.register_forward_hook(self._keep_attention)
 
     @staticmethod
     def supported(text_encoder) -> bool:
@@ -47,27 +45,16 @@ class StaticTextEncoder:
         parameters = list(inspect.signature(layers[0].forward).parameters)
         return parameters[:2] == ["hidden_states", "attention_mask"] and "causal_attention_mask" not in parameters
 
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def _keep_attention(self, module, args, output):
-        self._last_attention = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-
-    def causal_mask(self, length: int, device, dtype) -> torch.Tensor:
-        key = (length, device, dtype)
-        if key not in self._masks:
-            mask = torch.full((length, length), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
-            self._masks[key] = mask[None, None]  # (1, 1, L, L) additive
-        return self._masks[key]
-
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, L) ids -> last hidden state (B, L, D), last-layer attention (B, H, L, L) or None."""
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids -> last hidden state (B, L, D)."""
         hidden = self.core.embeddings(input_ids=input_ids)
-        mask = self.causal_mask(input_ids.shape[1], hidden.device, hidden.dtype)
+        key = (input_ids.shape[1], hidden.device, hidden.dtype)
+        if key not in self._masks:
+            self._masks[key] = causal_mask(*key)
+        mask = self._masks[key]
         for layer in self.core.encoder.layers:
             hidden = layer(hidden, mask)
-        attention, self._last_attention = self._last_attention, None
-        return self.core.final_layer_norm(hidden), attention
+        return self.core.final_layer_norm(hidden)
 
 
 def face_patches(face_theta: torch.Tensor, latent_size: tuple[int, int], scale: int, margin: int):

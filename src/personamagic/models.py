@@ -50,7 +50,7 @@ class BaseComponents:
 
     name: str  # what the user asked for: hub id, local path, or "tiny"
     tokenizer: object  # transformers CLIPTokenizer(-Fast)
-    text_encoder: torch.nn.Module  # transformers CLIPTextModel, eager attention (TE loss needs probabilities)
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel, SDPA attention (see LastLayerAttention)
     vae: torch.nn.Module  # diffusers AutoencoderKL
     unet: torch.nn.Module  # diffusers UNet2DConditionModel
     scheduler_config: dict  # the base model's noise schedule (DDPM/DDIM-compatible config)
@@ -232,7 +232,7 @@ def build_tiny_components(config: TinyConfig = TinyConfig()) -> BaseComponents:
                 bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
-                attn_implementation="eager",
+                attn_implementation="sdpa",
             )
         )
     components = BaseComponents(TINY, tokenizer, text_encoder, vae, unet, dict(SD1_SCHEDULER_CONFIG))
@@ -290,7 +290,7 @@ def build_random_sd1_components(device=None) -> BaseComponents:
                 vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
+                pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
             )
         )
     return _freeze(BaseComponents(RANDOM_SD1, tokenizer, text_encoder, vae, unet, dict(SD1_SCHEDULER_CONFIG)))
@@ -383,7 +383,7 @@ def _load_diffusers(name: str, *, local_files_only: bool) -> BaseComponents:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(
-            name, subfolder="text_encoder", attn_implementation="eager", **kwargs
+            name, subfolder="text_encoder", attn_implementation="sdpa", **kwargs
         )
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **kwargs)
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kwargs)
@@ -439,7 +439,7 @@ def _load_single_file(path: Path, *, local_files_only: bool) -> BaseComponents:
         )
     except (OSError, ValueError) as err:
         raise UserError(f"could not load {path} ({_first_line(err)})") from None
-    pipe.text_encoder.set_attn_implementation("eager")
+    pipe.text_encoder.set_attn_implementation("sdpa")
     return BaseComponents(
         str(path), pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, _schedule_only(dict(pipe.scheduler.config))
     )

@@ -28,6 +28,7 @@ from .attention import attention_processors
 from .concept import Concept, load_safetensors, save_safetensors_atomic
 from .conditioning import (
     EmbeddingOverride,
+    LastLayerAttention,
     PlaceholderTokens,
     add_residuals,
     eos_positions,
@@ -279,6 +280,7 @@ class Trainer:
             raise ValueError("use_id_loss needs an identity encoder and data prepared with it")
         self.identity_encoder = identity_encoder if use_id else None
         self._override: EmbeddingOverride | None = None
+        self._last_attention: LastLayerAttention | None = None  # for the TE loss
         self._processors = None
 
         # Speed-ups (fast.py). The plain path (optimize=False) is the reference they are tested against.
@@ -313,6 +315,8 @@ class Trainer:
 
     def __enter__(self) -> "Trainer":
         self._override = EmbeddingOverride(self.base.text_encoder)
+        if self.config.te_weight > 0:
+            self._last_attention = LastLayerAttention(self.base.text_encoder)
         self._processors = attention_processors(self.base.unet)
         self._processors.__enter__()
         if self.optimized and StaticTextEncoder.supported(self.base.text_encoder):
@@ -324,10 +328,11 @@ class Trainer:
     def __exit__(self, *exc) -> None:
         if self.config.gradient_checkpointing:
             self.base.unet.disable_gradient_checkpointing()
-        if self.static_text is not None:
-            self.static_text.remove()
-            self.static_text = None
+        self.static_text = None
         self.graphed = None
+        if self._last_attention is not None:
+            self._last_attention.remove()
+            self._last_attention = None
         if self._override is not None:
             self._override.remove()
             self._override = None
@@ -415,11 +420,11 @@ class Trainer:
                 ids = torch.cat([input_ids, self.te_ids[batch.te_prompt_index]])
             repeat = ids.shape[0] // B
             with self._override.vectors(self._per_token(embeddings.repeat(repeat, 1, 1).to(self.weight_dtype))):
-                hidden, attention = self.static_text(ids)
+                hidden = self.static_text(ids)
             encoder_hidden_states = hidden[:B]
             value_hidden_states = add_residuals(encoder_hidden_states, input_ids, self._per_token(residuals))
             if self.config.te_weight > 0:
-                te_attention = attention[B:]
+                te_attention = self._last_attention.take()[B:]
         else:
             encoder_hidden_states, value_hidden_states = self.encode_prompt(input_ids, embeddings, residuals)
         model_pred = self.denoise(noisy, batch.timesteps, encoder_hidden_states, value_hidden_states, batch.image_index)
@@ -431,7 +436,8 @@ class Trainer:
             if te_attention is None:
                 te_ids = self.te_ids[batch.te_prompt_index]
                 with self._override.vectors(self._per_token(embeddings.to(self.weight_dtype))):
-                    te_attention = self.base.text_encoder(te_ids, output_attentions=True).attentions[-1]
+                    self.base.text_encoder(te_ids)
+                te_attention = self._last_attention.take()
             terms["te"] = tandem_equilibrium_loss(
                 te_attention,
                 self.te_placeholder_mask[batch.te_prompt_index],
