@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from personamagic.attention import PersonaMagicAttnProcessor, attention_processors
 from personamagic.cli import main
+from personamagic.concept import Concept
 from personamagic.generate import read_image_metadata
 from personamagic.ip_adapter import IPAdapterSpec
 from personamagic.pipeline import PersonaMagicPipeline
@@ -144,6 +145,18 @@ def test_training_with_the_ip_adapter(astronaut, weights, tmp_path, monkeypatch)
     result = personalize([str(astronaut)], tmp_path / "concept", config, model="tiny", ip_adapter=spec)
     assert seen == [(2, 1, 16)]  # batch 2, one photo each, the tiny encoder's 16-d embedding
     assert result.concept.extra["ip_adapter"] == {"weights": str(weights), "scale": 0.7}
+
+
+def test_train_cli_with_the_ip_adapter(astronaut, weights, tmp_path, capsys):
+    argv = ["train", str(astronaut), "--model", "tiny", "--steps", "1", "--stage-window", "400:800",
+            "--no-id-loss", "--checkpoint-every", "0", "--ip-adapter-scale", "0.5"]
+    assert main(argv + ["--ip-adapter", str(weights), "-o", str(tmp_path / "c")]) == 0
+    assert Concept.load(tmp_path / "c").extra["ip_adapter"] == {"weights": str(weights), "scale": 0.5}
+    capsys.readouterr()
+    assert main(argv + ["--ip-adapter", "nothing.safetensors", "-o", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--ip-adapter 'nothing.safetensors'" in err and err.count("\n") == 1
+    assert not (tmp_path / "d").exists()
 
 
 def test_generate_cli_with_the_ip_adapter_and_from_image(tiny_base, weights, astronaut, tmp_path, capsys):

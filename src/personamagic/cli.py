@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "compiles; an experiment, see docs/performance.md)")
     train.add_argument("--low-memory", action="store_true",
                        help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
+    train.add_argument("--ip-adapter", help="train with an IP-Adapter plugged in (paper, Table 3): owner/repo/"
+                                            "subfolder/file on the hub or a local file; generate with it too")
+    train.add_argument("--ip-adapter-scale", type=_non_negative_float, default=1.0, help="IP-Adapter weight (1.0)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     train.add_argument("--overwrite", action="store_true", help="replace a concept already in --output")
     _add_device_flags(train)
@@ -238,10 +241,12 @@ def _quiet_libraries(verbose: bool) -> None:
 def _cmd_train(args) -> int:
     from tqdm.auto import tqdm
 
+    from .ip_adapter import IPAdapterSpec
     from .personalize import personalize
     from .training import TrainConfig
 
     _quiet_libraries(args.verbose)
+    ip_adapter = None if args.ip_adapter is None else IPAdapterSpec.parse(args.ip_adapter, scale=args.ip_adapter_scale)
     try:
         config = TrainConfig(
             placeholder=args.placeholder,
@@ -298,6 +303,7 @@ def _cmd_train(args) -> int:
             resume=args.resume,
             local_files_only=args.local_files_only,
             progress=progress,
+            ip_adapter=ip_adapter,
         )
     finally:
         if bar is not None:
