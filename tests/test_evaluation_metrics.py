@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from _concepts import random_concept
 from PIL import Image, ImageOps
 
 from personamagic.cli import build_parser
@@ -60,6 +61,7 @@ def test_placeholder_is_replaced_before_tokenising(tiny_clip):
 def test_replace_placeholders_longest_first():
     assert replace_placeholders("S** and S*", ["S*", "S**"], "face") == "face and face"
     assert replace_placeholders("a photo of <me>", ["<me>"], "person") == "a photo of person"
+    assert replace_placeholders("S*2 and S*", ["S*"], "face", {"S*2": "painting"}) == "painting and face"
 
 
 def test_t_sim_is_finite_on_three_scales(tiny_clip):
@@ -168,10 +170,14 @@ def test_statistics_by_hand():
 # `evaluate images`
 
 
-def _save_generated(path, image, prompt, seed=0):
+def _save_generated(path, image, prompt, seed=0, concepts=None):
+    """A PNG with `generate`'s metadata; `concepts`: (placeholder, supercategory) pairs, default <me>/face."""
+    from personamagic.models import build_tiny_components
+
+    base = build_tiny_components()
+    concepts = [random_concept(base, placeholder=p, supercategory=s) for p, s in concepts or [("<me>", "face")]]
     config = GenerateConfig(prompts=[prompt], seed=seed, num_images=1)
-    meta = image_metadata(prompt, seed, config, [], "tiny", image.size)
-    meta["concepts"] = [{"placeholder": "<me>", "fingerprint": "0" * 16, "stage_window": [400, 800]}]
+    meta = image_metadata(prompt, seed, config, concepts, "tiny", image.size)
     image.save(path, format="PNG", pnginfo=png_info(meta))
 
 
@@ -198,6 +204,20 @@ def test_evaluate_images_reads_prompts_from_metadata(tmp_path, astronaut, capsys
     assert summary["clip_model"] == "tiny" and summary["face_model"] == "sface"
     assert summary["i_pre"]["paper"]["mean"] == pytest.approx((mirror["i_pre"] - 1) / 2)
     assert "faces found in 1 of 2 images" in out and "no face = -1" in out
+
+
+def test_each_concept_gets_its_own_supercategory_from_the_metadata(tmp_path, astronaut, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _save_generated(folder / "000-x.png", load_photo(astronaut), "<me> in the style of <style>",
+                    concepts=[("<me>", "face"), ("<style>", "painting")])
+    _save_generated(folder / "001-y.png", gradient_image(), "a <style> of a S* cat", concepts=[("<style>", "painting")])
+    code = evaluation_cli.main(["images", str(folder), "--reference", str(astronaut), "--clip-model", "tiny",
+                                "--supercategory", "person", "--output", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    records = json.loads((tmp_path / "out" / "scores.json").read_text())["images"]
+    # S* is no concept of the second image: it gets --supercategory
+    assert [r["text"] for r in records] == ["face in the style of painting", "a painting of a person cat"]
 
 
 def test_evaluate_images_mistakes_are_one_line_errors(tmp_path, astronaut, capsys):

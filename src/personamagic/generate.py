@@ -143,8 +143,8 @@ def image_metadata(prompt: str, seed: int, config: GenerateConfig, concepts: lis
     placeholders = config.placeholders or [c.placeholder for c in concepts]
     entries = []
     for i, concept in enumerate(concepts):
-        entry = {"placeholder": placeholders[i], "fingerprint": concept.fingerprint(),
-                 "stage_window": list(concept.stage_window)}
+        entry = {"placeholder": placeholders[i], "supercategory": concept.supercategory,
+                 "fingerprint": concept.fingerprint(), "stage_window": list(concept.stage_window)}
         if concept_paths is not None:
             entry["path"] = str(concept_paths[i])
             entry["abs_path"] = str(Path(concept_paths[i]).expanduser().resolve())

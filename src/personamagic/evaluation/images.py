@@ -1,7 +1,7 @@
 """Score existing images: T-Sim against their prompts and I-Pre against reference photo(s).
 
-Prompts come from the `personamagic` PNG metadata that `personamagic generate` writes (placeholders
-too), or one `prompt` given for every image. `scores.json` holds one record per image and a summary.
+Prompts come from the `personamagic` PNG metadata that `personamagic generate` writes (placeholders and
+each concept's supercategory too), or one `prompt` given for every image. `scores.json` holds one record per image and a summary.
 """
 
 from __future__ import annotations
@@ -43,17 +43,19 @@ def list_images(folder: str | Path) -> list[Path]:
     return images
 
 
-def image_prompt(path: Path, prompt: str | None) -> tuple[str, list[str]]:
-    """(prompt, placeholders) of an image: the given prompt, else the one in its PNG metadata."""
+def image_prompt(path: Path, prompt: str | None) -> tuple[str, dict[str, str | None]]:
+    """(prompt, {placeholder: its concept's supercategory or None}) of an image: the given prompt,
+    else the one in its PNG metadata with the concepts named there."""
     from ..generate import read_image_metadata
 
     if prompt is not None:
-        return prompt, []
+        return prompt, {}
     try:
         meta = read_image_metadata(path)
     except UserError:
         raise UserError(f"{path} carries no prompt (no personamagic metadata); pass --prompt") from None
-    return meta["prompt"], [c["placeholder"] for c in meta.get("concepts", []) if c.get("placeholder")]
+    return meta["prompt"], {c["placeholder"]: c.get("supercategory") for c in meta.get("concepts", [])
+                            if c.get("placeholder")}
 
 
 @dataclass
@@ -79,17 +81,21 @@ def score_images(
     batch_size: int = 16,
 ) -> ImageScores:
     """Score `paths` with a loaded `TextSimilarity` and `IdentityPreservation` (see `evaluate_images`)."""
+    from .text_similarity import replace_placeholders
+
     reference = identity.reference(references)
     records = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = [to_rgb(open_image(p)) for p in chunk]
-        prompts, placeholder_sets = zip(*(image_prompt(p, prompt) for p in chunk))
+        prompts, concepts = zip(*(image_prompt(p, prompt) for p in chunk))
         # Every concept placeholder of the batch is replaced in every prompt of it: a placeholder of one
-        # image's concept never stands for anything but a concept in another image's prompt.
-        batch_placeholders = (*placeholders, *(name for own in placeholder_sets for name in own))
-        texts = text_similarity.score(images, list(prompts), placeholders=batch_placeholders,
-                                      supercategory=supercategory)
+        # image's concept never stands for anything but a concept in another image's prompt. An image's
+        # own concepts get the supercategory its metadata names; the others `supercategory`.
+        batch_placeholders = (*placeholders, *(name for own in concepts for name in own))
+        words = [replace_placeholders(p, batch_placeholders, supercategory, {k: v for k, v in own.items() if v})
+                 for p, own in zip(prompts, concepts)]
+        texts = text_similarity.score(images, words, placeholders=())
         for path, image, text_prompt, text in zip(chunk, images, prompts, texts):
             match = identity.score(image, reference)
             records.append({

@@ -22,7 +22,7 @@ paper does not name its CLIP. torchmetrics defaults to ViT-L/14: pass `--clip-mo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,12 +35,15 @@ from . import DEFAULT_CLIP_MODEL
 CLIP_S_WEIGHT = 2.5
 
 
-def replace_placeholders(prompt: str, placeholders: Iterable[str], supercategory: str) -> str:
-    """The text CLIP reads: every placeholder (longest first, so `S**` is not half-replaced) -> the
-    supercategory, e.g. "a photo of S* as a chef" -> "a photo of face as a chef" (paper §Metrics)."""
-    for placeholder in sorted(set(placeholders), key=len, reverse=True):
-        if placeholder:
-            prompt = prompt.replace(placeholder, supercategory)
+def replace_placeholders(prompt: str, placeholders: Iterable[str], supercategory: str,
+                         own: Mapping[str, str] | None = None) -> str:
+    """The text CLIP reads: every placeholder -> the supercategory, e.g. "a photo of S* as a chef" ->
+    "a photo of face as a chef" (paper §Metrics); placeholders in `own` get their own word instead
+    (each concept's supercategory). Longest first, so `S**` is not half-replaced."""
+    words = {p: supercategory for p in placeholders if p}
+    words.update({p: word for p, word in (own or {}).items() if p})
+    for placeholder in sorted(words, key=len, reverse=True):
+        prompt = prompt.replace(placeholder, words[placeholder])
     return prompt
 
 
