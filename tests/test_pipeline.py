@@ -151,14 +151,14 @@ def test_schedule_conditioning_equals_per_step_encoding_in_one_call(pipe, tiny_b
     assert batches == [1 + 2 * len(keys)] and len(keys) < len(timesteps)
     override = EmbeddingOverride(pipe.text_encoder)
     try:
-        for t in timesteps:
-            hidden, values = schedule.at(t)
+        for i, t in enumerate(timesteps):
+            hidden, values = schedule.at(i)
             expected_hidden, expected_values = pipe.encode_at(ids, int(t), override)
             assert torch.allclose(hidden, expected_hidden, atol=1e-5)
             assert torch.allclose(values, expected_values, atol=1e-5)
     finally:
         override.remove()
-    early, late = schedule.at(timesteps[0]), schedule.at(timesteps[-1])  # me: static 1 vs static 2
+    early, late = schedule.at(0), schedule.at(len(timesteps) - 1)  # me: static 1 vs static 2
     assert torch.equal(early[0][0], late[0][0])  # the negative prompt never changes
     position = ids[2].tolist().index(me.tokens.ids[0])
     assert not torch.allclose(early[1][2, position], late[1][2, position])

@@ -233,6 +233,46 @@ def time_conditioning(setup: Setup, concept, batch_sizes, steps: int) -> dict:
     return results
 
 
+def _part_ms(setup: Setup, fn) -> float:
+    return _median_ms(fn, setup.device, repeats=10, warmup=2)
+
+
+@torch.no_grad()
+def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> dict:
+    """Where one image's sampling time goes (batch 1, CFG): ms for the run's text conditioning, one
+    UNet call (eager, and replayed from a CUDA graph), one scheduler step, and the VAE decode."""
+    from .attention import attention_processors
+    from .conditioning import tokenize
+    from .fast import GraphedUNet
+    from .pipeline import PersonaMagicPipeline
+
+    pipe = PersonaMagicPipeline.from_base(setup.base)
+    pipe.load_concept(concept)
+    pipe.scheduler.set_timesteps(steps, device=setup.device)
+    timesteps = pipe.scheduler.timesteps
+    ids = tokenize(pipe.tokenizer, ["", pipe.rewrite_prompt("a photo of S* as an astronaut")], setup.device)
+    hidden, values = pipe.encode_schedule(ids, timesteps).at(0)
+    unet = setup.base.unet
+    size = unet.config.sample_size
+    latents = torch.randn(2, unet.config.in_channels, size, size, device=setup.device, dtype=unet.dtype)
+    t = timesteps[0]
+    parts = {"text_conditioning_ms": _part_ms(setup, lambda: pipe.encode_schedule(ids, timesteps))}
+    kwargs = {"cross_attention_kwargs": {"value_hidden_states": values}}
+    with attention_processors(unet):
+        parts["unet_eager_ms"] = _part_ms(setup, lambda: unet(latents, t, hidden, **kwargs))
+        if cuda_graph:
+            graphed = GraphedUNet(unet)
+            parts["unet_graph_ms"] = _part_ms(setup, lambda: graphed(latents, t, hidden, values))
+    noise_pred = latents[:1].float()
+    parts["scheduler_step_ms"] = _part_ms(setup, lambda: pipe.scheduler.step(noise_pred, t, noise_pred))
+    decode_input = (latents[:1] / setup.base.vae.config.scaling_factor).to(setup.base.vae.dtype)
+    parts["vae_decode_ms"] = _part_ms(setup, lambda: setup.base.vae.decode(decode_input))
+    unet_ms = parts.get("unet_graph_ms", parts["unet_eager_ms"])
+    parts["sum_for_one_image_s"] = (parts["text_conditioning_ms"] + steps * (unet_ms + parts["scheduler_step_ms"])
+                                    + parts["vae_decode_ms"]) / 1000
+    return parts
+
+
 SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile")
 
 
@@ -325,6 +365,9 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
             conditioning = attempt("conditioning", lambda: time_conditioning(setup, concept, batches, 50))
             if conditioning is not None:
                 result["conditioning"] = {str(k): v for k, v in conditioning.items()}
+            parts = attempt("sampling_parts", lambda: time_sampling_parts(setup, concept, 50, cuda_graph=gpu))
+            if parts is not None:
+                result["sampling_parts"] = parts
         for key, options in modes.items():
             # Compiling costs about a minute per batch shape: only the smallest and the largest batch.
             sizes = sorted({batches[0], batches[-1]}) if options.get("compile") else batches
@@ -405,6 +448,11 @@ def format_table(result: dict) -> str:
     for batch, v in result.get("conditioning", {}).items():
         rows.append((f"text conditioning of 50 steps, {batch} image(s)", f"{v['per_step_ms']:.1f} ms step by step -> "
                      f"{v['schedule_ms']:.1f} ms at once", f"{v['ratio']:.2f}x"))
+    if "sampling_parts" in result:
+        parts = result["sampling_parts"]
+        rows.append(("1 image, parts (ms): " + ", ".join(k[:-3] for k in parts if k.endswith("_ms")),
+                     ", ".join(f"{v:.1f}" for k, v in parts.items() if k.endswith("_ms")),
+                     f"sum {parts['sum_for_one_image_s']:.2f} s"))
     if result.get("gen_single_image_s") is not None:
         rows.append(("generate 1 image (50 DDIM, CFG 8)", f"{result['gen_single_image_s']:.2f} s", ""))
         rows.append((f"generate, best batch ({result['gen_best_batch']})", f"{result['gen_images_per_s_best']:.2f} img/s", ""))

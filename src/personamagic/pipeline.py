@@ -130,17 +130,17 @@ class LoadedConcept:
 
 @dataclass
 class ScheduledConditioning:
-    """Text conditioning for a whole sampling run: a table of encoded rows and, per timestep, which
-    rows make the batch."""
+    """Text conditioning for a whole sampling run: a table of encoded rows and, per denoising step,
+    which rows make the batch."""
 
     hidden: torch.Tensor  # (R, L, D) text encoder outputs: the K input of cross-attention
     values: torch.Tensor  # (R, L, D) the same plus the mapper residuals: the V input
-    index: dict  # timestep -> (B,) rows of the table
+    rows: list  # per step i of the schedule: (B,) rows of the table
 
-    def at(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, D) K input and (B, L, D) V input at timestep t."""
-        rows = self.index[int(t)]
-        return self.hidden[rows], self.values[rows]
+    def at(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, D) K input and (B, L, D) V input at step i (by position: reading a timestep's value
+        off the GPU would wait for it at every step)."""
+        return self.hidden[self.rows[i]], self.values[self.rows[i]]
 
 
 class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
@@ -277,7 +277,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         rows: one call instead of one per dynamic step, and no repeated work for the negative prompt or
         for many images of one prompt.
         """
-        steps = [int(t) for t in timesteps]
+        steps = [int(t) for t in torch.as_tensor(timesteps).tolist()]  # one device read for all steps
         keys = [self._stage_key(t) for t in steps]
         distinct = list(dict.fromkeys(keys))  # in order of first use
         key_times = [steps[keys.index(k)] for k in distinct]
@@ -309,8 +309,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         position[:, ~dependent] = torch.arange(P, device=prompts.device)
         position[:, dependent] = P + torch.arange(K * D, device=prompts.device).view(K, D)
         rows = position[:, inverse]  # (K, B)
-        index = {t: rows[distinct.index(k)] for t, k in zip(steps, keys)}
-        return ScheduledConditioning(hidden, values, index)
+        return ScheduledConditioning(hidden, values, [rows[distinct.index(k)] for k in keys])
 
     # -- sampling ----------------------------------------------------------------------------------
 
@@ -448,7 +447,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         unet = self._denoiser()
         with attention_processors(self.unet):
             for i, t in enumerate(self.progress_bar(timesteps)):
-                hidden, values = conditioning.at(t)
+                hidden, values = conditioning.at(i)
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
                 if self.graphed_unet is not None and not unet_kwargs:
