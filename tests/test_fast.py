@@ -5,7 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from personamagic.conditioning import EmbeddingOverride, LastLayerAttention, PlaceholderTokens, tokenize
+from personamagic.conditioning import (
+    EmbeddingOverride,
+    LastLayerAttention,
+    PlaceholderTokens,
+    causal_mask,
+    tokenize,
+)
 from personamagic.fast import StaticTextEncoder, face_patches, gather_patches
 from personamagic.faces import prepare_photo
 from personamagic.identity import alignment_theta, build_tiny_identity_model, warp_faces
@@ -75,6 +81,12 @@ def test_last_layer_attention_is_eager_there_only(tiny_base):
         probabilities = last.take()
         with pytest.raises(RuntimeError, match="no text-encoder forward"):
             last.take()
+        # However the layer is called, it attends causally.
+        states = torch.randn(1, ids.shape[1], tiny_base.hidden_size)
+        masked = last.module(states, causal_mask(ids.shape[1], states.device, states.dtype))[0]
+        for call in (lambda: last.module(states), lambda: last.module(states, None),
+                     lambda: last.module(hidden_states=states, attention_mask=None)):
+            assert torch.allclose(call()[0], masked, atol=1e-6)
     finally:
         last.remove()
     assert layers[-1].self_attn.config is original and original._attn_implementation == "sdpa"

@@ -168,7 +168,11 @@ class LastLayerAttention:
         ]
 
     def _add_causal_mask(self, module, args, kwargs):
-        if kwargs.get("attention_mask") is not None:
+        if len(args) > 1:  # forward(hidden_states, attention_mask): a positional mask
+            if args[1] is not None:
+                return None
+            args = args[:1]
+        elif kwargs.get("attention_mask") is not None:
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         key = (hidden.shape[1], hidden.device, hidden.dtype)
