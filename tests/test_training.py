@@ -141,3 +141,11 @@ def test_training_lowers_held_out_masked_loss(tiny_base, photo):
         trainer.train()
         after = trainer.masked_denoising_loss(timesteps, noise, use_mapper=True)
     assert after < 0.93 * before, (before, after)
+
+
+def test_partition_warm_up_is_never_longer_than_the_training_by_default():
+    assert TrainConfig().warmup_steps == 100  # SPEC §2.1
+    assert TrainConfig(max_train_steps=20).warmup_steps == 20
+    assert TrainConfig(max_train_steps=20, partition_warmup_steps=100).warmup_steps == 100  # asked for
+    with pytest.raises(ValueError, match="partition_warmup_steps"):
+        TrainConfig(partition_warmup_steps=-1)

@@ -287,6 +287,7 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
         from .errors import UserError
 
         raise UserError(f"benchmark photo {photo} not found; pass --photo FACE.jpg")
+    started = time.perf_counter()
     device_ = resolve_device(device)
     gpu = device_.type == "cuda"
     model = RANDOM_SD1 if gpu else TINY
@@ -318,6 +319,7 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
     repeats = 20 if gpu else 5
 
     def save() -> None:  # after every section, so a run cut short still leaves its figures
+        result["wall_s"] = time.perf_counter() - started
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2, default=str))
 

@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "as in the authors' code")
     train.add_argument("--lambda1", type=_unit_float, default=0.7, help="relative-IoU threshold ending static 1 (0.7)")
     train.add_argument("--lambda2", type=_unit_float, default=0.8, help="relative-IoU threshold starting static 2 (0.8)")
-    train.add_argument("--partition-warmup-steps", type=_non_negative_int, default=100,
-                       help="full-schedule steps before the automatic partition (100)")
+    train.add_argument("--partition-warmup-steps", type=_non_negative_int, default=None,
+                       help="full-schedule steps before the automatic partition (100, or --steps if fewer)")
     train.add_argument("--te-weight", type=_non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
     train.add_argument("--id-weight", type=_non_negative_float, default=1.0, help="identity-loss weight (1.0)")
     train.add_argument("--checkpoint-every", type=_non_negative_int, default=100,

@@ -53,6 +53,7 @@ from .stages import StagePartition, attention_iou, average_maps, capturing_atten
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+DEFAULT_PARTITION_WARMUP_STEPS = 100  # SPEC §2.1
 CAPTURE_PROMPT = "a photo of {}"  # the prompt of the attention capture (paper, Fig. 2)
 
 
@@ -75,7 +76,9 @@ class TrainConfig:
     stage_window: tuple[int, int] | None = None  # (t_lo, t_hi) dynamic stage; None = find it (SPEC §2)
     lambda1: float = 0.7  # relative-IoU threshold that ends static stage 1 (paper, Table 2)
     lambda2: float = 0.8  # relative-IoU threshold above which static stage 2 begins (paper, Table 2)
-    partition_warmup_steps: int = 100  # full-schedule steps before the attention capture (SPEC §2.1)
+    # full-schedule steps before the attention capture (SPEC §2.1: 100); None: 100, or max_train_steps
+    # if fewer, so that a short run is not mostly warm-up
+    partition_warmup_steps: int | None = None
     partition_timesteps: int = 50  # sampling-grid timesteps probed by the capture (50 DDIM steps)
     partition_resolution: int = 16  # attention maps are averaged on this grid (16x16)
     min_dynamic_fraction: float = 0.2  # narrower dynamic stages are widened to this share of T
@@ -114,7 +117,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every", "partition_warmup_steps",
                      "id_patch_margin"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "bypass_drop"):
             if not 0 <= getattr(self, name) < 1:
@@ -134,6 +137,13 @@ class TrainConfig:
             lo, hi = self.stage_window
             if not 0 <= lo < hi:
                 raise ValueError(f"stage_window must be LO:HI with 0 <= LO < HI, got {lo}:{hi}")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The partition warm-up's length: `partition_warmup_steps`, by default 100 or fewer (see there)."""
+        if self.partition_warmup_steps is not None:
+            return self.partition_warmup_steps
+        return min(DEFAULT_PARTITION_WARMUP_STEPS, self.max_train_steps)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -521,14 +531,15 @@ class Trainer:
         restarts from its initial weights or continues, as `restart_after_partition` says.
         """
         c, T = self.config, self.num_train_timesteps
+        warmup = c.warmup_steps
         pending = []
-        for k in range(1, c.partition_warmup_steps + 1):
+        for k in range(1, warmup + 1):
             pending.append(self._optimize((0, T)))
-            if k % self._sync_interval() == 0 or k == c.partition_warmup_steps:
+            if k % self._sync_interval() == 0 or k == warmup:
                 for j, logs in enumerate(pending, start=k - len(pending) + 1):
                     values = self._check(logs, f"warm-up step {j}")
                     if progress is not None:
-                        progress(j, c.partition_warmup_steps, values)
+                        progress(j, warmup, values)
                 pending = []
         timesteps, maps = self.capture_attention(c.partition_timesteps, c.partition_resolution)
         mask = self.data.masks[0, 0].cpu()
@@ -546,7 +557,7 @@ class Trainer:
             "method": "auto",
             **partition.to_dict(),
             "window": [t_lo, t_hi],
-            "warmup_steps": c.partition_warmup_steps,
+            "warmup_steps": warmup,
             "restarted": c.restart_after_partition,
             "resolution": c.partition_resolution,
         }
