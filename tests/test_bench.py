@@ -1,0 +1,33 @@
+"""The benchmark (issue: Performance) end to end on the CPU with the tiny model, at a small size."""
+
+import json
+import math
+
+from personamagic.bench import PHOTO, format_table, run_benchmark
+from personamagic.cli import main
+
+REQUIRED = ("device", "plain_step_ms", "step_ms", "train_loop_s", "personalize_s", "peak_gib",
+            "gen_single_image_s", "gen_images_per_s_best")
+
+
+def test_benchmark_writes_every_required_figure(tmp_path):
+    output = tmp_path / "bench.json"
+    result = run_benchmark("cpu", steps=2, warmup_steps=1, photo=PHOTO, generation_batches=[1], output=output,
+                           sections=("steps", "personalize", "generation"))
+    saved = json.loads(output.read_text())
+    assert saved["errors"] == {} and all(key in saved for key in REQUIRED)
+    for key in set(REQUIRED) - {"device", "peak_gib"}:
+        assert saved[key] > 0 and math.isfinite(saved[key]), key
+    assert saved["peak_gib"] is None  # GPU memory only
+    job = saved["personalize"]
+    assert job["process_s"] > job["personalize_s"] >= job["timings"]["train_s"] > 0  # a fresh process
+    assert saved["ratios_to_plain_step"]["optimized"] == saved["plain_step_ms"] / saved["step_ms"]
+    assert saved["conditioning"]["1"]["schedule_ms"] > 0 and saved["sampling_parts"]["unet_eager_ms"] > 0
+    table = format_table(result)
+    assert "plain step (batch 2, ID loss)" in table and "whole personalize job, fresh process" in table
+
+
+def test_unknown_section_is_a_one_line_error(capsys):
+    assert main(["bench", "--sections", "steps,speed"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --sections speed" in err and err.count("\n") == 1
