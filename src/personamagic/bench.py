@@ -408,6 +408,9 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
     variants = {
         "optimized_no_graph": replace(config, cuda_graph=False),
         "optimized_full_decode": replace(config, id_face_patch=False),
+        # what each loss branch costs in the optimised step (not variants of the method)
+        "optimized_without_id_loss": replace(config, use_id_loss=False),
+        "optimized_without_te_loss": replace(config, te_weight=0.0),
         "low_memory": replace(config, gradient_checkpointing=True, gradient_accumulation_steps=2, cuda_graph=False),
     }
     variants = {name: cfg for name, cfg in variants.items() if "variants" in sections}
