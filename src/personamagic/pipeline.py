@@ -444,12 +444,15 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
 
         # 5. text conditioning of every step (S* switched by each concept's stages), then denoising
         conditioning = self.encode_schedule(input_ids, timesteps)
+        # The scheduler gets each timestep from a host copy: DDIM indexes its (CPU) alphas with it, which
+        # with a device tensor would wait for the GPU at every step. The UNet gets the device one.
+        host_timesteps = timesteps.cpu()
         unet = self._denoiser()
         with attention_processors(self.unet):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 hidden, values = conditioning.at(i)
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
-                model_input = self.scheduler.scale_model_input(model_input, t).to(self.unet.dtype)
+                model_input = self.scheduler.scale_model_input(model_input, host_timesteps[i]).to(self.unet.dtype)
                 if self.graphed_unet is not None and not unet_kwargs:
                     noise_pred = self.graphed_unet(model_input, t, hidden, values).float()
                 else:
@@ -460,7 +463,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
                 if do_cfg:
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, **extra).prev_sample
+                latents = self.scheduler.step(noise_pred, host_timesteps[i], latents, **extra).prev_sample
                 if known is not None:
                     next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the end
                     outside = noised_background(self.scheduler, known, noise, next_t)
