@@ -135,6 +135,7 @@ def test_compiled_generation_gives_the_same_images(concepts, tmp_path, capsys):
     (["--placeholder", "<a>", "--placeholder", "<b>"], "2 --placeholder for 1 concepts"),
     (["--scheduler", "fast"], "unknown scheduler 'fast'"),
     (["--ip-adapter-image", "x.png"], "without an IP-Adapter"),
+    (["--compile", "fastest"], "unknown torch.compile backend 'fastest'"),
 ])
 def test_generate_mistakes_are_one_line_errors(concepts, tmp_path, capsys, argv, message):
     code, _, err = run_cli(capsys, "generate", concepts[0], "-p", "S*", *FAST, *argv, "-o", tmp_path / "out")

@@ -149,3 +149,9 @@ def test_partition_warm_up_is_never_longer_than_the_training_by_default():
     assert TrainConfig(max_train_steps=20, partition_warmup_steps=100).warmup_steps == 100  # asked for
     with pytest.raises(ValueError, match="partition_warmup_steps"):
         TrainConfig(partition_warmup_steps=-1)
+
+
+def test_unknown_compile_backend_is_refused_up_front():
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'fastest'; use inductor"):
+        TrainConfig(compile=True, compile_backend="fastest")
+    TrainConfig(compile=False, compile_backend="fastest")  # unused: not checked

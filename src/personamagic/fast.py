@@ -24,6 +24,14 @@ from .conditioning import causal_mask
 logger = logging.getLogger(__name__)
 
 
+def check_compile_backend(name: str) -> None:
+    """ValueError unless `name` is a `torch.compile` backend (inductor, aot_eager, cudagraphs, ...)."""
+    backends = torch.compiler.list_backends(exclude_tags=())
+    if name not in backends:
+        raise ValueError(f"unknown torch.compile backend {name!r}; use inductor (the default) or one of "
+                         f"{', '.join(b for b in backends if 'TESTING' not in b)}")
+
+
 class StaticTextEncoder:
     """CLIPTextModel's forward for fixed-length prompts, causal mask built once per (length, dtype).
 

@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .concept import Concept, resolve_concept_path, write_atomic
 from .errors import UserError
+from .fast import check_compile_backend
 from .models import TINY, load_base_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class GenerateConfig:
     compile_backend: str = "inductor"  # torch.compile backend
 
     def __post_init__(self):
+        if self.compile:
+            check_compile_backend(self.compile_backend)
         if not self.prompts:
             raise ValueError("give at least one prompt")
         if any(not p.strip() for p in self.prompts):

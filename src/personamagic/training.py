@@ -36,7 +36,7 @@ from .conditioning import (
     tokenize,
 )
 from .errors import UserError
-from .fast import GraphedStep, StaticTextEncoder, face_patches, gather_patches
+from .fast import GraphedStep, StaticTextEncoder, check_compile_backend, face_patches, gather_patches
 from .identity import warp_faces
 from .losses import (
     denoising_target,
@@ -137,6 +137,8 @@ class TrainConfig:
             lo, hi = self.stage_window
             if not 0 <= lo < hi:
                 raise ValueError(f"stage_window must be LO:HI with 0 <= LO < HI, got {lo}:{hi}")
+        if self.compile:
+            check_compile_backend(self.compile_backend)
 
     @property
     def warmup_steps(self) -> int:
