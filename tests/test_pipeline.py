@@ -86,7 +86,7 @@ def test_batched_equals_unbatched(pipe, tiny_base):
     assert np.abs(batched[0] - batched[1]).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["dpm++", "euler-a", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("name", ["dpm++", "euler-a", "heun", "dpm2", "UniPCMultistepScheduler"])
 def test_scheduler_swap_runs(pipe, tiny_base, name):
     pipe.load_concept(random_concept(tiny_base))
     pipe.set_scheduler(name)
