@@ -194,9 +194,14 @@ def test_cancelled_personalization_leaves_nothing(studio, astronaut):
     assert sorted(p.name for p in root.iterdir()) == [".staging"] and not any(studio.library.staging_dir.iterdir())
 
 
-def test_personalize_generate_regenerate(studio, astronaut):
+def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
+    import personamagic.models
     from personamagic.generate import GenerateConfig, read_image_metadata
     from personamagic.training import TrainConfig
+
+    loads = []  # the base model is loaded once and kept for the next jobs
+    load = personamagic.models.load_base_model
+    monkeypatch.setattr(personamagic.models, "load_base_model", lambda *a, **k: loads.append(a) or load(*a, **k))
 
     config = TrainConfig(max_train_steps=2, stage_window=(400, 800), seed=3)
     trained = studio.jobs.wait(studio.submit_personalize([astronaut], "astro", config, model="tiny").id, JOB_TIMEOUT_S)
@@ -220,6 +225,7 @@ def test_personalize_generate_regenerate(studio, astronaut):
     assert again.folder != made.folder and read_image_metadata(copy) == read_image_metadata(images[1])
     assert (meta["seed"], meta["guidance_scale"], meta["steps"]) == (6, 6.5, 2)
     assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(images[1])))  # same device: same pixels
+    assert loads == [("tiny",)]
     with pytest.raises(UserError, match="no personamagic metadata"):
         studio.submit_regenerate(ROOT / "tests" / "data" / "astronaut.png")
 

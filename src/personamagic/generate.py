@@ -259,7 +259,7 @@ class _Session:
     """A loaded pipeline with its concepts and inputs, able to sample and save batches of (prompt, seed)."""
 
     def __init__(self, concept_paths: list[str], config: GenerateConfig, model: str | None, device: str,
-                 dtype: str | None, local_files_only: bool, result: GenerateResult):
+                 dtype: str | None, local_files_only: bool, result: GenerateResult, resident=None):
         from .ip_adapter import IPAdapterSpec, load_ip_adapter
         from .pipeline import PersonaMagicPipeline, scheduler_choice
 
@@ -286,7 +286,9 @@ class _Session:
             result.notes.append("tiny model: its images are noise-like by nature; use a real SD-1.x model for faces")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        base = load_base_model(self.model, device=self.device, dtype=self.dtype, local_files_only=local_files_only)
+        shareable = resident is not None and config.ip_adapter is None and not config.compile
+        load = resident.load if shareable else load_base_model
+        base = load(self.model, device=self.device, dtype=self.dtype, local_files_only=local_files_only)
         self.pipe = PersonaMagicPipeline.from_base(base, scheduler=config.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
         if config.compile:
@@ -355,14 +357,16 @@ def generate(
     dtype: str = "auto",
     local_files_only: bool = False,
     progress=None,
+    resident=None,
 ) -> GenerateResult:
     """Load the concepts and their base model, sample every prompt x seed, write PNGs + grid.
 
     Prompts x seeds are sampled `config.batch_size` at a time in one UNet batch (x2 with guidance).
-    `progress(done, total)` is called after every batch.
+    `progress(done, total)` is called after every batch. `resident`: a `models.ResidentModels` to take
+    the base model from (not with an IP-Adapter or `compile`).
     """
     result = GenerateResult()
-    session = _Session(concept_paths, config, model, device, dtype, local_files_only, result)
+    session = _Session(concept_paths, config, model, device, dtype, local_files_only, result, resident)
     jobs = [(p, config.seed + i) for p in config.prompts for i in range(config.num_images)]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -397,6 +401,7 @@ def regenerate(
     device: str = "auto",
     dtype: str | None = None,
     local_files_only: bool = False,
+    resident=None,
 ) -> GenerateResult:
     """Make a generated image again from its metadata; write it to the folder `output`.
 
@@ -404,7 +409,7 @@ def regenerate(
     the first time) and only this image is kept: on the same device type and dtype the result is the
     same image, pixel for pixel. Concepts are found at the recorded paths (as given, then absolute)
     unless `concept_paths` says where they are now; each must match its recorded fingerprint.
-    `dtype` defaults to the recorded one.
+    `dtype` defaults to the recorded one. `resident`: as in `generate`.
     """
     image = Path(image)
     meta = read_image_metadata(image)
@@ -437,7 +442,8 @@ def regenerate(
 
     result = GenerateResult()
     dtype = dtype or meta.get("dtype", "auto")
-    session = _Session(paths, config, model or meta.get("base_model"), device, dtype, local_files_only, result)
+    session = _Session(paths, config, model or meta.get("base_model"), device, dtype, local_files_only, result,
+                       resident)
     if meta.get("device") and meta["device"] != session.device.type:
         result.notes.append(
             f"the image was made on {meta['device']}, this run is on {session.device.type}: "

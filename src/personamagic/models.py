@@ -357,6 +357,28 @@ def load_base_model(name: str, *, device=None, dtype=None, local_files_only: boo
     return _freeze(components).to(device=device, dtype=dtype)
 
 
+class ResidentModels:
+    """Keeps the last base model loaded, for the jobs of a long-lived process (the web UI): `load` with
+    the same model, device, dtype returns the same components instead of loading them again.
+
+    The jobs leave a model as they found it (processors, hooks and configs are restored on exit; the
+    tokenizer only gains placeholder tokens); jobs that would change it for good — an IP-Adapter
+    plugged in, a compiled or channels-last UNet — load their own copy instead.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._base: BaseComponents | None = None
+
+    def load(self, name: str, *, device, dtype, local_files_only: bool = False) -> BaseComponents:
+        key = (name, str(device), str(dtype), local_files_only)
+        if key != self._key:
+            self._key = self._base = None  # let the old model go before the next one loads
+            self._base = load_base_model(name, device=device, dtype=dtype, local_files_only=local_files_only)
+            self._key = key
+        return self._base
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

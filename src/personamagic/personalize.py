@@ -86,6 +86,7 @@ def personalize(
     local_files_only: bool = False,
     progress=None,
     ip_adapter=None,
+    resident=None,
 ) -> PersonalizeResult:
     """Learn a concept from `photos` and write it to the folder `output`.
 
@@ -94,6 +95,7 @@ def personalize(
     or a hub id / local path ("tiny" for the tiny stand-ins). `progress(step, total, logs, phase)` is
     called for every step, phase "warm-up" (before the automatic stage partition) or "train". ip_adapter: an `ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file`
     text) to train with that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
+    resident: a `models.ResidentModels` to take the base model from (not with an IP-Adapter).
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -114,7 +116,8 @@ def personalize(
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)
-    base = load_base_model(model, device=device_, dtype=dtype_, local_files_only=local_files_only)
+    load = resident.load if resident is not None and ip_adapter is None else load_base_model
+    base = load(model, device=device_, dtype=dtype_, local_files_only=local_files_only)
     size = base.resolution
     detector = FaceDetector() if is_face else None
     prepared = [prepare_photo(p, size, detect_face=is_face, detector=detector) for p in photos]

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from ..concept import CONCEPT_FILENAME, Concept
 from ..errors import UserError
-from ..models import TINY
+from ..models import TINY, ResidentModels
 from .jobs import Job, JobQueue, new_job_id
 
 logger = logging.getLogger(__name__)
@@ -262,6 +262,7 @@ class Studio:
         self.device, self.dtype, self.local_files_only = device, dtype, local_files_only
         self.max_upload_mb = max_upload_mb
         self._submitting = threading.Lock()  # two tabs must not both claim one concept name
+        self.resident = ResidentModels()  # the base model stays loaded from one job to the next
         library.remove_stale_staging()
 
     def close(self) -> None:
@@ -332,7 +333,7 @@ class Studio:
             result = personalize(
                 copies, folder / "concept", config, model=model, device=self.device, dtype=self.dtype,
                 mask=mask, identity_model=identity_model, local_files_only=self.local_files_only,
-                progress=progress,
+                progress=progress, resident=self.resident,
             )
             job.report(config.max_train_steps, config.max_train_steps, phase="saving")  # last chance to cancel
             target = self.library.free_folder(name)
@@ -375,7 +376,7 @@ class Studio:
         def work(job: Job):
             try:
                 result = regenerate(image_path, folder, concept_paths=concept_paths, device=self.device,
-                                    local_files_only=self.local_files_only)
+                                    local_files_only=self.local_files_only, resident=self.resident)
             except UserError as err:
                 raise UserError(user_message(err, [image_path])) from None
             return {"images": [image.path for image in result.images], "grid": None, "notes": result.notes}
@@ -403,6 +404,7 @@ class Studio:
             result = generate(
                 [str(f) for f in folders], folder, config, model=model, device=self.device, dtype=self.dtype,
                 local_files_only=self.local_files_only, progress=lambda done, total: job.report(done, total),
+                resident=self.resident,
             )
             return {"images": [image.path for image in result.images], "grid": result.grid, "notes": result.notes}
 
