@@ -93,8 +93,9 @@ def personalize(
     mask: "auto" (CLIPSeg for real models, landmarks for tiny), "clipseg", "landmarks", "none" (whole
     image, for styles), or a mask image file (one photo only). image_encoder / identity_model: "auto"
     or a hub id / local path ("tiny" for the tiny stand-ins). `progress(step, total, logs, phase)` is
-    called for every step, phase "warm-up" (before the automatic stage partition) or "train". ip_adapter: an `ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file`
-    text) to train with that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
+    called for every step, phase "warm-up" (before the automatic stage partition) or "train".
+    ip_adapter: an `ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file` text) to train with
+    that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
     resident: a `models.ResidentModels` to take the base model from (not with an IP-Adapter).
     """
     timings: dict[str, float] = {}

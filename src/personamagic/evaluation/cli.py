@@ -26,8 +26,9 @@ def add_commands(evaluate) -> None:
     images.add_argument("--reference", "-r", action="append", required=True,
                         help="photo of the person (repeatable: I-Pre is the mean cosine over them)")
     images.add_argument("--prompt", "-p", default=None, help="prompt of every image (default: from PNG metadata)")
-    images.add_argument("--supercategory", default="face", help="word that replaces a placeholder for CLIP when the image's metadata does not name its "
-                             "concept's supercategory (face)")
+    images.add_argument("--supercategory", default="face",
+                        help="word that replaces a placeholder for CLIP where the image's metadata does not name "
+                             "its concept's supercategory (face)")
     images.add_argument("--placeholder", default="S*", help="placeholder text in prompts (S*; metadata adds its own)")
     images.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
                         help=f"CLIP for T-Sim: hub id, local folder or tiny ({DEFAULT_CLIP_MODEL})")

@@ -1,7 +1,8 @@
 """Score existing images: T-Sim against their prompts and I-Pre against reference photo(s).
 
 Prompts come from the `personamagic` PNG metadata that `personamagic generate` writes (placeholders and
-each concept's supercategory too), or one `prompt` given for every image. `scores.json` holds one record per image and a summary.
+each concept's supercategory too), or one `prompt` given for every image. `scores.json` holds one
+record per image and a summary.
 """
 
 from __future__ import annotations
