@@ -292,6 +292,8 @@ class _Session:
         self.pipe = PersonaMagicPipeline.from_base(base, scheduler=config.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
         if config.compile:
+            logger.info("--compile: the first batch of each size compiles the UNet first (tens of seconds or "
+                        "more; PyTorch caches the result on disk for later runs)")
             self.pipe.enable_compile(backend=config.compile_backend)
         if config.cuda_graph and self.device.type == "cuda" and config.ip_adapter is None:
             self.pipe.enable_cuda_graph()

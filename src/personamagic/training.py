@@ -309,6 +309,8 @@ class Trainer:
         # anything else outside the loss keep the plain modules).
         self.unet, self.vae_decode = base.unet, base.vae.decode
         if self.optimized and config.compile:
+            logger.info("--compile: the first training step compiles the UNet, VAE decoder and identity "
+                        "network (minutes; PyTorch caches the result on disk for later runs)")
             self.unet = torch.compile(base.unet, backend=config.compile_backend)
             self.vae_decode = torch.compile(base.vae.decode, backend=config.compile_backend)
             if self.identity_encoder is not None:
