@@ -66,7 +66,7 @@ def test_static_text_encoder_equals_the_model(tiny_base):
 
 def test_last_layer_attention_is_eager_there_only(tiny_base):
     text_encoder = tiny_base.text_encoder
-    layers = text_encoder.text_model.encoder.layers if hasattr(text_encoder, "text_model") else text_encoder.encoder.layers
+    layers = getattr(text_encoder, "text_model", text_encoder).encoder.layers
     ids = tokenize(tiny_base.tokenizer, ["a photo of a face", "a dog playing chess"])
     text_encoder.set_attn_implementation("eager")
     try:
@@ -77,7 +77,8 @@ def test_last_layer_attention_is_eager_there_only(tiny_base):
     last = LastLayerAttention(text_encoder)
     try:
         hidden = text_encoder(ids).last_hidden_state
-        assert [layer.self_attn.config._attn_implementation for layer in layers] == ["sdpa"] * (len(layers) - 1) + ["eager"]
+        kernels = [layer.self_attn.config._attn_implementation for layer in layers]
+        assert kernels == ["sdpa"] * (len(layers) - 1) + ["eager"]
         probabilities = last.take()
         with pytest.raises(RuntimeError, match="no text-encoder forward"):
             last.take()
