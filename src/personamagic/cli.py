@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int, unit_float
 from .evaluation import cli as evaluation_cli
 from .ui import cli as ui_cli
 
@@ -22,58 +23,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text}")
-    return value
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
-    return value
 
 
 def _window(text: str):
@@ -108,26 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
     train.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
     train.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
-    train.add_argument("--num-vectors", type=_positive_int, default=1, help="token positions per placeholder (1)")
+    train.add_argument("--num-vectors", type=positive_int, default=1, help="token positions per placeholder (1)")
     train.add_argument("--mask", default="auto",
                        help="auto, clipseg, landmarks, none, or a mask image FILE the size of the photo")
     train.add_argument("--image-encoder", default="auto", help="CLIP vision model id/path (openai/clip-vit-base-patch32)")
     train.add_argument("--identity-model", default="auto", help="ArcFace model: .pth/.safetensors/.onnx path or hub id")
     train.add_argument("--no-id-loss", action="store_true", help="train without the identity loss")
-    train.add_argument("--steps", type=_positive_int, default=1000, help="training steps (1000)")
-    train.add_argument("--batch-size", type=_positive_int, default=2, help="samples per step (2)")
-    train.add_argument("--learning-rate", type=_positive_float, default=5e-5, help="AdamW learning rate (5e-5)")
-    train.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (0)")
+    train.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
+    train.add_argument("--batch-size", type=positive_int, default=2, help="samples per step (2)")
+    train.add_argument("--learning-rate", type=positive_float, default=5e-5, help="AdamW learning rate (5e-5)")
+    train.add_argument("--seed", type=non_negative_int, default=0, help="random seed (0)")
     train.add_argument("--stage-window", type=_window, default=None,
                        help="dynamic stage: auto (found from S*'s attention, default) or LO:HI, e.g. 400:800 "
                             "as in the authors' code")
-    train.add_argument("--lambda1", type=_unit_float, default=0.7, help="relative-IoU threshold ending static 1 (0.7)")
-    train.add_argument("--lambda2", type=_unit_float, default=0.8, help="relative-IoU threshold starting static 2 (0.8)")
-    train.add_argument("--partition-warmup-steps", type=_non_negative_int, default=None,
+    train.add_argument("--lambda1", type=unit_float, default=0.7, help="relative-IoU threshold ending static 1 (0.7)")
+    train.add_argument("--lambda2", type=unit_float, default=0.8, help="relative-IoU threshold starting static 2 (0.8)")
+    train.add_argument("--partition-warmup-steps", type=non_negative_int, default=None,
                        help="full-schedule steps before the automatic partition (100, or --steps if fewer)")
-    train.add_argument("--te-weight", type=_non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
-    train.add_argument("--id-weight", type=_non_negative_float, default=1.0, help="identity-loss weight (1.0)")
-    train.add_argument("--checkpoint-every", type=_non_negative_int, default=100,
+    train.add_argument("--te-weight", type=non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
+    train.add_argument("--id-weight", type=non_negative_float, default=1.0, help="identity-loss weight (1.0)")
+    train.add_argument("--checkpoint-every", type=non_negative_int, default=100,
                        help="write a resumable checkpoint every N steps (100; 0 = never)")
     train.add_argument("--train-prompt", default="a photo of {}",
                        help='training prompt, {} = the placeholder ("a photo of {}"; e.g. "a painting in the style of {}")')
@@ -140,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
     train.add_argument("--ip-adapter", help="train with an IP-Adapter plugged in (paper, Table 3): owner/repo/"
                                             "subfolder/file on the hub or a local file; generate with it too")
-    train.add_argument("--ip-adapter-scale", type=_non_negative_float, default=1.0, help="IP-Adapter weight (1.0)")
+    train.add_argument("--ip-adapter-scale", type=non_negative_float, default=1.0, help="IP-Adapter weight (1.0)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     train.add_argument("--overwrite", action="store_true", help="replace a concept already in --output")
     _add_device_flags(train)
@@ -155,26 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text standing for the i-th concept in prompts, once per concept (default: as trained), "
                           "e.g. --placeholder '<me>' --placeholder '<style>'")
     # Sampling flags default to None so that --from-image can tell which were given; defaults in help.
-    gen.add_argument("--num-images", "-n", type=_positive_int, help="images per prompt (4)")
-    gen.add_argument("--seed", type=_non_negative_int, help="seed of the first image (0)")
+    gen.add_argument("--num-images", "-n", type=positive_int, help="images per prompt (4)")
+    gen.add_argument("--seed", type=non_negative_int, help="seed of the first image (0)")
     gen.add_argument("--negative-prompt", help="negative prompt (none by default)")
-    gen.add_argument("--steps", type=_positive_int, help="denoising steps (50)")
-    gen.add_argument("--guidance-scale", type=_non_negative_float, help="classifier-free guidance (8.0)")
+    gen.add_argument("--steps", type=positive_int, help="denoising steps (50)")
+    gen.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance (8.0)")
     gen.add_argument("--scheduler", help="ddim, dpm++, dpm++-karras, euler, euler-a, heun, dpm2, dpm2-a, lms, pndm, "
                                           "unipc, deis, ddpm, or a diffusers scheduler class name (ddim)")
-    gen.add_argument("--batch-size", type=_positive_int, help="images per UNet batch (4)")
+    gen.add_argument("--batch-size", type=positive_int, help="images per UNet batch (4)")
     gen.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the UNet eagerly (no CUDA graph)")
     gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                      help="torch.compile the UNet (backend: inductor): faster for large batches after a one-off "
                           "compile per batch shape, which PyTorch caches on disk")
-    gen.add_argument("--width", type=_positive_int, help="image width, a multiple of 8 (the model's resolution)")
-    gen.add_argument("--height", type=_positive_int, help="image height, a multiple of 8 (as --width)")
+    gen.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (the model's resolution)")
+    gen.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (as --width)")
     gen.add_argument("--background", help="localized generation: background image the concept is painted into")
     gen.add_argument("--region", help="mask of the background's size: white (or opaque) = where to paint")
     gen.add_argument("--ip-adapter", help="IP-Adapter weights: owner/repo/subfolder/file on the hub "
                                           "(h94/IP-Adapter/models/ip-adapter_sd15.safetensors) or a local file")
     gen.add_argument("--ip-adapter-image", action="append", default=[], help="image for the IP-Adapter (repeatable)")
-    gen.add_argument("--ip-adapter-scale", type=_non_negative_float, help="IP-Adapter weight (1.0)")
+    gen.add_argument("--ip-adapter-scale", type=non_negative_float, help="IP-Adapter weight (1.0)")
     gen.add_argument("--from-image", help="make a generated PNG again from its metadata (concepts optional)")
     _add_device_flags(gen)
 
@@ -198,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure personalize and generate speed on this machine")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    bench.add_argument("--steps", type=_positive_int, default=None, help="training steps (1000 on GPU, 20 on CPU)")
-    bench.add_argument("--warmup-steps", type=_non_negative_int, default=None,
+    bench.add_argument("--steps", type=positive_int, default=None, help="training steps (1000 on GPU, 20 on CPU)")
+    bench.add_argument("--warmup-steps", type=non_negative_int, default=None,
                        help="partition warm-up steps (100 on GPU, 10 on CPU)")
     bench.add_argument("--photo", default=None, help="face photo (default: the repository's test photo)")
     bench.add_argument("--output", "-o", default=None, help="JSON file (default: benchmarks/results/<device>-<date>.json)")

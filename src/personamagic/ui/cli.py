@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..argtypes import port, positive_float
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_LIBRARY = "personamagic-library"
@@ -16,37 +18,17 @@ DEFAULT_LIBRARY = "personamagic-library"
 logger = logging.getLogger(__name__)
 
 
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a port number, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {text}")
-    return port
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of megabytes, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_parser(commands) -> argparse.ArgumentParser:
     """Register `ui` on the main parser's subcommands."""
     ui = commands.add_parser("ui", help="start the web UI (local only by default)")
     ui.add_argument("--host", default=DEFAULT_HOST,
                     help=f"address to listen on ({DEFAULT_HOST}: this computer only; 0.0.0.0: the network)")
-    ui.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port ({DEFAULT_PORT})")
+    ui.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port ({DEFAULT_PORT})")
     ui.add_argument("--library", default=DEFAULT_LIBRARY,
                     help=f"folder of concepts and generated images (./{DEFAULT_LIBRARY})")
     ui.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                     help="base model offered first: hub id, diffusers folder, .safetensors/.ckpt file, or tiny")
-    ui.add_argument("--max-upload-mb", type=_megabytes, default=50, help="largest photo accepted, in MB (50)")
+    ui.add_argument("--max-upload-mb", type=positive_float, default=50, help="largest photo accepted, in MB (50)")
     ui.add_argument("--share", action="store_true",
                     help="also publish the page on a public gradio.live link (anyone with the link can use it)")
     ui.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
