@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 
 import torch
@@ -139,8 +140,10 @@ def add_residuals(
     return values
 
 
+@functools.lru_cache(maxsize=16)
 def causal_mask(length: int, device, dtype) -> torch.Tensor:
-    """(1, 1, L, L) additive causal mask: 0 on and below the diagonal, the dtype's minimum above."""
+    """(1, 1, L, L) additive causal mask: 0 on and below the diagonal, the dtype's minimum above. Built
+    once per (length, device, dtype) and shared: callers only read it."""
     return torch.full((length, length), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
 
 
@@ -161,7 +164,6 @@ class LastLayerAttention:
         eager._attn_implementation = "eager"
         self.module.config = eager
         self._probabilities: torch.Tensor | None = None
-        self._masks: dict = {}
         self._handles = [
             self.module.register_forward_pre_hook(self._add_causal_mask, with_kwargs=True),
             self.module.register_forward_hook(self._keep),
@@ -175,10 +177,7 @@ class LastLayerAttention:
         elif kwargs.get("attention_mask") is not None:
             return None
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        key = (hidden.shape[1], hidden.device, hidden.dtype)
-        if key not in self._masks:
-            self._masks[key] = causal_mask(*key)
-        return args, {**kwargs, "attention_mask": self._masks[key]}
+        return args, {**kwargs, "attention_mask": causal_mask(hidden.shape[1], hidden.device, hidden.dtype)}
 
     def _keep(self, module, args, output):
         self._probabilities = output[1]

@@ -33,7 +33,7 @@ def check_compile_backend(name: str) -> None:
 
 
 class StaticTextEncoder:
-    """CLIPTextModel's forward for fixed-length prompts, causal mask built once per (length, dtype).
+    """CLIPTextModel's forward for fixed-length prompts with a causal mask built once (`causal_mask`).
 
     Equivalent to `text_encoder(input_ids).last_hidden_state`. Works with the transformers 5 layout
     (layers called as `layer(hidden_states, attention_mask)`); `supported(text_encoder)` says whether
@@ -42,7 +42,6 @@ class StaticTextEncoder:
 
     def __init__(self, text_encoder):
         self.core = getattr(text_encoder, "text_model", text_encoder)
-        self._masks: dict = {}
 
     @staticmethod
     def supported(text_encoder) -> bool:
@@ -56,10 +55,7 @@ class StaticTextEncoder:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> last hidden state (B, L, D)."""
         hidden = self.core.embeddings(input_ids=input_ids)
-        key = (input_ids.shape[1], hidden.device, hidden.dtype)
-        if key not in self._masks:
-            self._masks[key] = causal_mask(*key)
-        mask = self._masks[key]
+        mask = causal_mask(input_ids.shape[1], hidden.device, hidden.dtype)
         for layer in self.core.encoder.layers:
             hidden = layer(hidden, mask)
         return self.core.final_layer_norm(hidden)
