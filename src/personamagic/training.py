@@ -540,10 +540,7 @@ class Trainer:
         for k in range(1, warmup + 1):
             pending.append(self._optimize((0, T)))
             if k % self._sync_interval() == 0 or k == warmup:
-                for j, logs in enumerate(pending, start=k - len(pending) + 1):
-                    values = self._check(logs, f"warm-up step {j}")
-                    if progress is not None:
-                        progress(j, warmup, values)
+                self._read_back(pending, k, warmup, "warm-up step", progress)
                 pending = []
         timesteps, maps = self.capture_attention(c.partition_timesteps, c.partition_resolution)
         mask = self.data.masks[0, 0].cpu()
@@ -599,6 +596,14 @@ class Trainer:
             maps.append(average_maps(store, resolution))
         return timesteps.cpu(), torch.cat(maps)
 
+    def _read_back(self, pending: list[dict], last: int, total: int, label: str, progress) -> None:
+        """Read back the losses of the steps that ended at step `last`, check each (naming it `label`
+        and its number), and report each to `progress(step, total, logs)`."""
+        for j, logs in enumerate(pending, start=last - len(pending) + 1):
+            values = self._check(logs, f"{label} {j}")
+            if progress is not None:
+                progress(j, total, values)
+
     def _sync_interval(self) -> int:
         return self.config.sync_every if self.optimized else 1
 
@@ -618,10 +623,7 @@ class Trainer:
             step = self.step_count
             checkpoint_due = checkpoint_dir is not None and every and step % every == 0 and step < total
             if step % self._sync_interval() == 0 or step == total or checkpoint_due:
-                for j, logs in enumerate(pending, start=step - len(pending) + 1):
-                    values = self._check(logs, f"step {j}")
-                    if progress is not None:
-                        progress(j, total, values)
+                self._read_back(pending, step, total, "step", progress)
                 pending = []
             if checkpoint_due:
                 self.save_checkpoint(checkpoint_dir / checkpoint_name(step))
