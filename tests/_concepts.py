@@ -1,4 +1,5 @@
-"""Concepts for tests: random (non-zero) mappers on the tiny model, so every stage is distinguishable."""
+"""Concepts for tests: random (non-zero) mappers on the tiny model, so every stage is distinguishable;
+and a diffusers `StableDiffusionPipeline` on the tiny model's modules."""
 
 import torch
 
@@ -26,3 +27,16 @@ def random_concept(base, window=(400, 800), seed=0, placeholder="S*", supercateg
         text_encoder_hidden_size=base.hidden_size,
         mapper_config=mapper.config.to_dict(),
     )
+
+
+def stable_diffusion_pipeline(base):
+    """diffusers' own `StableDiffusionPipeline` (DDIM, no safety checker) over `base`'s modules."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    sd.set_progress_bar_config(disable=True)
+    return sd

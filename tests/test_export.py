@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _concepts import random_concept
+from _concepts import random_concept, stable_diffusion_pipeline
 from safetensors import safe_open
 
 from personamagic.cli import main
@@ -35,8 +35,6 @@ def test_static_vectors_mean_and_centre(tiny_base):
 
 
 def test_exported_file_loads_with_diffusers_load_textual_inversion(concept_dir, tiny_base, tmp_path, capsys):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     output = tmp_path / "embeddings" / "me.safetensors"
     assert main(["export", str(concept_dir), "--format", "textual-inversion", "--output", str(output)]) == 0
     assert "token '<me>', 2 vector(s)" in capsys.readouterr().out
@@ -46,12 +44,7 @@ def test_exported_file_loads_with_diffusers_load_textual_inversion(concept_dir, 
         vectors = f.get_tensor("<me>")
     assert vectors.shape == (2, tiny_base.hidden_size) and header["vectors"] == "mean"
 
-    sd = StableDiffusionPipeline(
-        vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
-        scheduler=DDIMScheduler.from_config(tiny_base.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    sd.set_progress_bar_config(disable=True)
+    sd = stable_diffusion_pipeline(tiny_base)
     sd.load_textual_inversion(str(output))
     ids = sd.tokenizer.convert_tokens_to_ids(["<me>", "<me>_1"])  # multi-vector tokens: tok, tok_1
     assert torch.equal(sd.text_encoder.get_input_embeddings().weight[ids], vectors)

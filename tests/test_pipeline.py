@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _concepts import random_concept
+from _concepts import random_concept, stable_diffusion_pipeline
 from PIL import Image
 
 from personamagic.conditioning import EmbeddingOverride, tokenize
@@ -210,14 +210,7 @@ def test_localized_generation_needs_background_and_a_region(pipe, tiny_base):
 
 
 def test_attach_concepts_to_a_stable_diffusion_pipeline(tiny_base):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    sd = StableDiffusionPipeline(
-        vae=tiny_base.vae, text_encoder=tiny_base.text_encoder, tokenizer=tiny_base.tokenizer, unet=tiny_base.unet,
-        scheduler=DDIMScheduler.from_config(tiny_base.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    sd.set_progress_bar_config(disable=True)
+    sd = stable_diffusion_pipeline(tiny_base)
     pm = attach_concepts(sd, [random_concept(tiny_base, placeholder="<me>"),
                               random_concept(tiny_base, placeholder="<style>", supercategory="painting")])
     shared = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
