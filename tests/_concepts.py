@@ -4,7 +4,7 @@ and a diffusers `StableDiffusionPipeline` on the tiny model's modules."""
 import torch
 
 from personamagic.concept import Concept
-from personamagic.mapper import MapperConfig, StageMapper
+from personamagic.method.mapper import MapperConfig, StageMapper
 
 
 def random_concept(base, window=(400, 800), seed=0, placeholder="S*", supercategory="face", num_vectors=1) -> Concept:

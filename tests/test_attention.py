@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from personamagic.attention import PersonaMagicAttnProcessor, attention_processors
+from personamagic.method.attention import PersonaMagicAttnProcessor, attention_processors
 
 
 def unet_inputs(base, seed=0):

@@ -115,8 +115,8 @@ def test_resume_continues_an_interrupted_run(astronaut, tmp_path, capsys):
 
     original_train = Trainer.train
 
-    def interrupted(self, num_steps=None, progress=None, checkpoint_dir=None):
-        original_train(self, num_steps=3, progress=progress, checkpoint_dir=checkpoint_dir)
+    def interrupted(self, num_steps=None, progress=None, checkpoint_dir=None, job=None):
+        original_train(self, num_steps=3, progress=progress, checkpoint_dir=checkpoint_dir, job=job)
         raise KeyboardInterrupt
 
     monkey = pytest.MonkeyPatch()

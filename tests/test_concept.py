@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from personamagic.concept import Concept
 from personamagic.errors import UserError
-from personamagic.mapper import MapperConfig, StageMapper
+from personamagic.method.mapper import MapperConfig, StageMapper
 
 
 def make_concept(seed=0, hidden=32) -> Concept:
@@ -51,7 +52,7 @@ def test_file_is_plain_safetensors_with_json_metadata(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["personamagic"])
         keys = set(f.keys())
-    assert meta["format_version"] == 1 and meta["stage_window"] == [412, 781]
+    assert meta["format_version"] == 2 and meta["stage_window"] == [412, 781] and meta["family"] == "sd1"
     assert meta["text_encoder_hidden_size"] == 32 and meta["package_version"]
     assert "image_embeds" in keys and "mapper.embedding_head.weight" in keys
 
@@ -89,7 +90,20 @@ def test_failed_save_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("personamagic.concept.save_file", broken)
+    monkeypatch.setattr("personamagic.files.save_file", broken)
     with pytest.raises(OSError):
         make_concept(seed=1).save(tmp_path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_format_1_file_still_loads_as_an_sd1_concept(tmp_path):
+    # Version 1 (written before model families existed) had no family or base revision.
+    concept = make_concept()
+    meta = concept.metadata()
+    meta["format_version"] = 1
+    del meta["family"], meta["base_revision"]
+    path = tmp_path / "old.safetensors"
+    save_file(concept.tensors(), str(path), metadata={"personamagic": json.dumps(meta)})
+    loaded = Concept.load(path)
+    assert loaded.family == "sd1" and loaded.base_revision is None
+    assert loaded.stage_window == concept.stage_window and loaded.fingerprint() == concept.fingerprint()

@@ -3,14 +3,8 @@
 import pytest
 import torch
 
-from personamagic.conditioning import (
-    EmbeddingOverride,
-    PlaceholderTokens,
-    add_residuals,
-    eos_positions,
-    single_token_id,
-    tokenize,
-)
+from personamagic.method.conditioning import EmbeddingOverride, add_residuals
+from personamagic.method.tokens import PlaceholderTokens, eos_positions, single_token_id, tokenize
 
 
 def test_placeholder_tokens_are_single_ids_beyond_the_table(tiny_base):

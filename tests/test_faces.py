@@ -140,7 +140,7 @@ def test_user_mistakes_raise_one_line_user_error(tmp_path, case):
 def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(path)
-    monkeypatch.setattr(faces, "MAX_PHOTO_PIXELS", 100 * 100 - 1)
+    monkeypatch.setattr(faces.photos, "MAX_PHOTO_PIXELS", 100 * 100 - 1)
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
     with pytest.raises(UserError, match="100x100 pixels, too large"):
         load_photo(path)

@@ -5,18 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from personamagic.conditioning import (
-    EmbeddingOverride,
-    LastLayerAttention,
-    PlaceholderTokens,
-    causal_mask,
-    tokenize,
-)
-from personamagic.fast import StaticTextEncoder, face_patches, gather_patches
+from personamagic.method.conditioning import EmbeddingOverride, LayerAttention, causal_mask
+from personamagic.method.tokens import PlaceholderTokens, tokenize
+from personamagic.training.face_patches import face_patches, gather_patches
+from personamagic.training.graph import StaticTextEncoder
 from personamagic.faces import prepare_photo
 from personamagic.identity import alignment_theta, build_tiny_identity_model, warp_faces
-from personamagic.masks import landmark_mask
-from personamagic.personalize import pil_to_tensor
+from personamagic.faces.masks import landmark_mask
+from personamagic.jobs.personalize import pil_to_tensor
 from personamagic.training import Trainer, TrainConfig, TrainingDiverged, prepare_training_data
 
 
@@ -58,7 +54,7 @@ def test_static_text_encoder_equals_the_model(tiny_base):
     try:
         with override.vectors({tokens.ids[0]: torch.randn(2, tiny_base.hidden_size)}):
             reference = text_encoder(ids).last_hidden_state
-            hidden = StaticTextEncoder(text_encoder)(ids)
+            hidden = StaticTextEncoder()(text_encoder, ids, None)[0]
     finally:
         override.remove()
     assert torch.allclose(hidden, reference, atol=1e-6)
@@ -74,7 +70,7 @@ def test_last_layer_attention_is_eager_there_only(tiny_base):
     finally:
         text_encoder.set_attn_implementation("sdpa")
     original = layers[-1].self_attn.config
-    last = LastLayerAttention(text_encoder)
+    last = LayerAttention(text_encoder)
     try:
         hidden = text_encoder(ids).last_hidden_state
         kernels = [layer.self_attn.config._attn_implementation for layer in layers]
@@ -153,7 +149,7 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_base, data_and_encode
     for accumulation in (1, 2):
         cfg = config(optimize=False, gradient_accumulation_steps=accumulation)
         with Trainer(tiny_base, data, cfg, encoder) as trainer:
-            trainer._optimize(trainer.stage_window)
+            trainer.optimize_step(trainer.stage_window)
             grads.append({n: p.grad.clone() for n, p in trainer.mapper.named_parameters()})
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, rtol=1e-4, atol=1e-7), name
@@ -190,7 +186,7 @@ def test_compiled_step_matches_and_does_not_recompile(tiny_base, data_and_encode
     torch._dynamo.reset()
     cfg = config(compile=True, compile_backend="aot_eager")
     with Trainer(tiny_base, data, cfg, encoder) as trainer:
-        assert trainer.unet is not tiny_base.unet
+        assert trainer.objective.unet is not tiny_base.unet
         batch = trainer.sample_batch()
         out = trainer.losses(batch)
         out.total.backward()

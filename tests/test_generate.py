@@ -8,7 +8,7 @@ from PIL import Image
 
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.generate import GenerateConfig, localized_size, read_image_metadata, read_prompts_file
+from personamagic.jobs.generate import GenerateConfig, localized_size, read_image_metadata, read_prompts_file
 
 FAST = ["--steps", "2", "--num-images", "1"]
 

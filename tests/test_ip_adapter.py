@@ -14,13 +14,13 @@ from _concepts import random_concept
 from PIL import Image
 from safetensors.torch import save_file
 
-from personamagic.attention import PersonaMagicAttnProcessor, attention_processors
+from personamagic.method.attention import PersonaMagicAttnProcessor, attention_processors
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.generate import read_image_metadata
-from personamagic.ip_adapter import IPAdapterSpec
+from personamagic.jobs.generate import read_image_metadata
+from personamagic.adapters.ip_adapter import IPAdapterSpec
 from personamagic.pipeline import PersonaMagicPipeline
-from personamagic.stages import capturing_attention
+from personamagic.method.stages import capturing_attention
 
 WEIGHTS = "ip-adapter_tiny.safetensors"
 
@@ -133,7 +133,7 @@ def test_training_with_the_ip_adapter(astronaut, weights, tmp_path, monkeypatch)
     """personalize(..., ip_adapter=...): the UNet gets each photo's image tokens at every training step."""
     from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-    from personamagic.personalize import personalize
+    from personamagic.jobs.personalize import personalize
     from personamagic.training import TrainConfig
 
     seen = []

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from personamagic.losses import (
+from personamagic.method.losses import (
     denoising_target,
     identity_loss,
     identity_weight,

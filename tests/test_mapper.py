@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from personamagic.mapper import MapperConfig, StageMapper
+from personamagic.method.mapper import MapperConfig, StageMapper
 
 
 def make_mapper(num_vectors=2, seed=0):

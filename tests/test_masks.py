@@ -9,8 +9,7 @@ from PIL import Image, ImageDraw
 
 from personamagic.errors import UserError
 from personamagic.faces import FaceDetection, prepare_photo
-from personamagic.masks import (
-    build_tiny_clipseg,
+from personamagic.faces.masks import (
     clipseg_mask,
     clipseg_probabilities,
     landmark_mask,
@@ -18,6 +17,7 @@ from personamagic.masks import (
     mask_overlay,
     mask_to_latent,
 )
+from personamagic.models import build_tiny_clipseg
 
 DATA = Path(__file__).parent / "data"
 SIZE = 256

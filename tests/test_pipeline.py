@@ -10,7 +10,7 @@ import torch
 from _concepts import random_concept, stable_diffusion_pipeline
 from PIL import Image
 
-from personamagic.conditioning import EmbeddingOverride, tokenize
+from personamagic.method.tokens import tokenize
 from personamagic.errors import UserError
 from personamagic.pipeline import PersonaMagicPipeline, attach_concepts
 
@@ -108,12 +108,12 @@ def test_two_concepts_get_their_own_embeddings_at_their_positions(pipe, tiny_bas
                                              supercategory="painting", num_vectors=2))
     ids = tokenize(pipe.tokenizer, [pipe.rewrite_prompt("a photo of <me> in the style of <style>")])
     table = pipe.text_encoder.get_input_embeddings().weight
-    override = EmbeddingOverride(pipe.text_encoder)
+    pipe.conditioner.open()  # the override's hooks first, so that the hook below sees their output
     seen = []  # registered after the override's hook: sees the text encoder's actual input
     handle = pipe.text_encoder.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out[0]))
     try:
         for t in (700, 300):  # 700: <me> dynamic, <style> static 1; 300: both dynamic
-            hidden, values = pipe.encode_at(ids, t, override)
+            hidden, values, _ = pipe.encode_at([ids], t)
             inputs = seen[-1]
             for loaded in (me, style):
                 embeddings, residuals = loaded.vectors(t)
@@ -129,7 +129,7 @@ def test_two_concepts_get_their_own_embeddings_at_their_positions(pipe, tiny_bas
         assert ids[0].tolist().count(style.tokens.ids[1]) == 1  # two vectors, two positions
     finally:
         handle.remove()
-        override.remove()
+        pipe.conditioner.close()
 
 
 def test_schedule_conditioning_equals_per_step_encoding_in_one_call(pipe, tiny_base):
@@ -143,21 +143,17 @@ def test_schedule_conditioning_equals_per_step_encoding_in_one_call(pipe, tiny_b
     batches = []
     handle = pipe.text_encoder.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
     try:
-        schedule = pipe.encode_schedule(ids, timesteps)
+        schedule = pipe.encode_schedule([ids], timesteps)
     finally:
         handle.remove()
-    keys = {pipe._stage_key(int(t)) for t in timesteps}
+    keys = {pipe.stage_key(int(t)) for t in timesteps}
     # one call: the negative prompt once, each of the 2 distinct personal prompts once per stage key
     assert batches == [1 + 2 * len(keys)] and len(keys) < len(timesteps)
-    override = EmbeddingOverride(pipe.text_encoder)
-    try:
-        for i, t in enumerate(timesteps):
-            hidden, values = schedule.at(i)
-            expected_hidden, expected_values = pipe.encode_at(ids, int(t), override)
-            assert torch.allclose(hidden, expected_hidden, atol=1e-5)
-            assert torch.allclose(values, expected_values, atol=1e-5)
-    finally:
-        override.remove()
+    for i, t in enumerate(timesteps):
+        hidden, values, _ = schedule.at(i)
+        expected_hidden, expected_values, _ = pipe.encode_at([ids], int(t))
+        assert torch.allclose(hidden, expected_hidden, atol=1e-5)
+        assert torch.allclose(values, expected_values, atol=1e-5)
     early, late = schedule.at(0), schedule.at(len(timesteps) - 1)  # me: static 1 vs static 2
     assert torch.equal(early[0][0], late[0][0])  # the negative prompt never changes
     position = ids[2].tolist().index(me.tokens.ids[0])

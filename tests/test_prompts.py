@@ -35,8 +35,8 @@ def test_the_te_loss_accepts_every_training_prompt(tiny_base):
     """Each prompt tokenizes with exactly one S* token and at least one real word (else L_te raises)."""
     import torch
 
-    from personamagic.conditioning import PlaceholderTokens, eos_positions, tokenize
-    from personamagic.losses import tandem_equilibrium_loss
+    from personamagic.method.tokens import PlaceholderTokens, eos_positions, tokenize
+    from personamagic.method.losses import tandem_equilibrium_loss
 
     tokens = PlaceholderTokens(tiny_base.tokenizer, PLACEHOLDER, num_vectors=1, slot=0)
     ids = tokenize(tiny_base.tokenizer, [tokens.rewrite(p) for p in TANDEM_EQUILIBRIUM_PROMPTS])

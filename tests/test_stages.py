@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from personamagic.attention import PersonaMagicAttnProcessor, attention_processors, is_cross_attention
-from personamagic.stages import (
+from personamagic.method.attention import PersonaMagicAttnProcessor, attention_processors, is_cross_attention
+from personamagic.method.stages import (
     PartitionError,
     attention_iou,
     average_maps,
@@ -175,8 +175,8 @@ def test_processors_restored_after_an_error_inside_the_capture(tiny_base):
 
 def test_trainer_finds_a_window_and_records_the_curve(tiny_base, astronaut):
     from personamagic.faces import prepare_photo
-    from personamagic.masks import landmark_mask
-    from personamagic.personalize import pil_to_tensor
+    from personamagic.faces.masks import landmark_mask
+    from personamagic.jobs.personalize import pil_to_tensor
     from personamagic.training import Trainer, TrainConfig, prepare_training_data
 
     photo = prepare_photo(astronaut, tiny_base.resolution)

@@ -7,8 +7,8 @@ import torch
 
 from personamagic.faces import prepare_photo
 from personamagic.identity import alignment_theta, build_tiny_identity_model
-from personamagic.masks import landmark_mask
-from personamagic.personalize import pil_to_tensor
+from personamagic.faces.masks import landmark_mask
+from personamagic.jobs.personalize import pil_to_tensor
 from personamagic.training import Trainer, TrainConfig, TrainingDiverged, prepare_training_data
 
 

@@ -195,13 +195,13 @@ def test_cancelled_personalization_leaves_nothing(studio, astronaut):
 
 
 def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
-    import personamagic.models
-    from personamagic.generate import GenerateConfig, read_image_metadata
+    import personamagic.models.resident
+    from personamagic.jobs.generate import GenerateConfig, read_image_metadata
     from personamagic.training import TrainConfig
 
     loads = []  # the base model is loaded once and kept for the next jobs
     load = personamagic.models.load_base_model
-    monkeypatch.setattr(personamagic.models, "load_base_model", lambda *a, **k: loads.append(a) or load(*a, **k))
+    monkeypatch.setattr(personamagic.models.resident, "load_base_model", lambda *a, **k: loads.append(a) or load(*a, **k))
 
     config = TrainConfig(max_train_steps=2, stage_window=(400, 800), seed=3)
     trained = studio.jobs.wait(studio.submit_personalize([astronaut], "astro", config, model="tiny").id, JOB_TIMEOUT_S)
@@ -233,11 +233,11 @@ def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
 def test_ui_command_is_local_and_private(tmp_path, monkeypatch):
     import gradio
 
-    from personamagic.cli import _Parser
+    from personamagic.cli.common import Parser
     from personamagic.ui import cli as ui_cli
 
-    parser = _Parser(prog="personamagic")
-    ui_cli.add_parser(parser.add_subparsers(dest="command", parser_class=_Parser))
+    parser = Parser(prog="personamagic")
+    ui_cli.add_parser(parser.add_subparsers(dest="command", parser_class=Parser))
     with pytest.raises(SystemExit) as bad:
         parser.parse_args(["ui", "--port", "http"])
     assert bad.value.code == 2
@@ -260,8 +260,77 @@ def test_ui_command_is_local_and_private(tmp_path, monkeypatch):
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
 
 
+def test_loss_frame_is_what_the_plot_needs():
+    """Every frame the loss plot gets has numeric, finite steps and values and every term at every
+    step, and there is no empty frame: Gradio's plot builds its Vega spec, colour domain included,
+    from the first value it gets and keeps it while it only swaps the data, so an empty first frame
+    left every later line without a colour (drawn, but invisible)."""
+    import math
+
+    from gradio.components import LinePlot
+
+    from personamagic.ui.app import MAX_PLOT_POINTS, loss_frame
+
+    terms = {"loss", "mse", "te", "id"}
+    history = [{"index": 1, "phase": "warm-up", "step": 1, "loss": 1.5, "mse": 1.0, "te": -0.2, "id": 0.3}]
+    history += [{"index": i + 1, "phase": "train", "step": i, "loss": 1.0 / i, "mse": 0.9 / i, "te": -0.1, "id": 0.1}
+                for i in range(1, 1000)]
+    assert loss_frame([]) is None  # the page shows an empty plot, not one whose spec has no terms
+    for entries in (history[:1], history[:3], history):
+        frame = loss_frame(entries)
+        assert list(frame.columns) == ["step", "value", "term"]
+        assert str(frame["step"].dtype) == "int64" and str(frame["value"].dtype) == "float64"
+        assert all(math.isfinite(v) for v in frame["value"]) and frame["step"].is_monotonic_increasing
+        assert set(frame["term"]) == terms
+        assert (frame.groupby("step")["term"].nunique() == len(terms)).all()  # no step lacks a term
+        assert frame["step"].nunique() <= MAX_PLOT_POINTS
+        sent = LinePlot(x="step", y="value", color="term").postprocess(frame)
+        assert sent.datatypes == {"step": "quantitative", "value": "quantitative", "term": "nominal"}
+        assert all(isinstance(row[0], int) and isinstance(row[1], float) for row in sent.data)
+    assert loss_frame(history)["step"].iloc[0] == 1  # thinned from the first step
+
+
 # --------------------------------------------------------------------------------------------------
 # the page, in headless Chromium
+
+# The loss plot's line marks as Vega draws them in SVG: one <path> per term in a `g.mark-line`
+# group of the plot's layer (the legend and the hover points are mark-symbol groups). A line counts
+# only if it has at least two points and a stroke colour: without one it is drawn but invisible.
+PLOT_LINES_JS = """() => [...document.querySelectorAll('#loss-plot svg g.mark-line.role-mark path')].map(
+    p => ({d: p.getAttribute('d') || '', stroke: p.getAttribute('stroke')}))"""
+# The legend's labels that lie inside the plot's box (the box hides what sticks out of it).
+PLOT_LEGEND_JS = """() => { const box = document.querySelector('#loss-plot').getBoundingClientRect();
+    return [...document.querySelectorAll('#loss-plot svg g.role-legend-label text')].filter(t => {
+        const r = t.getBoundingClientRect(); return r.top >= box.top && r.bottom <= box.bottom; }
+    ).map(t => t.textContent); }"""
+
+
+def visible_lines(lines: list[dict]) -> list[dict]:
+    return [line for line in lines if "L" in line["d"] and line["stroke"] not in (None, "", "none", "transparent")]
+
+
+def wait_for_plot_lines(page, count: int, timeout_s: float = 20) -> list[dict]:
+    """Wait until the loss plot shows `count` visible lines; fail with what it does show."""
+    try:
+        page.wait_for_function(
+            f"() => ({PLOT_LINES_JS})().filter(l => l.d.includes('L') && l.stroke && "
+            f"!['none', 'transparent'].includes(l.stroke)).length === {count}",
+            timeout=timeout_s * 1000,
+        )
+    except Exception as err:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "ui-failure.png"), full_page=True)
+        lines = page.evaluate(PLOT_LINES_JS)
+        raise AssertionError(
+            f"the loss plot does not show {count} lines ({type(err).__name__}): its line marks are "
+            f"{[(line['d'][:30], line['stroke']) for line in lines]}"
+        ) from None
+    return visible_lines(page.evaluate(PLOT_LINES_JS))
+
+
+def history_terms(studio, label: str) -> set[str]:
+    job = next(j for j in studio.jobs._jobs.values() if j.kind == "personalize" and j.label == label)
+    return {k for entry in job.snapshot()["history"] for k in entry if k not in ("index", "phase", "step")}
 
 
 def free_port() -> int:
@@ -365,6 +434,15 @@ def test_page_end_to_end(browser, server, tmp_path):
     wait_for(page, "#concept-pictures img", studio)
     assert "stage partition" in page.inner_text("#concept-pictures")
 
+    # the loss plot shows one visible line per loss term, each over every reported step (4: a
+    # warm-up step and 3 training steps), and its legend, in full view, names them
+    terms = history_terms(studio, "astronaut")
+    assert {"loss", "mse"} <= terms
+    lines = wait_for_plot_lines(page, len(terms))
+    assert all(line["d"].count("L") == 3 for line in lines), lines
+    assert len({line["stroke"] for line in lines}) == len(terms)  # a colour each
+    assert set(page.evaluate(PLOT_LEGEND_JS)) == terms
+
     # 3. generate 2 images with the new concept (selected for us when training finished)
     set_value(page, "#num-images input", "2")
     set_value(page, "#gen-steps input", "3")
@@ -377,7 +455,7 @@ def test_page_end_to_end(browser, server, tmp_path):
     # downloads are the original PNG files, metadata included
     links = page.locator("#downloads a[href]")
     assert links.count() == 2
-    from personamagic.generate import METADATA_KEY
+    from personamagic.jobs.generate import METADATA_KEY
 
     body = context.request.get(links.first.get_attribute("href")).body()
     assert METADATA_KEY in Image.open(io.BytesIO(body)).text
@@ -412,7 +490,16 @@ def test_page_end_to_end(browser, server, tmp_path):
     set_value(page, "#train-steps input", "1000")
     set_value(page, "#stage-window textarea", "400:800")
     page.click("#train")
-    wait_for(page, "#train-status .pm-running", studio)
+    wait_for(page, "#train-status .pm-running", studio)  # set by a poll: the click's reply cleared the plot
+    running = next(j for j in studio.jobs._jobs.values() if j.label == "cancelled")
+    deadline = time.monotonic() + JOB_TIMEOUT_S  # loading the model can take a while on a busy machine
+    while not running.snapshot()["history"] and not running.finished and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running.snapshot()["history"], (running.state, running.error)
+    lines = wait_for_plot_lines(page, len(terms))  # the new run's curves, drawn while it trains
+    assert len({line["stroke"] for line in lines}) == len(terms)
+    assert set(page.evaluate(PLOT_LEGEND_JS)) == terms
+    assert not running.finished, running.state
     page.click("#cancel-train")
     wait_for(page, "#train-status .pm-cancelled", studio)
     assert "nothing was saved" in page.inner_text("#train-status")

@@ -65,11 +65,12 @@ class Setup:
     """Models and prepared photo data shared by the step timings."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, model: str, photo: Path):
-        from .faces import prepare_photo
-        from .identity import alignment_theta, load_identity_model
-        from .masks import landmark_mask
-        from .personalize import pil_to_tensor
-        from .training import prepare_training_data
+        from .faces.crop import prepare_photo
+        from .faces.alignment import alignment_theta
+        from .identity.loading import load_identity_model
+        from .faces.masks import landmark_mask
+        from .jobs.personalize import pil_to_tensor
+        from .training.data import prepare_training_data
 
         self.device, self.dtype, self.model = device, dtype, model
         self.base = load_base_model(model, device=device, dtype=dtype)
@@ -89,7 +90,7 @@ class Setup:
         )
 
     def trainer(self, config):
-        from .training import Trainer
+        from .training.trainer import Trainer
 
         return Trainer(self.base, self.data, config, self.encoder)
 
@@ -114,7 +115,7 @@ def check_equivalence(setup: Setup, config) -> dict:
         with setup.trainer(cfg) as trainer:
             batch = trainer.sample_batch()
             if trainer.use_graph:
-                from .fast import GraphedStep
+                from .training.graph import GraphedStep
 
                 graphed = GraphedStep(trainer.losses, trainer.sample_batch(generator=torch.Generator(setup.device).manual_seed(0)),
                                       trainer.mapper.parameters())
@@ -156,8 +157,8 @@ def time_personalize(model: str, device: torch.device, dtype_name: str, steps: i
 def _personalize_job(model: str, device: str, dtype_name: str, steps: int, warmup_steps: int, photo: str,
                      output: str) -> dict:
     """`time_personalize`'s child process."""
-    from .personalize import personalize
-    from .training import TrainConfig
+    from .jobs.personalize import personalize
+    from .training.config import TrainConfig
 
     torch.backends.cudnn.benchmark = True  # as the CLI sets it
     config = TrainConfig(max_train_steps=steps, partition_warmup_steps=warmup_steps, checkpoint_every=0)
@@ -181,7 +182,7 @@ def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: fl
                     compile: bool = False) -> dict:
     """Seconds for one image and images/s per batch size (DDIM, CFG, VAE decode included); the first
     call of each batch size (graph capture, compilation) is timed apart as `first_call_s`."""
-    from .pipeline import PersonaMagicPipeline
+    from .pipeline.pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
     pipe.set_progress_bar_config(disable=True)
@@ -215,7 +216,6 @@ def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: fl
 def time_conditioning(setup: Setup, concept, batch_sizes, steps: int) -> dict:
     """The text conditioning of a whole sampling run (50 DDIM steps, CFG): one text-encoder call per
     step whose conditioning changes (how sampling did it before) vs `encode_schedule` (all at once)."""
-    from .conditioning import EmbeddingOverride, tokenize
     from .pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
@@ -225,20 +225,16 @@ def time_conditioning(setup: Setup, concept, batch_sizes, steps: int) -> dict:
     results = {}
     for batch in batch_sizes:
         texts = [""] * batch + [pipe.rewrite_prompt("a photo of S* as an astronaut")] * batch
-        ids = tokenize(pipe.tokenizer, texts, setup.device)
+        ids = pipe.conditioner.tokenize(texts, setup.device)
 
         @torch.no_grad()
         def per_step():
-            override = EmbeddingOverride(pipe.text_encoder)
-            try:
-                cached = None
-                for t in timesteps:
-                    key = pipe._stage_key(int(t))
-                    if key != cached:
-                        pipe.encode_at(ids, int(t), override)
-                        cached = key
-            finally:
-                override.remove()
+            cached = None
+            for t in timesteps:
+                key = pipe.stage_key(int(t))
+                if key != cached:
+                    pipe.encode_at(ids, int(t))
+                    cached = key
 
         @torch.no_grad()
         def schedule():
@@ -258,28 +254,28 @@ def _part_ms(setup: Setup, fn) -> float:
 def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> dict:
     """Where one image's sampling time goes (batch 1, CFG): ms for the run's text conditioning, one
     UNet call (eager, and replayed from a CUDA graph), one scheduler step, and the VAE decode."""
-    from .attention import attention_processors
-    from .conditioning import tokenize
-    from .fast import GraphedUNet
+    from .method.attention import attention_processors
+    from .method.conditioning import UNetConditioning
     from .pipeline import PersonaMagicPipeline
+    from .pipeline.graph import GraphedUNet
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
     pipe.load_concept(concept)
     pipe.scheduler.set_timesteps(steps, device=setup.device)
     timesteps = pipe.scheduler.timesteps
-    ids = tokenize(pipe.tokenizer, ["", pipe.rewrite_prompt("a photo of S* as an astronaut")], setup.device)
-    hidden, values = pipe.encode_schedule(ids, timesteps).at(0)
+    ids = pipe.tokenize(["", "a photo of S* as an astronaut"])
+    hidden, values, _ = pipe.encode_schedule(ids, timesteps).at(0)
+    conditioning = UNetConditioning(hidden, values)
     unet = setup.base.unet
     size = unet.config.sample_size
     latents = torch.randn(2, unet.config.in_channels, size, size, device=setup.device, dtype=unet.dtype)
     t = timesteps[0]
     parts = {"text_conditioning_ms": _part_ms(setup, lambda: pipe.encode_schedule(ids, timesteps))}
-    kwargs = {"cross_attention_kwargs": {"value_hidden_states": values}}
     with attention_processors(unet):
-        parts["unet_eager_ms"] = _part_ms(setup, lambda: unet(latents, t, hidden, **kwargs))
+        parts["unet_eager_ms"] = _part_ms(setup, lambda: unet(latents, t, **conditioning.unet_kwargs()))
         if cuda_graph:
             graphed = GraphedUNet(unet)
-            parts["unet_graph_ms"] = _part_ms(setup, lambda: graphed(latents, t, hidden, values))
+            parts["unet_graph_ms"] = _part_ms(setup, lambda: graphed(latents, t, conditioning))
     noise_pred = latents[:1].float()
     parts["scheduler_step_ms"] = _part_ms(setup, lambda: pipe.scheduler.step(noise_pred, t, noise_pred))
     decode_input = (latents[:1] / setup.base.vae.config.scaling_factor).to(setup.base.vae.dtype)
@@ -298,7 +294,7 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
                   sections=SECTIONS) -> dict:
     """Measure the chosen `sections` (the plain step always); returns the result dict, also written
     as JSON to `output` (default benchmarks/results/<device>-<date>.json) after every section."""
-    from .training import TrainConfig
+    from .training.config import TrainConfig
 
     if not Path(photo).is_file():
         from .errors import UserError

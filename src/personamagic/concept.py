@@ -10,19 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__
 from .errors import UserError
-from .mapper import MapperConfig, StageMapper
+from .files import load_safetensors, save_safetensors_atomic
+from .method.mapper import MapperConfig, StageMapper
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds the model family and the base model's revision; version 1 files are read too
+READABLE_VERSIONS = (1, 2)
 CONCEPT_FILENAME = "concept.safetensors"
 METADATA_KEY = "personamagic"
 MAPPER_PREFIX = "mapper."
@@ -47,6 +46,8 @@ class Concept:
     stages: dict = field(default_factory=dict)  # stage partition details (IoU curve, thresholds)
     extra: dict = field(default_factory=dict)  # anything else worth keeping (photo facts, timings)
     version: str = __version__  # package version that wrote the file
+    family: str = "sd1"  # the base model's family (`personamagic.families`); version-1 files are SD-1.x
+    base_revision: str | None = None  # hub commit of the base model's files, when loaded from the hub
 
     def build_mapper(self, device=None) -> StageMapper:
         config = MapperConfig(**self.mapper_config)
@@ -68,6 +69,8 @@ class Concept:
             "num_train_timesteps": self.num_train_timesteps,
             "base_model": self.base_model,
             "text_encoder_hidden_size": self.text_encoder_hidden_size,
+            "family": self.family,
+            "base_revision": self.base_revision,
             "mapper_config": self.mapper_config,
             "image_encoder": self.image_encoder,
             "training": self.training,
@@ -95,7 +98,7 @@ class Concept:
             meta = json.loads(header[METADATA_KEY])
         except (KeyError, json.JSONDecodeError):
             raise UserError(f"{path} is a safetensors file but not a PersonaMagic concept (no metadata)") from None
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_VERSIONS:
             raise UserError(
                 f"{path} has concept format {meta.get('format_version')}, this personamagic reads "
                 f"{FORMAT_VERSION}; use the personamagic version that wrote it ({meta.get('package_version')})"
@@ -116,6 +119,8 @@ class Concept:
             stages=meta.get("stages", {}),
             extra=meta.get("extra", {}),
             version=meta.get("package_version", ""),
+            family=meta.get("family", "sd1"),
+            base_revision=meta.get("base_revision"),
         )
 
     def fingerprint(self) -> str:
@@ -127,13 +132,24 @@ class Concept:
         digest.update(json.dumps([self.placeholder, self.supercategory, list(self.stage_window)]).encode())
         return digest.hexdigest()[:16]
 
-    def check_compatible(self, hidden_size: int, num_train_timesteps: int, base_model: str) -> list[str]:
-        """Raise UserError if the concept cannot drive a base model of this shape; return warnings."""
+    def check_compatible(self, hidden_size: int, num_train_timesteps: int, base_model: str,
+                         family: str = "sd1") -> list[str]:
+        """Raise UserError if the concept cannot drive a base model of this family and shape; return
+        warnings."""
+        if family != self.family:
+            from .families import FAMILIES
+
+            trained = FAMILIES[self.family].title if self.family in FAMILIES else self.family
+            now = FAMILIES[family].title if family in FAMILIES else family
+            raise UserError(
+                f"concept {self.placeholder!r} was trained on a {trained} model ({self.base_model}); "
+                f"{base_model} is a {now} model. Use --model {self.base_model} or another {trained} model"
+            )
         if hidden_size != self.text_encoder_hidden_size:
             raise UserError(
                 f"concept {self.placeholder!r} was trained on {self.base_model} (text width "
                 f"{self.text_encoder_hidden_size}); this base model's text width is {hidden_size}. "
-                f"Use --model {self.base_model} or an SD-1.x model of the same family"
+                f"Use --model {self.base_model} or a model of the same family"
             )
         if num_train_timesteps != self.num_train_timesteps:
             raise UserError(
@@ -144,6 +160,13 @@ class Concept:
             return [f"concept {self.placeholder!r} was trained on {self.base_model}, generating with {base_model}"]
         return []
 
+    @property
+    def window(self):
+        """The dynamic stage as a `StageWindow` (the stage table of sampling and export)."""
+        from .method.stages import StageWindow
+
+        return StageWindow(*self.stage_window, self.num_train_timesteps)
+
 
 def resolve_concept_path(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
@@ -152,46 +175,3 @@ def resolve_concept_path(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise UserError(f"no concept at {path}; pass a folder made by `personamagic train` or its concept.safetensors")
     return path
-
-
-def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and the string header of a safetensors file; a corrupt file is a UserError."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises SafetensorError / OSError for unreadable files
-        raise UserError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
-    return tensors, header
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> None:
-    """save_file to a temporary sibling, fsync, then rename over `path`: readers see old or new, never half."""
-
-    def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-
-    write_atomic(path, write)
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call `write(temporary_path)` on a hidden sibling, then rename it to `path`; on any error the
-    temporary file is removed and `path` is untouched. The file gets the usual umask permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

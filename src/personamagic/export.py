@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .concept import Concept, resolve_concept_path, save_safetensors_atomic
+from .concept import Concept, resolve_concept_path
+from .files import save_safetensors_atomic
 from .errors import UserError
 
 VECTOR_CHOICES = ("mean", "centre")

@@ -53,9 +53,9 @@ def add_commands(evaluate) -> None:
 
 def run(args) -> int:
     """Handler of `personamagic evaluate ...`; user mistakes raise UserError (one `error:` line)."""
-    from ..cli import _quiet_libraries
+    from ..cli.common import quiet_libraries
 
-    _quiet_libraries(getattr(args, "verbose", False))
+    quiet_libraries(getattr(args, "verbose", False))
     if args.evaluate_command == "images":
         return _images(args)
     return _study(args)
@@ -142,14 +142,14 @@ def _print_plan(config, plan, shard) -> None:
 def main(argv: list[str] | None = None) -> int:
     """`python -m personamagic.evaluation images|run ...`: the evaluate commands without the main CLI
     (also what `accelerate launch -m personamagic.evaluation run CONFIG` starts in every process)."""
-    from ..cli import _configure_logging, _Parser, run_handler
+    from ..cli.common import Parser, configure_logging, run_handler
 
-    parser = _Parser(prog="python -m personamagic.evaluation", description="Evaluate personalization.")
+    parser = Parser(prog="python -m personamagic.evaluation", description="Evaluate personalization.")
     parser.add_argument("--verbose", "-v", action="store_true", help="show debug logs and tracebacks")
     add_commands(parser)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     return run_handler(run, args)

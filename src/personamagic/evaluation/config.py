@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..models import DEFAULT_BASE_MODEL
+from ..models.loading import DEFAULT_BASE_MODEL
 from ..prompts import EVALUATION_PROMPTS
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
 from .datasets import LAYOUTS, MODES
@@ -113,7 +113,7 @@ class MethodConfig:
         The preset wins over study-wide settings, so e.g. a study-wide `te_weight` cannot turn TE on
         for `textual-inversion`; the training seed is shifted by the repeat index.
         """
-        from ..training import TrainConfig
+        from ..training.config import TrainConfig
 
         values = {**study_train, **METHOD_PRESETS[self.preset].train, **self.train}
         values = {k: _parse_window(v) if k == "stage_window" else v for k, v in values.items()}
@@ -196,7 +196,7 @@ class StudyConfig:
                 )
 
     def generate_config(self, prompt: str, seed: int = 0):
-        from ..generate import GenerateConfig
+        from ..jobs.generate import GenerateConfig
 
         return GenerateConfig(prompts=[prompt], seed=seed, num_images=1, grid=False, **self.generate)
 

@@ -125,7 +125,7 @@ class TorchIdentityEmbedder:
     def embed(self, image: Image.Image, face: FaceDetection) -> np.ndarray:
         import torch
 
-        from ..identity import align_faces
+        from ..faces.alignment import align_faces
 
         parameter = next(self.encoder.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
@@ -142,7 +142,7 @@ def load_face_embedder(spec: str = DEFAULT_FACE_MODEL, *, device=None) -> FaceEm
         return SFaceEmbedder()
     if spec == "dlib":
         return DlibEmbedder()
-    from ..identity import load_identity_model
+    from ..identity.loading import load_identity_model
 
     return TorchIdentityEmbedder(load_identity_model(spec, device=device), spec)
 

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..concept import write_atomic
+from ..files import write_atomic
 from ..errors import UserError
-from ..faces import load_photo, open_image, to_rgb
+from ..faces.photos import load_photo, open_image, to_rgb
 from ..prompts import PLACEHOLDER
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
 from .datasets import IMAGE_SUFFIXES
@@ -47,7 +47,7 @@ def list_images(folder: str | Path) -> list[Path]:
 def image_prompt(path: Path, prompt: str | None) -> tuple[str, dict[str, str | None]]:
     """(prompt, {placeholder: its concept's supercategory or None}) of an image: the given prompt,
     else the one in its PNG metadata with the concepts named there."""
-    from ..generate import read_image_metadata
+    from ..jobs.generate import read_image_metadata
 
     if prompt is not None:
         return prompt, {}
@@ -139,7 +139,7 @@ def evaluate_images(
 
     Placeholders are replaced by `supercategory` before CLIP tokenises the prompt.
     """
-    from ..models import resolve_device
+    from ..models.devices import resolve_device
     from .identity_preservation import IdentityPreservation, load_face_embedder
     from .text_similarity import TextSimilarity
 

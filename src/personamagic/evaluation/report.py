@@ -121,7 +121,7 @@ def write_report(output: Path, config, plan, records: list[dict]) -> dict:
 
 def write_text(path: Path, text: str) -> None:
     """Write text atomically."""
-    from ..concept import write_atomic
+    from ..files import write_atomic
 
     write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -195,7 +195,7 @@ def pareto_plot(rows: list[dict], path: Path, *, text_metric: str = "clip_s", id
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..concept import write_atomic
+    from ..files import write_atomic
 
     datasets = datasets or list(dict.fromkeys((r["dataset"], None) for r in rows))
     figure = Figure(figsize=(5.0 * len(datasets), 4.5), layout="constrained")

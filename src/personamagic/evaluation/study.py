@@ -84,7 +84,7 @@ class _Sampler:
     def pipeline(self, concept_path: Path):
         from ..concept import Concept
         from ..models import load_base_model, resolve_dtype
-        from ..pipeline import PersonaMagicPipeline
+        from ..pipeline.pipeline import PersonaMagicPipeline
 
         if self._base is None:
             self._base = load_base_model(self.config.model, device=self.device,
@@ -153,7 +153,7 @@ class _Worker:
     """One process's tools: its ledger file, device, metric models and base model."""
 
     def __init__(self, config: StudyConfig, shard: Shard):
-        from ..models import resolve_device
+        from ..models.devices import resolve_device
 
         self.config = config
         self.shard = shard
@@ -176,7 +176,7 @@ class _Worker:
     def ensure_concept(self, unit: Unit) -> Path:
         """The unit's concept: found on disk, or trained now (resuming its checkpoints if a run was cut)."""
         from ..concept import CONCEPT_FILENAME
-        from ..personalize import CHECKPOINT_DIR, personalize
+        from ..jobs.personalize import CHECKPOINT_DIR, personalize
         from ..training import TrainConfig, latest_checkpoint
 
         folder = self.output / CONCEPTS_DIR / unit.folder
@@ -256,8 +256,8 @@ class _Worker:
 
     def _save(self, path: Path, image, item: Item, concept, concept_path: Path) -> None:
         """The PNG with the metadata `personamagic generate` writes (so it can be regenerated), atomically."""
-        from ..concept import write_atomic
-        from ..generate import image_metadata, png_info
+        from ..files import write_atomic
+        from ..jobs.generate import image_metadata, png_info
 
         config = self.config.generate_config(item.prompt, item.seed)
         meta = image_metadata(item.prompt, item.seed, config, [concept], self.config.model, image.size,

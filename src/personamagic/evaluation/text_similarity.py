@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from ..models import TINY, clip_tokenizer
+from ..models.tiny import TINY
+from ..models.tokenizer import clip_tokenizer
 from . import DEFAULT_CLIP_MODEL
 
 # CLIP-S = w * max(cos, 0) with w = 2.5 (Hessel et al. 2021, Eq. 1), to spread scores over [0, 1].

@@ -115,9 +115,20 @@ def _job_status(snapshot: dict, ahead: int, what: str) -> str:
 
 
 def loss_frame(history: list[dict]):
-    """Long-format table (step, value, term) of a job's loss history, thinned to MAX_PLOT_POINTS."""
+    """Long-format table (step, value, term) of a job's loss history, thinned to MAX_PLOT_POINTS;
+    None (an empty plot) while there is no history.
+
+    Never an empty table: Gradio 6.31's plot builds its Vega-Lite spec from the first value it gets,
+    colour scale included (its domain is the terms in that value), and later values only swap the
+    spec's data. An empty first table fixed the colour domain to no terms, so every line was drawn
+    without a stroke colour: an empty-looking plot (with "Infinite extent" warnings in the console).
+    None shows the empty box instead and makes the plot build a new spec from the next table, the
+    first with losses, which holds every term of the run (each step reports all its terms).
+    """
     import pandas as pd
 
+    if not history:
+        return None
     stride = max(1, -(-len(history) // MAX_PLOT_POINTS))
     rows = [
         {"step": entry["index"], "value": value, "term": term}
@@ -126,7 +137,7 @@ def loss_frame(history: list[dict]):
         if term not in ("index", "phase", "step")
     ]
     frame = pd.DataFrame(rows, columns=["step", "value", "term"])
-    # Typed even when empty: the plot picks its axes' scales (numeric or categorical) from the dtypes.
+    # The plot picks its axes' scales from the dtypes: numeric steps and values, categorical terms.
     return frame.astype({"step": "int64", "value": "float64", "term": "str"})
 
 
@@ -136,10 +147,10 @@ def concept_pictures(folder) -> list[tuple[str, str]]:
 
 def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.Blocks:
     """The Blocks app; launch it with `launch_kwargs(studio)`."""
-    from ..personalize import FACE_SUPERCATEGORIES
-    from ..pipeline import SCHEDULERS
-    from ..training import TrainConfig
-    from ..generate import GenerateConfig
+    from ..jobs.personalize import FACE_SUPERCATEGORIES
+    from ..pipeline.schedulers import SCHEDULERS
+    from ..training.config import TrainConfig
+    from ..jobs.generate import GenerateConfig
 
     models = list(dict.fromkeys([default_model, *DEFAULT_MODELS]))
     supercategories = ["face", *sorted(FACE_SUPERCATEGORIES - {"face"}), *EXTRA_SUPERCATEGORIES]
@@ -191,7 +202,9 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                     train_button = gr.Button("Personalize", variant="primary", elem_id="train")
                     cancel_train = gr.Button("Cancel", elem_id="cancel-train")
                 train_status = gr.HTML(elem_id="train-status")
-                loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Training losses", height=320,
+                # No fixed height: Gradio sizes the chart to the height given but draws the label above
+                # it, inside the same box, so the legend at the bottom (which line is which term) was cut.
+                loss_plot = gr.LinePlot(x="step", y="value", color="term", label="Training losses",
                                         elem_id="loss-plot")
                 pictures = gr.Gallery(label="Concept pictures (click to enlarge)", columns=3, height=240,
                                       object_fit="contain",
@@ -258,8 +271,9 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                 raise UserError(str(err)) from None
             job = studio.submit_personalize(files, name_, config, model=(model_ or "").strip(), mask=mask_)
             state = {**state, "train": job.id, "train_points": None}
+            # None, not an empty table, clears the plot: see loss_frame (a new run may have other terms).
             return (status_html(f"training {job.label!r}: queued", "queued", (0, 1)), state, gr.Timer(active=True),
-                    loss_frame([]), [])
+                    None, [])
 
         @guarded(3, 0)
         def on_generate(selected, prompts_, negative_, num_images_, seed_, steps_, guidance_, scheduler_, state):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..argtypes import port, positive_float
+from ..cli.argtypes import port, positive_float
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860

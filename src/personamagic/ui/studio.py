@@ -186,7 +186,7 @@ _detectors = threading.local()  # YuNet is not thread-safe and page events run i
 
 
 def _detector():
-    from ..faces import FaceDetector
+    from ..faces.detection import FaceDetector
 
     if not hasattr(_detectors, "detector"):
         _detectors.detector = FaceDetector()
@@ -197,9 +197,9 @@ def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float) -> 
     """The training crop of a photo with its face box and landmarks drawn on it and the training mask
     tinted (`mask`: landmarks, clipseg or none), and a caption. Raises UserError for anything the
     training would refuse (too big, not an image, no face)."""
-    from ..faces import prepare_photo
-    from ..masks import landmark_mask, mask_overlay
-    from ..personalize import FACE_SUPERCATEGORIES
+    from ..faces.crop import prepare_photo
+    from ..faces.masks import landmark_mask, mask_overlay
+    from ..jobs.personalize import FACE_SUPERCATEGORIES
 
     check_upload_size(path, max_upload_mb)
     is_face = supercategory in FACE_SUPERCATEGORIES
@@ -310,7 +310,7 @@ class Studio:
             return self._submit_personalize(photos, name, config, model, mask, identity_model)
 
     def _submit_personalize(self, photos, name, config, model, mask, identity_model) -> Job:
-        from ..personalize import personalize
+        from ..jobs.personalize import personalize
 
         if (self.library.root / name).exists():
             raise UserError(f"the library already has {name!r}; choose another name")
@@ -361,7 +361,7 @@ class Studio:
         the same pixels on the same device type and dtype); returns the job and the image's metadata
         (so the page can show the settings). Its concepts are looked up in the library by fingerprint,
         else where the metadata says they were."""
-        from ..generate import read_image_metadata, regenerate
+        from ..jobs.generate import read_image_metadata, regenerate
 
         try:
             meta = read_image_metadata(image_path)
@@ -385,7 +385,7 @@ class Studio:
         return self.jobs.submit(job), meta
 
     def _submit_generate(self, folders: list[Path], config, model: str | None, label: str) -> Job:
-        from ..generate import generate
+        from ..jobs.generate import generate
 
         placeholders: dict[str, str] = {}
         for folder in folders:

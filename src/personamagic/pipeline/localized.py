@@ -43,3 +43,22 @@ def noised_background(scheduler, background: torch.Tensor, noise: torch.Tensor, 
         return background
     timesteps = torch.as_tensor(timestep, device=background.device).reshape(1)
     return scheduler.add_noise(background, noise, timesteps)
+
+
+def prepare_localized(pipe, background, region, batch_size: int, height: int, width: int):
+    """Background image(s) and region mask(s) -> scaled background latents (B, C, h, w) and the latent
+    region (B or 1, 1, h, w) in {0, 1}. Images are resized to (height, width)."""
+    from ..errors import UserError
+
+    if (background is None) != (region is None):
+        raise ValueError("localized generation needs both `background` and `region`")
+    pixels = pipe.image_processor.preprocess(background, height=height, width=width)
+    mask = pipe.mask_processor.preprocess(region, height=height, width=width)
+    pixels = pixels.to(pipe.device, pipe.vae.dtype)
+    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    if latents.shape[0] not in (1, batch_size):
+        raise ValueError(f"{latents.shape[0]} backgrounds for {batch_size} images")
+    region = latent_region(mask.to(pipe.device), latents.shape[-2:])
+    if not region.any():
+        raise UserError("the region mask is empty at latent resolution; paint a larger white area")
+    return latents.expand(batch_size, -1, -1, -1), region

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class IPAdapterSpec:
             raise ValueError(f"IP-Adapter scale must be >= 0, got {self.scale}")
 
     @classmethod
-    def parse(cls, text: str, scale: float = 1.0) -> "IPAdapterSpec":
+    def parse(cls, text: str, scale: float = 1.0) -> IPAdapterSpec:
         """`owner/repo/subfolder/file` on the hub (e.g. `h94/IP-Adapter/models/ip-adapter_sd15.safetensors`)
         or a local weights file (its image encoder in `image_encoder/` beside it)."""
         path = Path(text).expanduser()
@@ -118,3 +118,39 @@ def training_embeds(pipe, photos) -> torch.Tensor:
         raise UserError("training supports exactly one IP-Adapter")
     positive, _ = encode_images(pipe, list(photos))
     return positive[:, None]
+
+
+def prepare_ip_adapter(pipe, ip_adapter_image, ip_adapter_image_embeds, batch_size: int, do_cfg: bool):
+    """Per loaded IP-Adapter, its image input for the whole UNet batch ((uncond, cond) with guidance);
+    None when no adapter is loaded.
+
+    `ip_adapter_image`: one image (or list of images) per adapter. `ip_adapter_image_embeds`: one
+    tensor per adapter as in diffusers: (1 or B, K, ...), with guidance the negative half first.
+    """
+    count = num_ip_adapters(pipe.unet)
+    if count == 0:
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            raise ValueError("ip_adapter_image given but no IP-Adapter is loaded; call pipe.load_ip_adapter(...)")
+        return None
+    pairs = []
+    if ip_adapter_image_embeds is not None:
+        for embeds in ip_adapter_image_embeds:
+            pairs.append(embeds.chunk(2) if do_cfg else (None, embeds))
+    elif ip_adapter_image is not None:
+        images = ip_adapter_image if isinstance(ip_adapter_image, list) and count > 1 else [ip_adapter_image]
+        for index, image in enumerate(images):
+            positive, negative = encode_images(pipe, image if isinstance(image, list) else [image], index)
+            pairs.append((negative[None], positive[None]))  # (1, K, ...)
+    else:
+        raise ValueError(
+            "an IP-Adapter is loaded: pass ip_adapter_image (or ip_adapter_image_embeds), "
+            "or call pipe.unload_ip_adapter()"
+        )
+    if len(pairs) != count:
+        raise ValueError(f"{len(pairs)} IP-Adapter inputs for {count} loaded IP-Adapters")
+    embeds = []
+    for negative, positive in pairs:
+        parts = ([negative] if do_cfg else []) + [positive]
+        parts = [p.expand(batch_size, *p.shape[1:]) if p.shape[0] == 1 else p for p in parts]
+        embeds.append(torch.cat(parts).to(pipe.device, pipe.unet.dtype))
+    return embeds

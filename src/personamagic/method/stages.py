@@ -34,6 +34,66 @@ class PartitionError(ValueError):
     """The IoU curve or the maps cannot be partitioned (NaN values, empty mask)."""
 
 
+STAGE_NAMES = ("static1", "dynamic", "static2")
+
+
+class StageWindow(tuple):
+    """The dynamic stage t_lo <= t < t_hi of a schedule of T training timesteps (SPEC §2), as the pair
+    (t_lo, t_hi), with the stage table every part of PersonaMagic reads:
+
+    | stage    | t range          | S*                        |
+    |----------|------------------|---------------------------|
+    | static 1 | t >= t_hi        | the supercategory word    |
+    | dynamic  | t_lo <= t < t_hi | mapper(t), trained        |
+    | static 2 | t < t_lo         | mapper(t_lo), frozen      |
+
+    Always 0 <= t_lo < t_hi <= T; an unpacks and compares like the tuple (t_lo, t_hi).
+    """
+
+    def __new__(cls, lo, hi, num_train_timesteps: int = 1000):
+        if isinstance(lo, bool) or isinstance(hi, bool) or not all(isinstance(v, (int, np.integer)) for v in (lo, hi)):
+            raise ValueError(f"a stage window is two whole timesteps LO:HI, got {lo!r}:{hi!r}")
+        lo, hi, T = int(lo), int(hi), int(num_train_timesteps)
+        if not 0 <= lo < hi <= T:
+            raise ValueError(f"a stage window needs 0 <= LO < HI <= {T} (the schedule's timesteps), got {lo}:{hi}")
+        window = super().__new__(cls, (lo, hi))
+        window.num_train_timesteps = T
+        return window
+
+    @property
+    def lo(self) -> int:
+        return self[0]
+
+    @property
+    def hi(self) -> int:
+        return self[1]
+
+    def stage(self, t: int) -> str:
+        """"static1", "dynamic" or "static2" for timestep t."""
+        return "static1" if t >= self.hi else "dynamic" if t >= self.lo else "static2"
+
+    @classmethod
+    def from_partition(cls, partition: "StagePartition", num_train_timesteps: int,
+                       min_dynamic_fraction: float = 0.2) -> "StageWindow":
+        """The window a partition gives on the whole schedule: a dynamic stage that reaches the top (no
+        static 1) or the bottom (no static 2) of the probed grid runs to T or to 0; then the minimum
+        width (`min_dynamic_fraction`·T) is applied to that final window, widening it symmetrically
+        inside [0, T] (`partition_stages` applied it on the grid already; the mapped ends can only make
+        the stage wider, so this is a guard, not a second rule)."""
+        T = num_train_timesteps
+        hi = partition.t_hi if partition.has_static1 else T
+        lo = partition.t_lo if partition.has_static2 else 0
+        width = min(T, math.ceil(min_dynamic_fraction * T))
+        if hi - lo < width:
+            centre = (lo + hi) / 2
+            lo = int(round(min(max(centre - width / 2, 0), T - width)))
+            hi = lo + width
+        return cls(lo, hi, T)
+
+    def to_list(self) -> list[int]:
+        return [self.lo, self.hi]
+
+
 # --------------------------------------------------------------------------------------------------
 # pure functions
 
@@ -141,10 +201,9 @@ def partition_stages(
         center = (t_lo + t_hi) / 2
         new_lo = int(round(min(max(center - width / 2, low), high - width)))
         new_hi = int(round(new_lo + width))
-        logger.warning(
-            "the dynamic stage %d:%d is narrower than %.0f%% of the schedule; widened to %d:%d",
-            t_lo, t_hi, 100 * min_dynamic_fraction, new_lo, new_hi,
-        )
+        # Not a warning here: the caller reports the final window once (`StageWindow.from_partition`).
+        logger.debug("dynamic stage %d:%d narrower than %.0f%% of the schedule; widened to %d:%d on the grid",
+                     t_lo, t_hi, 100 * min_dynamic_fraction, new_lo, new_hi)
         t_lo, t_hi, widened = new_lo, new_hi, True
         # The widened stage may now leave room above or below it (or reach an end it did not).
         has_static1, has_static2 = t_hi < high, t_lo > low

@@ -62,3 +62,16 @@ def port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text}")
     return value
+
+
+def stage_window(text: str):
+    """`LO:HI` -> (LO, HI) with 0 <= LO < HI <= 1000, or `auto` -> None."""
+    if text == "auto":
+        return None
+    try:
+        lo, hi = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LO:HI (e.g. 400:800) or auto, got {text!r}") from None
+    if not 0 <= lo < hi <= 1000:
+        raise argparse.ArgumentTypeError(f"needs 0 <= LO < HI <= 1000, got {text}")
+    return (lo, hi)

@@ -25,11 +25,12 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
-from .concept import Concept, resolve_concept_path, write_atomic
-from .errors import UserError
-from .fast import check_compile_backend
-from .models import TINY, load_base_model, resolve_device, resolve_dtype
+from .. import __version__
+from ..concept import Concept, resolve_concept_path
+from ..files import write_atomic
+from ..errors import UserError
+from ..models.devices import check_compile_backend
+from ..models import TINY, load_base_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def load_localized_inputs(background: str, region: str, size: tuple[int, int] | 
     """Background (RGB) and region (L, 255 inside) at the output size, both cropped around their centre
     to its shape (never squashed). The region is the white part of the mask, or its opaque part when it
     has transparency."""
-    from .faces import open_image, to_rgb
+    from ..faces.photos import open_image, to_rgb
 
     image, mask = open_image(background), open_image(region)
     if image.size != mask.size:
@@ -260,8 +261,8 @@ class _Session:
 
     def __init__(self, concept_paths: list[str], config: GenerateConfig, model: str | None, device: str,
                  dtype: str | None, local_files_only: bool, result: GenerateResult, resident=None):
-        from .ip_adapter import IPAdapterSpec, load_ip_adapter
-        from .pipeline import PersonaMagicPipeline, scheduler_choice
+        from ..adapters.ip_adapter import IPAdapterSpec, load_ip_adapter
+        from ..pipeline import PersonaMagicPipeline, scheduler_choice
 
         self.config, self.result = config, result
         self.concept_paths = [str(p) for p in concept_paths]
@@ -322,7 +323,7 @@ class _Session:
         if size is not None:
             self.call_kwargs.update(width=size[0], height=size[1])
         if config.ip_adapter is not None:
-            from .faces import load_photo
+            from ..faces.photos import load_photo
 
             images = [load_photo(p) for p in config.ip_adapter_images]
             load_ip_adapter(self.pipe, spec, local_files_only=local_files_only)

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .errors import UserError
-from .faces import FaceDetection, PreparedPhoto, open_image, to_rgb
+from ..errors import UserError
+from .crop import PreparedPhoto
+from .detection import FaceDetection
+from .photos import open_image, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -67,69 +69,20 @@ def _fixed_point(values) -> tuple[int, ...]:
 # CLIPSeg
 
 
-def load_clipseg(model_id: str = DEFAULT_CLIPSEG):
+def load_clipseg(model_id: str = DEFAULT_CLIPSEG, *, local_files_only: bool = False):
     """CLIPSeg model (eval mode) and processor by hub id or local folder."""
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
     logger.info("loading CLIPSeg %s", model_id)
     try:
-        model = CLIPSegForImageSegmentation.from_pretrained(model_id)
-        processor = CLIPSegProcessor.from_pretrained(model_id)
+        model = CLIPSegForImageSegmentation.from_pretrained(model_id, local_files_only=local_files_only)
+        processor = CLIPSegProcessor.from_pretrained(model_id, local_files_only=local_files_only)
     except Exception as err:  # hub and file errors come in many classes; all mean "cannot load it"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(
             f"could not load the CLIPSeg model {model_id!r} ({reason}); check your network, "
             "or use --mask landmarks to work offline"
         ) from None
-    return model.eval().requires_grad_(False), processor
-
-
-def build_tiny_clipseg(seed: int = 0):
-    """A tiny, randomly initialised CLIPSeg (real classes, 32x32 input) and its processor, for tests.
-
-    Its masks are noise, but every step of `clipseg_probabilities` runs as with the real model. The
-    weights are `torch.manual_seed(seed)` draws taken without touching the global RNG.
-    """
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
-
-    from .models import clip_tokenizer
-
-    tokenizer = clip_tokenizer()
-    config = CLIPSegConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": tokenizer.model_max_length,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-        extract_layers=(0, 1),  # one decoder layer per vision layer
-        reduce_dim=16,
-        decoder_num_attention_heads=2,
-        decoder_intermediate_size=32,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPSegForImageSegmentation(config)
-    image_processor = ViTImageProcessor(
-        size={"height": 32, "width": 32},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],  # CLIP's normalisation, as CLIPSeg's processor
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model.eval().requires_grad_(False), processor
 
 

@@ -1,0 +1,73 @@
+"""What every command shares: the argparse parser class that reports a bad flag in one line, logging
+as `warning: ...` lines, quiet libraries, the device flags, and the handler wrapper that turns a user
+mistake into one `error: ...` line and exit code 2 (a traceback only with --verbose)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line: `error: ...` (exit 2)."""
+
+    def error(self, message):
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_device_flags(parser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="weights' precision; auto = bf16/fp16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")
+
+
+class LowercaseLevelFormatter(logging.Formatter):
+    """`warning: ...` like the `error: ...` lines."""
+
+    def format(self, record):
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LowercaseLevelFormatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("personamagic").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """diffusers/transformers reset their loggers on import: set their verbosity after importing."""
+    if verbose:
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
+
+
+def run_handler(handler, args) -> int:
+    """Run a command: a user mistake ends as one `error: ...` line and exit code 2 (a traceback only
+    with --verbose); Ctrl-C as `error: interrupted` and exit code 130."""
+    from ..errors import UserError
+
+    try:
+        return handler(args)
+    except UserError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

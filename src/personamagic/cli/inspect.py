@@ -1,0 +1,56 @@
+"""`personamagic inspect CONCEPT`: a concept's stages, training settings and file facts."""
+
+from __future__ import annotations
+
+
+def add_parser(commands) -> None:
+    inspect = commands.add_parser("inspect", help="show a concept's stages, training settings and file facts")
+    inspect.add_argument("concept", help="concept folder or concept.safetensors file")
+
+
+def run(args) -> int:
+    from ..concept import Concept, resolve_concept_path
+
+    path = resolve_concept_path(args.concept)
+    for line in describe_concept(Concept.load(path), path):
+        print(line)
+    return 0
+
+
+def describe_concept(concept, path) -> list[str]:
+    """A few lines about a concept: file, token, stages, training."""
+    from ..concept import FORMAT_VERSION
+
+    size = path.stat().st_size
+    c, training, stages = concept, concept.training, concept.stages
+    t_lo, t_hi = c.stage_window
+    lines = [
+        f"{path}  {size / 1e6:.2f} MB, format {FORMAT_VERSION}, written by personamagic {c.version}, fingerprint {c.fingerprint()}",
+        f"placeholder {c.placeholder!r} ({c.mapper_config['num_vectors']} vector(s)), supercategory "
+        f"{c.supercategory!r}, base model {c.base_model} (text width {c.text_encoder_hidden_size})",
+        f"stages: static 1 t >= {t_hi} | dynamic {t_lo} <= t < {t_hi} | static 2 t < {t_lo}  (T = {c.num_train_timesteps})",
+    ]
+    if stages.get("method") == "auto":
+        best = max(range(len(stages["iou"])), key=lambda i: stages["iou"][i])
+        flags = [name for name in ("flat", "widened") if stages.get(name)]
+        lines.append(
+            f"partition: automatic, lambda1={stages['lambda1']} lambda2={stages['lambda2']}, warm-up "
+            f"{stages['warmup_steps']} steps ({'restarted' if stages['restarted'] else 'continued'}), "
+            f"IoU max {stages['iou'][best]:.3f} at t={stages['timesteps'][best]}"
+            + (f", {' and '.join(flags)}" if flags else "")
+        )
+    else:
+        lines.append("partition: fixed window given at training")
+    if training:
+        id_loss = f"on (weight {training['id_weight']})" if training.get("use_id_loss") else "off"
+        lines.append(
+            f"training: {training.get('steps_done')} steps, batch {training['train_batch_size']}, lr "
+            f"{training['learning_rate']}, seed {training['seed']}, TE weight {training['te_weight']}, identity loss {id_loss}"
+        )
+    extra = c.extra
+    if extra:
+        lines.append(
+            f"photos: {', '.join(extra.get('photos', []))}; mask {extra.get('mask')}; image encoder "
+            f"{c.image_encoder}; trained on {extra.get('device')} in {extra.get('dtype')}"
+        )
+    return lines

@@ -1,0 +1,311 @@
+"""Where identity networks come from (`load_identity_model`).
+
+- ``"tiny"``: a seeded, randomly initialised small IResNet for tests and offline runs (not a face model).
+- a local ``.pth``/``.pt``/``.safetensors`` state dict of an insightface ``arcface_torch`` IResNet
+  (iresnet18/34/50/100/200, e.g. the ``backbone.pth`` of ``ms1mv3_arcface_r100_fp16``); depth, widths
+  and embedding size are read from the tensor names and shapes.
+- a local ``.onnx`` file (e.g. ``w600k_r50.onnx`` of insightface's ``buffalo_l`` pack), converted to a
+  differentiable torch module by ``onnx2torch`` (``pip install 'personamagic[onnx]'``).
+- a Hugging Face hub reference ``owner/name/path/in/repo.ext`` (or ``owner/name`` when the repo holds
+  exactly one weights file), downloaded with ``huggingface_hub.hf_hub_download``.
+
+Licence: insightface's pretrained recognition models (arcface_torch model zoo, buffalo_l, antelopev2)
+are released for non-commercial research purposes only. The code here is MIT; the weights are not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..faces.alignment import ARCFACE_INPUT_SIZE
+from .encoder import ArcFaceEncoder
+from .iresnet import IResNet, IResNetConfig, build_iresnet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IDENTITY_MODEL = "lithiumice/ArcFace_PyTorch/ms1mv3_arcface_r100_fp16.pth"
+"""Default identity network: insightface arcface_torch IResNet-100 trained on MS1MV3 (ArcFace loss).
+
+Found on the stored Hugging Face page https://huggingface.co/lithiumice/ArcFace_PyTorch/tree/main
+(files ``ms1mv3_arcface_r100_fp16.pth`` 261 MB, ``ms1mv3_arcface_r50_fp16.pth`` 175 MB,
+``glink360k_cosface_r100_fp16_0.1.pth`` 261 MB). The hub's pickle scan lists only
+``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage`` and
+``torch.LongStorage``: a plain float32 state dict (LongStorage = BatchNorm ``num_batches_tracked``), so it
+loads with ``weights_only=True``, and the sizes match IResNet-100/50 in float32 (65 M / 44 M parameters).
+It is a re-upload by an individual with no model card, not an insightface release; the strict key match of
+``load_identity_model`` refuses it if it is not an arcface_torch IResNet. Not downloaded or run here (no
+hub access): unverified beyond that page.
+
+Alternative with better provenance (Hugging Face staff mirror, needs ``personamagic[onnx]``):
+``public-data/insightface/models/buffalo_l/w600k_r50.onnx`` (IResNet-50 trained on WebFace600K; sha256
+4c06341c33c2ca1f86781dab0e829f88ad5b64be9fba56e56bc9ebdefc619e43, as in other copies of buffalo_l).
+
+Licence of both: insightface's pretrained models are for non-commercial research purposes only.
+"""
+
+RANDOM_IRESNET100 = "random-iresnet100"  # full-size IResNet-100, random weights: for benchmarks only
+
+_MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".onnx")
+_HUB_REFERENCE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
+# Keys under which training scripts nest the network's weights (arcface_torch checkpoints use the last).
+_NESTED_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_backbone")
+
+
+TINY_IRESNET_CONFIG = IResNetConfig(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), embedding_dim=32)
+"""Shape of the ``"tiny"`` identity model: 112×112 input like ArcFace, ~30 k parameters, D = 32."""
+
+
+def build_tiny_identity_model(seed: int = 0) -> ArcFaceEncoder:
+    """A small randomly initialised IResNet encoder, the same for the same seed in any process.
+
+    For tests and offline runs: it has the real model's interface but knows nothing about faces.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = IResNet(TINY_IRESNET_CONFIG)
+    return ArcFaceEncoder(
+        backbone, embedding_dim=TINY_IRESNET_CONFIG.embedding_dim, input_size=TINY_IRESNET_CONFIG.input_size
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_identity_model(
+    spec: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ArcFaceEncoder:
+    """Load a frozen (eval, requires_grad False) identity encoder.
+
+    ``spec``: ``"tiny"``, a local ``.pth``/``.pt``/``.safetensors``/``.onnx`` file, or a Hugging Face
+    reference ``owner/name/path/in/repo.ext`` (``owner/name`` if the repo holds one weights file).
+    Raises ``UserError`` for anything that cannot be loaded.
+    """
+    spec = os.fspath(spec)
+    if spec == "tiny":
+        encoder = build_tiny_identity_model()
+    elif spec == RANDOM_IRESNET100:
+        encoder = ArcFaceEncoder(build_iresnet(100), embedding_dim=512)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            encoder = _load_file(path)
+        elif path.exists():
+            raise UserError(f"identity model {spec} is a directory; pass the weights file inside it")
+        elif _looks_like_local_path(spec):
+            raise UserError(f"identity model file {spec} does not exist; check the path")
+        elif _HUB_REFERENCE.match(spec):
+            encoder = _load_file(_download_from_hub(spec))
+        else:
+            raise UserError(
+                f"unknown identity model {spec!r}: pass 'tiny', a local .pth/.safetensors/.onnx file, "
+                f"or a Hugging Face reference owner/name/path/in/repo (e.g. {DEFAULT_IDENTITY_MODEL})"
+            )
+    encoder.to(device=device, dtype=dtype)
+    encoder.requires_grad_(False)
+    return encoder.eval()
+
+
+def _looks_like_local_path(spec: str) -> bool:
+    """True for specs that name a file rather than a hub repo (absolute, ./, ~, or name.ext)."""
+    if spec.startswith((os.sep, ".", "~")) or (os.altsep and os.altsep in spec):
+        return True
+    return "/" not in spec or (spec.count("/") == 1 and spec.lower().endswith(_MODEL_SUFFIXES))
+
+
+def _download_from_hub(spec: str) -> Path:
+    """``owner/name[/path/in/repo]`` → local path of the downloaded file (cached by huggingface_hub)."""
+    import huggingface_hub
+
+    owner, name, *rest = spec.split("/")
+    repo_id = f"{owner}/{name}"
+    advice = "pass a local file with --identity-model PATH, or train without the identity loss with --no-id-loss"
+    try:
+        if rest:
+            filename = "/".join(rest)
+        else:
+            candidates = [f for f in huggingface_hub.list_repo_files(repo_id) if f.lower().endswith(_MODEL_SUFFIXES)]
+            if len(candidates) != 1:
+                raise UserError(
+                    f"hub repo {repo_id} holds {len(candidates)} weights files ({', '.join(candidates[:5])}); "
+                    f"name one as {repo_id}/FILE"
+                )
+            filename = candidates[0]
+        local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
+    except UserError:
+        raise
+    except Exception as err:  # network, auth, missing repo/file, offline mode: all end the same way
+        raise UserError(f"could not download identity model {spec!r} ({type(err).__name__}); {advice}") from err
+    logger.info("identity model %s downloaded to %s", spec, local)
+    return Path(local)
+
+
+def _load_file(path: Path) -> ArcFaceEncoder:
+    suffix = path.suffix.lower()
+    if suffix in (".pth", ".pt"):
+        return _encoder_from_state_dict(_read_torch_state_dict(path), path)
+    if suffix == ".safetensors":
+        return _encoder_from_state_dict(_read_safetensors(path), path)
+    if suffix == ".onnx":
+        return _load_onnx(path)
+    raise UserError(f"identity model {path} has an unknown extension; use a .pth, .pt, .safetensors or .onnx file")
+
+
+def _read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise UserError(
+                f"{path} holds pickled Python objects (e.g. a whole nn.Module), which are not loaded for safety; "
+                f"save the network's state_dict() instead, or pass an ONNX file"
+            ) from err
+        raise UserError(f"{path} is not a PyTorch weights file; pass a state dict .pth, .safetensors or .onnx") from err
+    except Exception as err:  # zip/EOF/storage errors: whatever torch.load says, the file is unusable
+        raise UserError(f"{path} is not a PyTorch weights file; pass a state dict .pth, .safetensors or .onnx") from err
+    return _unwrap_state_dict(checkpoint, path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return _unwrap_state_dict(load_file(path, device="cpu"), path)
+    except Exception as err:
+        raise UserError(f"{path} is not a readable .safetensors file; check the download or pass a .pth") from err
+
+
+def _unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a plain state dict, one nested under a known key, and DataParallel's "module." prefix."""
+    if isinstance(checkpoint, dict):
+        for key in _NESTED_STATE_DICT_KEYS:
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UserError(f"{path} is not a state dict of tensors; save the network's state_dict(), or pass an ONNX file")
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def _encoder_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path) -> ArcFaceEncoder:
+    not_iresnet = f"{path} is not an insightface arcface_torch IResNet state dict; pass an ONNX file instead"
+    try:
+        config = IResNetConfig.from_state_dict(state_dict)
+    except ValueError as err:
+        raise UserError(f"{not_iresnet} ({_first_line(err)})") from err
+    backbone = IResNet(config)
+    missing, unexpected = _key_mismatch(backbone.state_dict(), state_dict)
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(f"{not_iresnet} ({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. '{example}')")
+    try:
+        backbone.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:  # same names, other shapes
+        raise UserError(f"{not_iresnet} (tensor shapes differ)") from err
+    logger.info(
+        "identity model %s: IResNet-%s, %d parameters, %d-d embeddings",
+        path, config.depth or "custom", sum(p.numel() for p in backbone.parameters()), config.embedding_dim,
+    )
+    return ArcFaceEncoder(backbone, embedding_dim=config.embedding_dim, input_size=config.input_size)
+
+
+def _first_line(err: Exception) -> str:
+    """UserError messages are one line; library exceptions may not be."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _key_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+
+
+def _load_onnx(path: Path) -> ArcFaceEncoder:
+    """Convert an ONNX recognition model to a differentiable torch module (onnx2torch).
+
+    Input convention as insightface's ``ArcFaceONNX``: models whose first nodes subtract and multiply
+    (MXNet exports that normalise inside the graph) read pixels in [0, 255]; all others read
+    (pixel − 127.5)/127.5, i.e. our [−1, 1]. insightface feeds them ``blobFromImages(..., swapRB=True)``
+    of BGR cv2 crops, so the networks see RGB, which is what this library passes.
+    """
+    try:
+        import onnx
+        from onnx2torch import convert
+    except (ImportError, RuntimeError) as err:  # onnx2torch imports torchvision, which must match torch
+        raise UserError(
+            f"loading the ONNX identity model {path} needs onnx and onnx2torch with a torchvision that matches "
+            f"your torch ({type(err).__name__}: {_first_line(err)}); run pip install 'personamagic[onnx]'"
+        ) from err
+    try:
+        model_proto = onnx.load(str(path))
+    except Exception as err:
+        raise UserError(f"{path} is not a readable ONNX model; check the download") from err
+    input_size = _onnx_input_size(model_proto, path)
+    input_mean, input_std = (0.0, 1.0) if _normalizes_pixels_inside(model_proto) else (127.5, 127.5)
+    try:
+        backbone = convert(model_proto)
+    except Exception as err:
+        raise UserError(
+            f"onnx2torch cannot convert {path} ({type(err).__name__}: {_first_line(err)}); pass an arcface_torch .pth"
+        ) from err
+    backbone.eval()
+    with torch.no_grad():
+        probe = backbone(torch.zeros(1, 3, input_size, input_size))
+    if not isinstance(probe, torch.Tensor):
+        raise UserError(f"{path} has several outputs; pass a recognition model with one embedding output")
+    embedding_dim = probe.reshape(1, -1).shape[1]
+    logger.info(
+        "identity model %s: ONNX, %d×%d input, mean/std %s/%s, %d-d embeddings",
+        path, input_size, input_size, input_mean, input_std, embedding_dim,
+    )
+    return ArcFaceEncoder(
+        backbone, embedding_dim=embedding_dim, input_size=input_size, input_mean=input_mean, input_std=input_std
+    )
+
+
+def _normalizes_pixels_inside(model_proto) -> bool:
+    """Whether the graph reads pixels in [0, 255] and subtracts and multiplies them itself.
+
+    insightface's rule (node names starting Sub/_minus and Mul/_mul among the first 8 nodes, as MXNet
+    names them), or else the graph input's first two consumers being Sub and Mul (torch exports, whose
+    node list may start with unrelated Identity nodes).
+    """
+    names = [node.name for node in model_proto.graph.node[:8]]
+    if any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names):
+        return True
+    initializers = {init.name for init in model_proto.graph.initializer}
+    current = next(i.name for i in model_proto.graph.input if i.name not in initializers)
+    ops = []
+    for _ in range(2):
+        consumer = next((node for node in model_proto.graph.node if current in node.input), None)
+        if consumer is None or len(consumer.output) != 1:
+            break
+        ops.append(consumer.op_type)
+        current = consumer.output[0]
+    return sorted(ops) == ["Mul", "Sub"]
+
+
+def _onnx_input_size(model_proto, path: Path) -> int:
+    """Side of the square input from the graph's (B, 3, H, W) input; ARCFACE_INPUT_SIZE when symbolic."""
+    initializers = {init.name for init in model_proto.graph.initializer}
+    graph_inputs = [i for i in model_proto.graph.input if i.name not in initializers]
+    if len(graph_inputs) != 1:
+        raise UserError(f"{path} has {len(graph_inputs)} inputs; pass a recognition model with one image input")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4 or dims[1] not in (3, None):
+        raise UserError(f"{path} does not take (B, 3, H, W) images; pass a face recognition model")
+    height, width = dims[2], dims[3]
+    if height is None or width is None:
+        return ARCFACE_INPUT_SIZE
+    if height != width:
+        raise UserError(f"{path} takes {height}×{width} inputs; only square face crops are supported")
+    return height

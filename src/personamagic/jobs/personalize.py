@@ -1,0 +1,338 @@
+"""The `train` job: photo(s) in, concept folder out (concept.safetensors, mask.png, stages.png,
+attention.png, checkpoints/ while it runs).
+
+Order matters for "nothing half-written": the output folder is locked first (a second run into it is
+refused at once), every check that can fail on user input (flags, photos, faces, masks, models) runs
+before anything is written, the concept and its pictures are written atomically at the end, and
+checkpoints are written atomically as training goes. A run that fails leaves no folder it created
+behind (only checkpoints a `--resume` can continue from are kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..concept import CONCEPT_FILENAME, Concept
+from ..errors import UserError
+from ..faces import FaceDetector, load_photo, prepare_photo
+from ..faces.alignment import alignment_theta
+from ..faces.masks import clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
+from ..files import FolderLock, disk_error, write_atomic
+from ..identity.loading import DEFAULT_IDENTITY_MODEL, load_identity_model
+from ..models import DEFAULT_IMAGE_ENCODER, TINY, load_base_model, load_image_encoder, resolve_device, resolve_dtype
+from ..models.devices import DTYPE_NAMES
+from ..training import TrainConfig, Trainer, latest_checkpoint, prepare_training_data
+from .plots import attention_figure, stages_figure
+
+logger = logging.getLogger(__name__)
+
+# Supercategories for which a face is detected, the crop centred on it and the identity loss used.
+FACE_SUPERCATEGORIES = {"face", "person", "man", "woman", "boy", "girl", "child", "kid", "baby", "people"}
+MASK_METHODS = ("auto", "clipseg", "landmarks", "none")
+CHECKPOINT_DIR = "checkpoints"
+MASK_PREVIEW = "mask.png"
+STAGES_PLOT = "stages.png"
+ATTENTION_PLOT = "attention.png"
+
+
+@dataclass
+class PersonalizeResult:
+    concept_path: Path
+    concept: Concept
+    notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def file_sha256(path) -> str:
+    """Short SHA-256 of a file's bytes (photos are compared by content, not by name)."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
+
+
+def check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing concept unless asked; refuse a resume with nothing to resume."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder")
+    if any(parent.exists() and not parent.is_dir() for parent in output.parents):
+        raise UserError(f"--output {output} lies under a file; give a folder path")
+    if resume:
+        if latest_checkpoint(output / CHECKPOINT_DIR) is None:
+            raise UserError(f"nothing to resume in {output} (no checkpoints/); train without --resume")
+    elif (output / CONCEPT_FILENAME).exists() and not overwrite:
+        raise UserError(f"{output} already holds a concept; pass --overwrite to replace it or --resume to continue")
+    elif (output / CHECKPOINT_DIR).is_dir() and any((output / CHECKPOINT_DIR).iterdir()) and not overwrite:
+        raise UserError(f"{output} holds checkpoints of an unfinished run; pass --resume or --overwrite")
+
+
+class OutputFolder:
+    """The run's output folder, locked for the run (`FolderLock`). A folder this run created is removed
+    again if the run fails before anything worth keeping (a checkpoint) was written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created = False
+        self.lock = FolderLock(path)
+
+    def __enter__(self) -> "OutputFolder":
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise disk_error(self.path, err) from None
+        try:
+            self.lock.acquire()
+        except BaseException:
+            self._remove_if_created()
+            raise
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.lock.release()
+        if exc_type is not None:
+            self._remove_if_created()
+
+    def _remove_if_created(self) -> None:
+        if not self.created or not self.path.is_dir():
+            return
+        checkpoints = self.path / CHECKPOINT_DIR
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
+        if not any(self.path.iterdir()):
+            self.path.rmdir()
+
+
+def personalize(
+    photos: list[str],
+    output: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    model: str = "CompVis/stable-diffusion-v1-4",
+    device: str = "auto",
+    dtype: str = "auto",
+    mask: str = "auto",
+    image_encoder: str = "auto",
+    identity_model: str = "auto",
+    overwrite: bool = False,
+    resume: bool = False,
+    local_files_only: bool = False,
+    progress=None,
+    ip_adapter=None,
+    resident=None,
+    revision: str | None = None,
+    model_config: str | None = None,
+) -> PersonalizeResult:
+    """Learn a concept from `photos` and write it to the folder `output`.
+
+    mask: "auto" (CLIPSeg for real models, landmarks for tiny), "clipseg", "landmarks", "none" (whole
+    image, for styles), or a mask image file (one photo only). image_encoder / identity_model: "auto"
+    or a hub id / local path ("tiny" for the tiny stand-ins). `progress(step, total, logs, phase)` is
+    called for every step, phase "warm-up" (before the automatic stage partition) or "train".
+    ip_adapter: an `ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file` text) to train with
+    that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
+    resident: a `models.ResidentModels` to take the base model from (not with an IP-Adapter).
+    revision / model_config: the hub revision of `model`, the config folder of a single-file model.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    if not photos:
+        raise UserError("give at least one photo")
+    if mask not in MASK_METHODS and not Path(mask).is_file():
+        raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, nor an existing mask file")
+    check_output_folder(output, overwrite=overwrite, resume=resume)
+    run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
+    for photo in photos:
+        load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
+    with OutputFolder(output):
+        check_output_folder(output, overwrite=overwrite, resume=resume)  # again, now that the folder is ours
+        device_ = resolve_device(device)
+        dtype_ = resolve_dtype(dtype, device_)
+        load = resident.load if resident is not None and ip_adapter is None else load_base_model
+        base = load(model, device=device_, dtype=dtype_, local_files_only=local_files_only, revision=revision,
+                    model_config=model_config)
+        data, prepared, masks, ip_adapter = run.prepare(base, device_, dtype_, local_files_only, ip_adapter)
+        concept, trainer = run.train(base, data, resume, progress, ip_adapter, device_, dtype_)
+        concept_path = _write_outputs(output, concept, trainer, prepared[0].image, masks[0])
+    run.timings["total_s"] = time.perf_counter() - started
+    return PersonalizeResult(concept_path, concept, run.notes, run.timings)
+
+
+class _Run:
+    """The steps of one personalize job and what they learn on the way (notes, timings, job facts)."""
+
+    def __init__(self, photos, output: Path, config: TrainConfig, model: str, mask: str, image_encoder: str,
+                 identity_model: str):
+        self.photos, self.output, self.model = list(photos), output, model
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.is_face = config.supercategory in FACE_SUPERCATEGORIES
+        if config.use_id_loss and not self.is_face:
+            self.notes.append(f"identity loss off: supercategory {config.supercategory!r} is not a face")
+            config = TrainConfig(**{**config.to_dict(), "use_id_loss": False})
+        if model == TINY:
+            self.notes.append("tiny model: a randomly initialised toy; it runs the whole method but its images are "
+                              "noise-like")
+        self.config = config
+        self.mask_method = mask if mask != "auto" else ("landmarks" if model == TINY else "clipseg")
+        self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if model == TINY else DEFAULT_IMAGE_ENCODER)
+        self.identity_spec = None
+        if config.use_id_loss:
+            self.identity_spec = identity_model if identity_model != "auto" else (
+                TINY if model == TINY else DEFAULT_IDENTITY_MODEL)
+
+    def job_facts(self, base) -> dict:
+        """What a resume must match besides `TrainConfig` (`training.checkpoints`)."""
+        return {
+            "photos": [file_sha256(p) for p in self.photos],
+            "base_model": base.name,
+            "mask": self.mask_method if self.mask_method in MASK_METHODS else f"file {file_sha256(self.mask_method)}",
+            "image_encoder": self.encoder_name,
+            "identity_model": self.identity_spec,
+        }
+
+    def prepare(self, base, device, dtype, local_files_only: bool, ip_adapter):
+        """Photos, faces and masks, then the embeddings computed once (CLIP image embedding, VAE
+        posterior, identity reference)."""
+        size = base.resolution
+        detector = FaceDetector() if self.is_face else None
+        prepared = [prepare_photo(p, size, detect_face=self.is_face, detector=detector) for p in self.photos]
+        self.num_faces = [p.num_faces for p in prepared]
+        masks = _make_masks(prepared, self.mask_method, self.config.supercategory, local_files_only)
+        self.timings["load_and_mask_s"] = time.perf_counter() - self.started
+        t0 = time.perf_counter()
+        clip_model, clip_processor = load_image_encoder(self.encoder_name, device=device,
+                                                        local_files_only=local_files_only)
+        with torch.no_grad():
+            inputs = clip_processor(images=[p.image for p in prepared], return_tensors="pt").pixel_values.to(device)
+            image_embeds = clip_model(pixel_values=inputs.to(clip_model.dtype)).image_embeds.float()
+        self.identity_encoder, face_theta = None, None
+        if self.identity_spec is not None:
+            self.identity_encoder = load_identity_model(self.identity_spec, device=device, dtype=dtype)
+            face_theta = torch.stack([
+                alignment_theta(p.face.landmarks, (size, size), self.identity_encoder.input_size, landmarks_order="yunet")
+                for p in prepared
+            ])
+        pixels = torch.stack([pil_to_tensor(p.image) for p in prepared])
+        mask_tensor = torch.from_numpy(np.stack(masks))[:, None]
+        data = prepare_training_data(base.vae, pixels, mask_tensor, image_embeds, face_theta, self.identity_encoder)
+        if ip_adapter is not None:
+            ip_adapter = _plug_in_ip_adapter(base, ip_adapter, data, [p.image for p in prepared], local_files_only)
+        self.timings["encode_s"] = time.perf_counter() - t0
+        return data, prepared, masks, ip_adapter
+
+    def train(self, base, data, resume: bool, progress, ip_adapter, device, dtype):
+        """Partition (unless resumed past it or given a window) and train, checkpointing into
+        output/checkpoints; returns the concept and the trainer."""
+        t0 = time.perf_counter()
+        checkpoint_dir = self.output / CHECKPOINT_DIR
+        job = self.job_facts(base)
+        with Trainer(base, data, self.config, self.identity_encoder) as trainer:
+            if resume:
+                checkpoint = latest_checkpoint(checkpoint_dir)
+                trainer.load_checkpoint(checkpoint, job)
+                self.notes.append(f"resumed from {checkpoint.name} (step {trainer.step_count})")
+            if trainer.stage_window is None:
+                trainer.find_stage_window(progress=_with_phase(progress, "warm-up"))
+                self.timings["partition_s"] = time.perf_counter() - t0
+                logger.info(describe_partition(trainer.stages))
+            t1 = time.perf_counter()
+            trainer.train(progress=_with_phase(progress, "train"), checkpoint_dir=checkpoint_dir, job=job)
+            self.timings["train_s"] = time.perf_counter() - t1
+            extra = {
+                "photos": [Path(p).name for p in self.photos],
+                "photo_sha256": job["photos"],
+                "mask": self.mask_method if self.mask_method in MASK_METHODS else "file",
+                "num_faces": self.num_faces,
+                "identity_model": self.identity_spec,
+                "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+                "device": device.type,
+                **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),
+            }
+            concept = trainer.concept(base_model=base.name, image_encoder=self.encoder_name, extra=extra)
+        self.timings["training_total_s"] = time.perf_counter() - t0
+        return concept, trainer
+
+
+def _write_outputs(output: Path, concept: Concept, trainer, photo, mask) -> Path:
+    """The concept and its pictures, each atomically; then the run's resume points go."""
+    try:
+        concept_path = concept.save(output)
+        pictures = {MASK_PREVIEW: mask_overlay(photo, mask)}
+        if concept.stages.get("method") == "auto":
+            pictures[STAGES_PLOT] = stages_figure(concept.stages, concept.num_train_timesteps)
+            if trainer.attention_maps is not None:
+                pictures[ATTENTION_PLOT] = attention_figure(photo, trainer.attention_maps, concept.stages)
+        for name, picture in pictures.items():
+            write_atomic(output / name, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+    except OSError as err:
+        raise disk_error(output, err) from None
+    # The run is complete: its resume points are no longer needed.
+    checkpoint_dir = output / CHECKPOINT_DIR
+    for stale in checkpoint_dir.glob("step-*.safetensors"):
+        stale.unlink()
+    if checkpoint_dir.is_dir() and not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
+    return concept_path
+
+
+def _plug_in_ip_adapter(base, spec, data, photos, local_files_only: bool):
+    """Load the IP-Adapter into `base.unet` through diffusers and give the trainer each photo's input."""
+    from ..adapters.ip_adapter import IPAdapterSpec, load_ip_adapter, training_embeds
+    from ..pipeline import PersonaMagicPipeline
+
+    spec = spec if isinstance(spec, IPAdapterSpec) else IPAdapterSpec.parse(spec)
+    pipe = PersonaMagicPipeline.from_base(base)
+    load_ip_adapter(pipe, spec, local_files_only=local_files_only)
+    data.ip_adapter_embeds = training_embeds(pipe, photos)  # (N, 1, E)
+    return spec
+
+
+def _with_phase(progress, phase: str):
+    if progress is None:
+        return None
+    return lambda step, total, logs: progress(step, total, logs, phase)
+
+
+def describe_partition(stages: dict) -> str:
+    """One line on the automatic partition's result, with the final window."""
+    t_lo, t_hi = stages["window"]
+    text = f"stage partition: dynamic stage {t_lo} <= t < {t_hi}"
+    if stages.get("flat"):
+        text += " (flat IoU curve: no stage structure found, whole schedule used)"
+    elif stages.get("widened"):
+        text += " (widened to the minimum width, 20% of the schedule)"
+    return text
+
+
+def _make_masks(prepared, method: str, supercategory: str, local_files_only: bool = False) -> list[np.ndarray]:
+    """One (size, size) {0,1} mask per photo, by the chosen method."""
+    size = prepared[0].image.width
+    if method == "landmarks":
+        if any(p.face is None for p in prepared):
+            raise UserError("--mask landmarks needs a face; use --mask clipseg, none or FILE for this supercategory")
+        return [landmark_mask(p.face, size) for p in prepared]
+    if method == "clipseg":
+        model, processor = load_clipseg(local_files_only=local_files_only)
+        return [clipseg_mask(p.image, supercategory, model, processor) for p in prepared]
+    if method == "none":
+        return [np.ones((size, size), dtype=np.float32) for _ in prepared]
+    if len(prepared) != 1:
+        raise UserError("--mask FILE works with one photo; use --mask clipseg or landmarks with several photos")
+    return [load_mask_file(method, prepared[0])]

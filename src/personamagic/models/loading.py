@@ -1,0 +1,313 @@
+"""Loading real base models from their own files: a hub id, a local diffusers folder, a single file.
+
+Every part is read from its own subfolder with its own class, as diffusers lays a model out:
+`model_index.json` says which classes the parts are, `scheduler/scheduler_config.json` is the model's
+noise schedule (used for the training noise and as the base of every sampler), `unet/`, `vae/`,
+`text_encoder/`, `tokenizer/` (and `text_encoder_2/`, `tokenizer_2/` where the family has them) hold
+the networks. `.safetensors` files are preferred; for fp16/bf16 the repo's `fp16` variant files are
+used where it has them (half the download). The hub commit the files came from is kept in
+`BaseComponents.revision`.
+
+Single-file checkpoints (`.safetensors`, or a `.ckpt` that loads weights-only) carry weights but no
+configs: their family is recognised from the tensor names, and the configs come from a diffusers folder
+of that family (`model_config`) or from the family's reference repo in the hub cache (downloaded once
+when online). The scheduler config comes from the same place.
+
+Which family a model is, and whether PersonaMagic can drive it, is decided from the files before any
+weights are read; every failure is one `UserError` line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..families import FAMILIES, ModelFamily
+from .components import BaseComponents
+from .tiny import RANDOM_SD1, TINY, build_random_sd1_components, build_tiny_components
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"
+HALF_VARIANT = "fp16"  # the variant name SD repos use for their half-precision files
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def is_hub_id(name: str) -> bool:
+    """`owner/name` that is not a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+
+
+def load_base_model(
+    name: str,
+    *,
+    device=None,
+    dtype=None,
+    local_files_only: bool = False,
+    revision: str | None = None,
+    model_config: str | None = None,
+) -> BaseComponents:
+    """Load a base model by hub id, local diffusers folder, single `.safetensors`/`.ckpt` file, or build
+    `tiny`/`random-sd1`. `revision`: a hub branch, tag or commit; `model_config`: a diffusers folder
+    whose configs a single file uses. Raises UserError for models PersonaMagic cannot drive."""
+    if name == TINY:
+        return build_tiny_components().to(device=device, dtype=dtype)
+    if name == RANDOM_SD1:
+        return build_random_sd1_components(device).to(device=device, dtype=dtype)
+    path = Path(name).expanduser()
+    if path.is_file():
+        components = load_single_file(path, model_config=model_config, local_files_only=local_files_only,
+                                      dtype=dtype)
+    elif path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(
+                f"{name} is a folder but not a diffusers model (no model_index.json); "
+                "pass a diffusers folder, a .safetensors/.ckpt file or a hub id"
+            )
+        components = load_diffusers(str(path), local_files_only=local_files_only, dtype=dtype)
+    elif is_hub_id(name):
+        components = load_diffusers(name, local_files_only=local_files_only, revision=revision, dtype=dtype)
+    else:
+        raise UserError(
+            f"unknown model {name!r}: not a file, not a folder, not a hub id (owner/name); "
+            "use e.g. CompVis/stable-diffusion-v1-4, a local path, or tiny"
+        )
+    problems = components.family.problems(components)
+    if problems:
+        raise UserError(f"{name} is not a {components.family.title} model PersonaMagic can drive: {'; '.join(problems)}")
+    return components.freeze().to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a model's files
+
+
+def read_json_file(name: str, filename: str, *, subfolder: str = "", revision: str | None = None,
+                   local_files_only: bool = False) -> tuple[dict, Path]:
+    """A JSON object from a model folder or hub repo, and the local path it was read from."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        path = folder / subfolder / filename
+        if not path.is_file():
+            raise UserError(f"{name} has no {Path(subfolder) / filename}; is it a complete diffusers model?")
+    else:
+        import huggingface_hub
+
+        try:
+            path = Path(huggingface_hub.hf_hub_download(
+                name, filename, subfolder=subfolder or None, revision=revision, local_files_only=local_files_only
+            ))
+        except Exception as err:  # hub errors come in many classes; all mean "cannot read it"
+            raise UserError(
+                f"could not read {Path(subfolder) / filename} of {name!r} ({first_line(err)}); check the id, "
+                "your network and hub login, or use --model tiny to try offline"
+            ) from None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not readable JSON ({first_line(err)}); download the model again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; download the model again")
+    return data, path
+
+
+def snapshot_revision(path: Path) -> str | None:
+    """The commit of a file in a hub cache (`.../snapshots/<commit>/...`), else None."""
+    parts = Path(path).parts
+    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+        return parts[parts.index("snapshots") + 1]
+    return None
+
+
+def family_of_index(name: str, index: dict) -> ModelFamily:
+    """The family a `model_index.json` describes; UserError naming what it is when none fits."""
+    class_name = str(index.get("_class_name", ""))
+    if "Inpaint" in class_name or "Img2Img" in class_name or "Refiner" in class_name:
+        raise UserError(
+            f"{name} is a {class_name} model (inpainting / refiner); PersonaMagic needs a text-to-image base "
+            f"model such as {', '.join(f.default_model for f in FAMILIES.values())}"
+        )
+    for family in FAMILIES.values():
+        if family.recognizes_index(index):
+            return family
+    what = "an SDXL" if "text_encoder_2" in index or "XL" in class_name else f"a {class_name or 'non-Stable-Diffusion'}"
+    raise UserError(
+        f"{name} is {what} model; PersonaMagic supports {', '.join(f.title for f in FAMILIES.values())} "
+        f"(e.g. {', '.join(f.default_model for f in FAMILIES.values())})"
+    )
+
+
+def _component_class(index: dict, component: str, name: str):
+    """The class `model_index.json` names for a component, from diffusers or transformers."""
+    entry = index.get(component)
+    if not isinstance(entry, list) or len(entry) != 2 or entry[0] not in ("diffusers", "transformers"):
+        raise UserError(f"{name}'s model_index.json names no library class for {component!r}")
+    import importlib
+
+    module = importlib.import_module(entry[0])
+    cls = getattr(module, entry[1], None)
+    if cls is None:
+        raise UserError(f"{name} needs {entry[0]}.{entry[1]} for {component}, which this {entry[0]} lacks; upgrade it")
+    return cls
+
+
+def load_diffusers(name: str, *, local_files_only: bool = False, revision: str | None = None,
+                   dtype=None) -> BaseComponents:
+    """A diffusers-layout model (hub id or folder), each part from its own subfolder (module docstring)."""
+    index, index_path = read_json_file(name, "model_index.json", revision=revision, local_files_only=local_files_only)
+    family = family_of_index(name, index)
+    hub = {"revision": revision, "local_files_only": local_files_only}
+    scheduler_config, _ = read_json_file(name, SCHEDULER_CONFIG_FILE, subfolder="scheduler", **hub)
+    variant = HALF_VARIANT if dtype in (torch.float16, torch.bfloat16) else None
+    tokenizers, text_encoders = [], []
+    for spec in family.encoders:
+        tokenizer_class = _component_class(index, spec.tokenizer, name)
+        tokenizers.append(_load_part(tokenizer_class, name, spec.tokenizer, hub))
+        encoder_class = _component_class(index, spec.component, name)
+        text_encoders.append(_load_part(encoder_class, name, spec.component, hub, variant=variant, dtype=dtype,
+                                        dtype_key="dtype", attn_implementation="sdpa"))
+    unet = _load_part(_component_class(index, "unet", name), name, "unet", hub, variant=variant, dtype=dtype)
+    vae = _load_part(_component_class(index, "vae", name), name, "vae", hub, variant=variant, dtype=dtype)
+    return BaseComponents(name, family, tokenizers, text_encoders, vae, unet, scheduler_config,
+                          revision=snapshot_revision(index_path))
+
+
+def _load_part(cls, name: str, subfolder: str, hub: dict, *, variant=None, dtype=None, dtype_key="torch_dtype",
+               **kwargs):
+    """`cls.from_pretrained(name, subfolder=...)`, with the half-precision variant where it exists."""
+    if dtype is not None:
+        kwargs[dtype_key] = dtype
+    if variant is not None:
+        try:
+            return cls.from_pretrained(name, subfolder=subfolder, variant=variant, **hub, **kwargs)
+        except Exception:  # noqa: BLE001 - the repo has no such variant (or it is not cached): use the full files
+            logger.debug("%s/%s has no %s variant; loading the full-precision files", name, subfolder, variant)
+    try:
+        return cls.from_pretrained(name, subfolder=subfolder, **hub, **kwargs)
+    except Exception as err:  # missing, corrupt or mismatched files: each library raises its own classes
+        raise UserError(f"could not load the {subfolder} of {name!r} ({first_line(err)})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# single files
+
+
+def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple]:
+    """Tensor names and shapes of a single-file checkpoint, without loading its weights (safetensors)
+    or with a weights-only, memory-mapped `torch.load` (.ckpt)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise UserError(f"{path} is not a readable .safetensors file ({first_line(err)})") from None
+    if path.suffix in (".ckpt", ".pt", ".pth"):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # pickle / zip errors: the file cannot be read safely
+            raise UserError(
+                f"{path} cannot be read as a weights-only checkpoint ({first_line(err)}); convert it to .safetensors"
+            ) from None
+        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise UserError(f"{path} holds no state dict of tensors; pass a Stable Diffusion checkpoint")
+        return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    raise UserError(f"{path}: unknown model file type {path.suffix!r}; use .safetensors or .ckpt")
+
+
+def family_of_checkpoint(path: Path, shapes: dict[str, tuple]) -> ModelFamily:
+    """The family of a single-file checkpoint from its tensor names; UserError naming what it is else."""
+    keys = set(shapes)
+    unet_input = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if unet_input is None:
+        raise UserError(f"{path} is not a Stable Diffusion checkpoint (no UNet weights found)")
+    if len(unet_input) == 4 and unet_input[1] != 4:
+        raise UserError(f"{path}'s UNet takes {unet_input[1]} input channels (an inpainting or depth model); "
+                        "PersonaMagic needs a text-to-image model")
+    for family in FAMILIES.values():
+        if family.recognizes_checkpoint(keys):
+            return family
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        raise UserError(f"{path} is an SDXL checkpoint; PersonaMagic supports {', '.join(f.title for f in FAMILIES.values())}")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise UserError(f"{path} is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder); PersonaMagic "
+                        f"supports {', '.join(f.title for f in FAMILIES.values())}")
+    raise UserError(f"{path} is not a checkpoint of a family PersonaMagic supports "
+                    f"({', '.join(f.title for f in FAMILIES.values())})")
+
+
+def load_single_file(path: Path, *, model_config: str | None = None, local_files_only: bool = False,
+                     dtype=None) -> BaseComponents:
+    """A single-file checkpoint with the configs of its family (module docstring)."""
+    import diffusers
+
+    family = family_of_checkpoint(path, checkpoint_tensor_shapes(path))
+    config = model_config or family.checkpoint_config_repo
+    if model_config is not None:
+        index, _ = read_json_file(model_config, "model_index.json")
+        if family_of_index(model_config, index) is not family:
+            raise UserError(f"--model-config {model_config} is not a {family.title} model, but {path} is")
+    try:
+        scheduler_config, _ = read_json_file(config, SCHEDULER_CONFIG_FILE, subfolder="scheduler",
+                                             local_files_only=local_files_only)
+    except UserError:
+        raise UserError(
+            f"{path} is a {family.title} checkpoint, whose configs come from {config} (not in the local hub "
+            f"cache, or offline); pass --model-config FOLDER (a diffusers folder of the same family, e.g. a "
+            f"download of {family.checkpoint_config_repo}) or run once online"
+        ) from None
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if family.pipeline_class == "StableDiffusionPipeline":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = pipeline_class.from_single_file(str(path), config=config, local_files_only=local_files_only, **kwargs)
+    except Exception as err:  # shape mismatches, missing configs, corrupt tensors: each its own class
+        raise UserError(f"could not load {path} ({first_line(err)})") from None
+    tokenizers = [getattr(pipe, spec.tokenizer) for spec in family.encoders]
+    text_encoders = [getattr(pipe, spec.component) for spec in family.encoders]
+    for encoder in text_encoders:
+        encoder.set_attn_implementation("sdpa")
+    return BaseComponents(str(path), family, tokenizers, text_encoders, pipe.vae, pipe.unet, scheduler_config)
+
+
+# --------------------------------------------------------------------------------------------------
+# the photo's CLIP image encoder
+
+
+DEFAULT_IMAGE_ENCODER = "openai/clip-vit-base-patch32"
+
+
+def load_image_encoder(name: str, *, device=None, dtype=None, local_files_only: bool = False):
+    """CLIP vision model with projection (+ its processor) by hub id / local path, or `tiny`."""
+    from .tiny import RANDOM_IMAGE_ENCODER, build_random_image_encoder, build_tiny_image_encoder
+
+    if name == TINY:
+        model, processor = build_tiny_image_encoder()
+    elif name == RANDOM_IMAGE_ENCODER:
+        model, processor = build_random_image_encoder(device)
+    else:
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        try:
+            model = CLIPVisionModelWithProjection.from_pretrained(name, local_files_only=local_files_only)
+            processor = CLIPImageProcessor.from_pretrained(name, local_files_only=local_files_only)
+        except Exception as err:  # hub, file and config errors: all mean "cannot load it"
+            raise UserError(
+                f"could not load the CLIP image encoder {name!r} ({first_line(err)}); "
+                "check the id/path or your network, or pass --image-encoder PATH (tiny: the offline toy)"
+            ) from None
+        model.eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype), processor

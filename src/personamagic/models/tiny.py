@@ -1,0 +1,203 @@
+"""Models built in code: `tiny` (real diffusers / transformers classes at a toy size, seeded) for tests,
+CI and trying the tool offline, and `random-sd1` (real SD-1.x sizes, random weights) for benchmarks.
+
+The tiny models' images are noise-like by nature: they exist so the whole method runs offline on a CPU
+in seconds. They use the real SD-1.x tokenizer (built from the shipped BPE vocabulary) and the real
+SD-1.4 noise schedule, so their token ids and timesteps mean what they mean on a real model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..families import SD1
+from ..families.sd1 import SCHEDULER_CONFIG as SD1_SCHEDULER_CONFIG
+from .components import BaseComponents
+from .tokenizer import clip_tokenizer
+
+TINY = "tiny"
+RANDOM_SD1 = "random-sd1"  # SD-1.x sizes, random weights: for benchmarks (timing does not depend on weights)
+RANDOM_IMAGE_ENCODER = "random-clip-vit-b32"  # CLIP ViT-B/32 vision tower sizes, random weights
+# names of models built in code rather than loaded
+BUILT_MODELS = (TINY, RANDOM_SD1)
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Sizes of the offline `tiny` model: SD-1.x's layout (4-level VAE, cross-attention UNet, CLIP
+    text encoder with the real vocabulary) at a size that trains in seconds on a CPU."""
+
+    seed: int = 0  # weights are torch.manual_seed(seed) draws, so every process builds the same model
+    hidden_size: int = 32  # text encoder width = UNet cross_attention_dim
+    text_layers: int = 2  # CLIP text encoder layers
+    text_heads: int = 4  # CLIP text encoder heads
+    unet_channels: tuple = (32, 64)  # UNet block_out_channels (one cross-attention block per level)
+    vae_channels: tuple = (16, 16, 32, 32)  # 4 levels -> scale factor 8, as SD-1.x
+    latent_size: int = 16  # UNet sample_size: 16x16 latents -> 128x128 images
+    image_embed_dim: int = 16  # projection_dim of the tiny CLIP vision model
+
+
+def build_tiny_components(config: TinyConfig = TinyConfig()) -> BaseComponents:
+    """Build the tiny SD-1.x-shaped model, deterministically, without touching the global RNG."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        unet = UNet2DConditionModel(
+            sample_size=config.latent_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=config.unet_channels,
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * len(config.unet_channels),
+            up_block_types=("CrossAttnUpBlock2D",) * len(config.unet_channels),
+            cross_attention_dim=config.hidden_size,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+            block_out_channels=config.vae_channels,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=config.latent_size * 8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=config.hidden_size,
+                intermediate_size=config.hidden_size * 2,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=config.text_heads,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                attn_implementation="sdpa",
+            )
+        )
+    return BaseComponents(TINY, SD1, [tokenizer], [text_encoder], vae, unet, dict(SD1_SCHEDULER_CONFIG)).freeze()
+
+
+def build_tiny_image_encoder(config: TinyConfig = TinyConfig()):
+    """A tiny CLIPVisionModelWithProjection + matching CLIPImageProcessor (32x32 input)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        model = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+                projection_dim=config.image_embed_dim,
+            )
+        )
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model.eval().requires_grad_(False), processor
+
+
+def build_random_sd1_components(device=None) -> BaseComponents:
+    """Stable Diffusion 1.x at its real sizes (UNet 320/640/1280/1280, SD VAE, CLIP ViT-L/14 text
+    encoder, real tokenizer) with random weights, initialised directly on `device`. For benchmarks:
+    timing and memory do not depend on the weights' values. Images are noise."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = clip_tokenizer()
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+            )
+        )
+    components = BaseComponents(RANDOM_SD1, SD1, [tokenizer], [text_encoder], vae, unet, dict(SD1_SCHEDULER_CONFIG))
+    return components.freeze()
+
+
+def build_tiny_clipseg(seed: int = 0):
+    """A tiny, randomly initialised CLIPSeg (real classes, 32x32 input) and its processor, for tests.
+
+    Its masks are noise, but every step of `clipseg_probabilities` runs as with the real model. The
+    weights are `torch.manual_seed(seed)` draws taken without touching the global RNG.
+    """
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    tokenizer = clip_tokenizer()
+    config = CLIPSegConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+        extract_layers=(0, 1),  # one decoder layer per vision layer
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPSegForImageSegmentation(config)
+    image_processor = ViTImageProcessor(
+        size={"height": 32, "width": 32},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],  # CLIP's normalisation, as CLIPSeg's processor
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return model.eval().requires_grad_(False), processor
+
+
+def build_random_image_encoder(device=None):
+    """CLIP ViT-B/32's vision tower at its real sizes (512-d projection), random weights, on `device`:
+    for benchmarks."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, image_size=224, patch_size=32, projection_dim=512)
+    with torch.device(device or "cpu"):
+        model = CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+    return model, CLIPImageProcessor()

@@ -1,0 +1,47 @@
+"""A concept attached to a pipeline: its mapper on the device, its placeholder tokens, and the stage
+table it follows at every denoising step (`StageWindow`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..concept import Concept
+from ..method.tokens import PlaceholderTokens
+
+
+@dataclass
+class LoadedConcept:
+    """A concept attached to a pipeline: its mapper on the device and its placeholder tokens."""
+
+    concept: Concept
+    mapper: torch.nn.Module
+    tokens: PlaceholderTokens
+    image_embed: torch.Tensor  # (1, E)
+
+    @property
+    def window(self):
+        """The concept's `StageWindow` (t_lo, t_hi)."""
+        return self.concept.window
+
+    def stage(self, t: int) -> str:
+        return self.window.stage(t)
+
+    def vectors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(V, D) token embeddings and (V, C) value residuals of S* at timestep t."""
+        embeddings, residuals = self.vectors_at([t])
+        return embeddings[0], residuals[0]
+
+    def vectors_at(self, timesteps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V, D) token embeddings and (K, V, C) value residuals at K timesteps, in one mapper call:
+        the supercategory word and no residual in static 1, mapper(t) in the dynamic stage, mapper(t_lo)
+        in static 2."""
+        window = self.window
+        stages = [window.stage(t) for t in timesteps]
+        t_eff = torch.tensor([t if s == "dynamic" else window.lo for t, s in zip(timesteps, stages)],
+                             device=self.image_embed.device)
+        embeddings, residuals = self.mapper(t_eff, self.image_embed.expand(len(timesteps), -1))
+        static1 = torch.tensor([s == "static1" for s in stages], device=embeddings.device)[:, None, None]
+        word = self.mapper.super_embedding.expand_as(embeddings)
+        return torch.where(static1, word, embeddings), residuals.masked_fill(static1, 0.0)

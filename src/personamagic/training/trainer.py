@@ -1,0 +1,300 @@
+"""Training one concept's stage mapper (SPEC §2-3): the optimizer loop around the Eq. 5 objective.
+
+Everything but the mapper is frozen. All randomness comes from one torch.Generator on the training
+device, whose state is saved in checkpoints, so a resumed run repeats an uninterrupted one exactly.
+The loop reads the losses back only every `sync_every` steps on accelerators (a read waits for the
+device), checks them for NaN/inf there, and reports each step's values to `progress`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..concept import Concept
+from ..errors import UserError
+from ..method.mapper import MapperConfig, StageMapper
+from ..method.stages import StagePartition, StageWindow
+from ..method.tokens import PlaceholderTokens, single_token_id
+from . import checkpoints
+from .config import TrainConfig
+from .data import Batch, TrainingData, sample_batch, split_batch
+from .graph import GraphedStep
+from .objective import Objective, StepLosses
+from .partition import capture_attention, find_stage_window
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def supercategory_embedding(base, word: str) -> torch.Tensor:
+    """(D,) the word's token embedding in every text encoder, side by side (UserError unless the word
+    is one token for every tokenizer)."""
+    parts = []
+    for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
+        try:
+            token = single_token_id(tokenizer, word)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        parts.append(encoder.get_input_embeddings().weight[token].detach().float().cpu())
+    return torch.cat(parts)
+
+
+class Trainer:
+    """Trains one concept's stage mapper on a frozen base model. Use as a context manager:
+
+        with Trainer(base, data, config, identity_encoder) as trainer:
+            trainer.train(progress=...)
+            concept = trainer.concept()
+
+    Entering installs the UNet attention processors and the token-embedding hooks; leaving removes
+    them (also on error), leaving the base model exactly as it was.
+    """
+
+    def __init__(self, base, data: TrainingData, config: TrainConfig, identity_encoder=None):
+        self.base, self.data, self.config = base, data, config
+        self.device = base.device
+        try:
+            self.tokens = PlaceholderTokens(base.tokenizers, config.placeholder, config.num_vectors, slot=0)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        mapper_config = MapperConfig(
+            text_embed_dim=base.hidden_size,
+            image_embed_dim=data.image_embeds.shape[-1],
+            num_vectors=config.num_vectors,
+            time_frequencies=config.time_frequencies,
+            hidden_dim=config.mapper_hidden_dim,
+            time_dependent=config.mapper_time_dependent,
+            use_residual=config.mapper_residual,
+            encoder_widths=base.encoder_widths,
+            residual_dim=base.cross_attention_dim,
+        )
+        with torch.random.fork_rng(devices=[]):  # the mapper's initial weights follow the seed too
+            torch.manual_seed(config.seed)
+            self.mapper = StageMapper(mapper_config, supercategory_embedding(base, config.supercategory))
+        self.mapper.to(self.device).train()
+        self.initial_mapper_state = {k: v.clone() for k, v in self.mapper.state_dict().items()}
+        self.optimizer = self._make_optimizer()
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.step_count = 0
+        self.objective = Objective(base, data, config, self.tokens.ids, identity_encoder)
+        self.num_train_timesteps = self.objective.num_train_timesteps
+        self.partition_resolution = config.partition_resolution or base.family.partition_resolution
+        self.stage_window: StageWindow | None = None
+        self.stages: dict = {}
+        if config.stage_window is not None:
+            try:
+                self.stage_window = StageWindow(*config.stage_window, self.num_train_timesteps)
+            except ValueError as err:
+                raise UserError(f"--stage-window: {err}") from None
+            self.stages = {"method": "fixed", "window": self.stage_window.to_list()}
+        self.attention_maps: torch.Tensor | None = None  # (K, r, r) from the partition capture
+        self.graphed: GraphedStep | None = None
+        self.use_graph = (
+            config.optimize and config.cuda_graph and self.device.type == "cuda"
+            and config.gradient_accumulation_steps == 1 and not config.gradient_checkpointing
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Trainer":
+        self.objective.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.graphed = None
+        self.objective.__exit__(*exc)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.AdamW(
+            self.mapper.parameters(),
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
+            weight_decay=c.weight_decay,
+            # One fused kernel instead of a dozen launches per step on CUDA (same update rule).
+            fused=True if self.config.optimize and self.device.type == "cuda" else None,
+        )
+
+    def restart_mapper(self) -> None:
+        """Back to the initial weights with a fresh optimizer (after the partition warm-up, SPEC §2.6)."""
+        with torch.no_grad():  # in place: a captured CUDA graph keeps pointing at these tensors
+            for name, value in self.mapper.state_dict().items():
+                value.copy_(self.initial_mapper_state[name])
+        self.optimizer = self._make_optimizer()
+
+    @property
+    def optimized(self) -> bool:
+        return self.config.optimize
+
+    @property
+    def sync_interval(self) -> int:
+        """Steps between loss read-backs: every step on the plain path, `sync_every` when optimized."""
+        return self.config.sync_every if self.optimized else 1
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def sample_batch(self, window: tuple[int, int] | None = None, generator: torch.Generator | None = None) -> Batch:
+        """Draw one batch; `window` (t_lo, t_hi) defaults to the dynamic stage."""
+        if window is None and self.stage_window is None:
+            raise RuntimeError("no stage window yet: call find_stage_window() first or set one in TrainConfig")
+        return sample_batch(
+            self.data, self.config.train_batch_size, window or self.stage_window, generator or self.generator,
+            scaling_factor=self.objective.scaling_factor, bypass_drop=self.config.bypass_drop,
+            num_te_prompts=self.objective.te_ids[0].shape[0],
+        )
+
+    def losses(self, batch: Batch) -> StepLosses:
+        """All loss terms of one batch (differentiable w.r.t. the mapper)."""
+        return self.objective(self.mapper, batch)
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step in the dynamic stage; returns the loss terms as floats."""
+        self.step_count += 1
+        return self.check(self.optimize_step(self.stage_window), f"step {self.step_count}")
+
+    def optimize_step(self, window: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Draw a batch with t in `window` and take one optimizer step; returns the loss terms as
+        (device) tensors, without reading them back."""
+        batch = self.sample_batch(window)
+        if self.use_graph and self.graphed is None:
+            self._capture_graph(window)
+        if self.use_graph:
+            out = self.graphed.step(batch)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            accumulation = self.config.gradient_accumulation_steps
+            total, terms = 0.0, {}
+            for micro in split_batch(batch, accumulation):
+                out = self.losses(micro)
+                (out.total / accumulation).backward()
+                total = total + out.total.detach() / accumulation
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + v.detach() / accumulation
+            out = StepLosses(total, terms)
+        self.optimizer.step()
+        # Copies: a graph replay overwrites its outputs, and these are read back steps later.
+        return {"loss": out.total.detach().clone(), **{k: v.detach().clone() for k, v in out.terms.items()}}
+
+    def _capture_graph(self, window) -> None:
+        # The capture runs on a batch from its own generator: the training draws stay the same
+        # sequence whichever path trains.
+        example = self.sample_batch(window, torch.Generator(self.device).manual_seed(0))
+        try:
+            self.graphed = GraphedStep(self.losses, example, self.mapper.parameters())
+        except RuntimeError as err:  # a capture-unsafe op in some library version: run eagerly
+            logger.warning("CUDA graph capture failed (%s); training without it", str(err).splitlines()[0])
+            self.use_graph = False
+            for p in self.mapper.parameters():
+                p.grad = None
+
+    @staticmethod
+    def check(logs: dict[str, torch.Tensor], where: str) -> dict[str, float]:
+        """Read the loss terms back; raise TrainingDiverged on NaN/inf naming the step."""
+        values = {k: float(v) for k, v in logs.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+            raise TrainingDiverged(
+                f"training diverged at {where} ({bad}); lower --learning-rate, "
+                "use --dtype fp32, or check the photo and mask"
+            )
+        return values
+
+    def read_back(self, pending: list[dict], last: int, total: int, label: str, progress) -> None:
+        """Read back the losses of the steps that ended at step `last`, check each (naming it `label`
+        and its number), and report each to `progress(step, total, logs)`."""
+        for j, logs in enumerate(pending, start=last - len(pending) + 1):
+            values = self.check(logs, f"{label} {j}")
+            if progress is not None:
+                progress(j, total, values)
+
+    # -- stage partition (SPEC §2) -----------------------------------------------------------------
+
+    def find_stage_window(self, progress=None) -> StagePartition:
+        """Warm up over the whole schedule, capture S*'s attention, partition, set `stage_window`.
+
+        progress(step, total, logs) is called after every warm-up step. Afterwards the mapper
+        restarts from its initial weights or continues, as `restart_after_partition` says.
+        """
+        c = self.config
+        partition, window, maps = find_stage_window(self, progress)
+        self.stage_window, self.attention_maps = window, maps
+        self.stages = {
+            "method": "auto",
+            **partition.to_dict(),
+            "window": window.to_list(),
+            "warmup_steps": c.warmup_steps,
+            "restarted": c.restart_after_partition,
+            "resolution": self.partition_resolution,
+        }
+        if c.restart_after_partition:
+            self.restart_mapper()
+        return partition
+
+    def capture_attention(self, num_timesteps: int, resolution: int, chunk: int = 10):
+        """S*'s cross-attention maps on a DDIM grid (`partition.capture_attention`)."""
+        return capture_attention(self, num_timesteps, resolution, chunk)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self, num_steps: int | None = None, progress=None, checkpoint_dir: Path | None = None,
+              job: dict | None = None) -> None:
+        """Run until `num_steps` (default: max_train_steps) steps are done in total.
+
+        progress(step, total, logs) is called for every step (in the optimized path in bursts of
+        `sync_every`, when the losses are read back). With `checkpoint_dir` and `checkpoint_every` > 0,
+        a resumable checkpoint (recording `job`) is written there every that many steps.
+        """
+        total = num_steps if num_steps is not None else self.config.max_train_steps
+        every = self.config.checkpoint_every
+        pending = []
+        while self.step_count < total:
+            self.step_count += 1
+            pending.append(self.optimize_step(self.stage_window))
+            step = self.step_count
+            checkpoint_due = checkpoint_dir is not None and every and step % every == 0 and step < total
+            if step % self.sync_interval == 0 or step == total or checkpoint_due:
+                self.read_back(pending, step, total, "step", progress)
+                pending = []
+            if checkpoint_due:
+                self.save_checkpoint(checkpoint_dir / checkpoints.checkpoint_name(step), job)
+                checkpoints.remove_older_checkpoints(checkpoint_dir, keep=step)
+
+    # -- evaluation, checkpoints, the concept ------------------------------------------------------
+
+    def masked_denoising_loss(self, timesteps: torch.Tensor, noise: torch.Tensor, use_mapper: bool = True) -> float:
+        """Held-out masked MSE of photo 0 (`Objective.held_out_loss`)."""
+        return self.objective.held_out_loss(self.mapper, timesteps, noise, use_mapper)
+
+    def save_checkpoint(self, path: Path, job: dict | None = None) -> None:
+        checkpoints.save_checkpoint(self, path, job)
+
+    def load_checkpoint(self, path: Path, job: dict | None = None) -> None:
+        checkpoints.load_checkpoint(self, path, job)
+
+    def concept(self, base_model: str, image_encoder: str = "", extra=None) -> Concept:
+        """The trained concept, ready to save."""
+        return Concept(
+            mapper_state={k: v.detach().cpu().clone() for k, v in self.mapper.state_dict().items()},
+            image_embeds=self.data.image_embeds.detach().cpu(),
+            placeholder=self.config.placeholder,
+            supercategory=self.config.supercategory,
+            stage_window=tuple(self.stage_window),
+            num_train_timesteps=self.num_train_timesteps,
+            base_model=base_model,
+            text_encoder_hidden_size=self.base.hidden_size,
+            mapper_config=self.mapper.config.to_dict(),
+            image_encoder=image_encoder,
+            training={**self.config.to_dict(), "steps_done": self.step_count},
+            stages=self.stages,
+            extra=extra or {},
+            family=self.base.family.name,
+            base_revision=self.base.revision,
+        )
