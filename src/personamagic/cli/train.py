@@ -14,12 +14,19 @@ def add_parser(commands) -> None:
     train.add_argument("--output", "-o", required=True, help="concept folder to write")
     train.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                        help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
+    train.add_argument("--revision", default=None,
+                       help="hub branch, tag or commit of --model (default: main); the concept records the commit")
+    train.add_argument("--model-config", default=None, metavar="FOLDER",
+                       help="for a single-file --model: a diffusers folder of the same family whose configs to use "
+                            "(default: the family's reference repo from the hub cache)")
     train.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
     train.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
     train.add_argument("--num-vectors", type=positive_int, default=1, help="token positions per placeholder (1)")
     train.add_argument("--mask", default="auto",
                        help="auto, clipseg, landmarks, none, or a mask image FILE the size of the photo")
-    train.add_argument("--image-encoder", default="auto", help="CLIP vision model id/path (openai/clip-vit-base-patch32)")
+    train.add_argument("--image-encoder", default="auto",
+                       help="CLIP vision model for the photo's embedding: hub id or folder (openai/clip-vit-base-patch32), "
+                            "or tiny (an offline toy)")
     train.add_argument("--identity-model", default="auto", help="ArcFace model: .pth/.safetensors/.onnx path or hub id")
     train.add_argument("--no-id-loss", action="store_true", help="train without the identity loss")
     train.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
@@ -160,6 +167,8 @@ def run(args) -> int:
             local_files_only=args.local_files_only,
             progress=progress,
             ip_adapter=ip_adapter,
+            revision=args.revision,
+            model_config=args.model_config,
         )
     except KeyboardInterrupt:
         progress.close()

@@ -31,7 +31,8 @@ def add_commands(evaluate) -> None:
                              "its concept's supercategory (face)")
     images.add_argument("--placeholder", default="S*", help="placeholder text in prompts (S*; metadata adds its own)")
     images.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
-                        help=f"CLIP for T-Sim: hub id, local folder or tiny ({DEFAULT_CLIP_MODEL})")
+                        help=f"CLIP for T-Sim: hub id, local folder, or tiny (an offline toy); downloads "
+                             f"{DEFAULT_CLIP_MODEL} (~600 MB) once by default")
     images.add_argument("--face-model", default=DEFAULT_FACE_MODEL,
                         help="face recogniser for I-Pre: sface (OpenCV Zoo, default), dlib, or an ArcFace/CosFace "
                              ".pth/.safetensors/.onnx file or hub path")

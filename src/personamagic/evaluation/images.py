@@ -139,6 +139,7 @@ def evaluate_images(
 
     Placeholders are replaced by `supercategory` before CLIP tokenises the prompt.
     """
+    from ..models.assets import Asset, check_assets
     from ..models.devices import resolve_device
     from .identity_preservation import IdentityPreservation, load_face_embedder
     from .text_similarity import TextSimilarity
@@ -148,6 +149,10 @@ def evaluate_images(
         raise UserError("give a reference photo of the person (--reference PHOTO)")
     for reference in references:
         load_photo(reference)  # a wrong path fails before any model is loaded
+    assets = [Asset("the CLIP model of T-Sim", clip_model or DEFAULT_CLIP_MODEL, "--clip-model PATH, or tiny")]
+    if "/" in face_model and not Path(face_model).exists():
+        assets.append(Asset("the face model of I-Pre", face_model, "--face-model sface"))
+    check_assets(assets, local_files_only=local_files_only)
     device_ = resolve_device(device)
     identity = IdentityPreservation(load_face_embedder(face_model, device=device_))
     text_similarity = TextSimilarity.load(clip_model or DEFAULT_CLIP_MODEL, device=device_,

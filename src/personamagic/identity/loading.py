@@ -309,3 +309,10 @@ def _onnx_input_size(model_proto, path: Path) -> int:
     if height != width:
         raise UserError(f"{path} takes {height}×{width} inputs; only square face crops are supported")
     return height
+
+
+def identity_file_reference(spec: str) -> str:
+    """The file or hub reference a `--identity-model` value reads (a short name resolved), for the
+    offline check of `personamagic.models.assets`."""
+    names = globals().get("IDENTITY_MODEL_NAMES", {})
+    return names.get(spec, spec)

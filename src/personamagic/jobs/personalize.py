@@ -23,11 +23,13 @@ from ..concept import CONCEPT_FILENAME, Concept
 from ..errors import UserError
 from ..faces import FaceDetector, load_photo, prepare_photo
 from ..faces.alignment import alignment_theta
-from ..faces.masks import clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
+from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
 from ..files import FolderLock, disk_error, write_atomic
-from ..identity.loading import DEFAULT_IDENTITY_MODEL, load_identity_model
+from ..identity.loading import DEFAULT_IDENTITY_MODEL, identity_file_reference, load_identity_model
 from ..models import DEFAULT_IMAGE_ENCODER, TINY, load_base_model, load_image_encoder, resolve_device, resolve_dtype
+from ..models.assets import Asset, base_model_asset, check_assets
 from ..models.devices import DTYPE_NAMES
+from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint, is_hub_id
 from ..training import TrainConfig, Trainer, latest_checkpoint, prepare_training_data
 from .plots import attention_figure, stages_figure
 
@@ -157,6 +159,8 @@ def personalize(
         raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, nor an existing mask file")
     check_output_folder(output, overwrite=overwrite, resume=resume)
     run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
+    if resident is None:
+        check_assets(run.assets(model_config), local_files_only=local_files_only)
     for photo in photos:
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
     with OutputFolder(output):
@@ -196,6 +200,23 @@ class _Run:
         if config.use_id_loss:
             self.identity_spec = identity_model if identity_model != "auto" else (
                 TINY if model == TINY else DEFAULT_IDENTITY_MODEL)
+
+    def assets(self, model_config: str | None) -> list[Asset]:
+        """What this run reads from the hub (`models.assets`), to check before anything loads."""
+        found = []
+        if is_hub_id(self.model):
+            found.append(base_model_asset(self.model))
+        elif Path(self.model).is_file() and model_config is None:
+            family = family_of_checkpoint(Path(self.model), checkpoint_tensor_shapes(Path(self.model)))
+            found.append(Asset(f"the {family.title} configs of {self.model}", family.checkpoint_config_repo,
+                               "--model-config FOLDER", filename="model_index.json"))
+        if self.mask_method == "clipseg":
+            found.append(Asset("CLIPSeg (the face mask)", DEFAULT_CLIPSEG, "--mask landmarks"))
+        found.append(Asset("the CLIP image encoder", self.encoder_name, "--image-encoder PATH, or tiny"))
+        if self.identity_spec is not None:
+            found.append(Asset("the identity model", identity_file_reference(self.identity_spec),
+                               "--identity-model sface, or --no-id-loss"))
+        return found
 
     def job_facts(self, base) -> dict:
         """What a resume must match besides `TrainConfig` (`training.checkpoints`)."""

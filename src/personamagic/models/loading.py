@@ -169,6 +169,8 @@ def load_diffusers(name: str, *, local_files_only: bool = False, revision: str |
     hub = {"revision": revision, "local_files_only": local_files_only}
     scheduler_config, _ = read_json_file(name, SCHEDULER_CONFIG_FILE, subfolder="scheduler", **hub)
     variant = HALF_VARIANT if dtype in (torch.float16, torch.bfloat16) else None
+    # Explicitly: transformers 5 would otherwise load in the dtype a config names (SDXL's say float16).
+    dtype = dtype or torch.float32
     tokenizers, text_encoders = [], []
     for spec in family.encoders:
         tokenizer_class = _component_class(index, spec.tokenizer, name)

@@ -1,0 +1,78 @@
+"""What a command will download, checked before anything loads: offline, one message lists every asset
+that is missing from the local hub cache, with the flag that replaces each.
+
+Without this an offline run finds its missing files one at a time, each after seconds of loading. The
+check runs when the hub is out of reach: `HF_HUB_OFFLINE=1`, `--local-files-only`, or no network (one
+short connection attempt, made only when something is not cached).
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import UserError
+
+# names of models built in code (never downloaded)
+BUILT = ("tiny", "random-sd1", "random-clip-vit-b32", "random-iresnet100", "sface")
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One thing a command reads from the hub (or a local path)."""
+
+    what: str  # in words: "the base model", "CLIPSeg (the face mask)"
+    spec: str  # hub id (owner/name[/file]) or local path
+    flag: str  # what to pass instead, in words: "--mask landmarks"
+    filename: str = "config.json"  # a file the repo must hold in the cache (hub ids without a file part)
+
+
+def is_local_or_built(spec: str) -> bool:
+    return spec in BUILT or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~"))
+
+
+def cached(asset: Asset) -> bool:
+    """Whether the asset can be read without the network."""
+    import huggingface_hub
+
+    if is_local_or_built(asset.spec):
+        return True
+    owner, name, *rest = asset.spec.split("/")
+    filename = "/".join(rest) or asset.filename
+    return isinstance(huggingface_hub.try_to_load_from_cache(f"{owner}/{name}", filename), str)
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One short TCP connection to the hub's endpoint (checked once per process)."""
+    import huggingface_hub.constants as constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None:
+    """UserError listing every asset that is neither cached nor downloadable now; nothing when the hub
+    can be reached or all is cached."""
+    missing = [a for a in assets if not cached(a)]
+    if not missing or (not local_files_only and hub_reachable()):
+        return
+    listed = "; ".join(f"{a.what} {a.spec} (or {a.flag})" for a in missing)
+    raise UserError(
+        f"offline, and {len(missing)} download(s) this command needs are not in the local hub cache: {listed}. "
+        "Download them once with a network, or use the alternatives named"
+    )
+
+
+def base_model_asset(model: str) -> Asset:
+    return Asset("the base model", model, "--model tiny (an offline toy) or a local folder or file",
+                 filename="model_index.json")
