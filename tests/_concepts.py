@@ -5,13 +5,14 @@ import torch
 
 from personamagic.concept import Concept
 from personamagic.method.mapper import MapperConfig, StageMapper
+from personamagic.training.trainer import supercategory_embedding
 
 
 def random_concept(base, window=(400, 800), seed=0, placeholder="S*", supercategory="face", num_vectors=1) -> Concept:
-    word = base.tokenizer(supercategory, add_special_tokens=False).input_ids[0]
-    super_embedding = base.text_encoder.get_input_embeddings().weight[word].detach().float().cpu()
+    super_embedding = supercategory_embedding(base, supercategory)
     torch.manual_seed(seed)
-    config = MapperConfig(text_embed_dim=base.hidden_size, image_embed_dim=16, num_vectors=num_vectors)
+    config = MapperConfig(text_embed_dim=base.hidden_size, image_embed_dim=16, num_vectors=num_vectors,
+                          encoder_widths=base.encoder_widths, residual_dim=base.cross_attention_dim)
     mapper = StageMapper(config, super_embedding)
     with torch.no_grad():
         for p in mapper.parameters():
@@ -26,6 +27,7 @@ def random_concept(base, window=(400, 800), seed=0, placeholder="S*", supercateg
         base_model="tiny",
         text_encoder_hidden_size=base.hidden_size,
         mapper_config=mapper.config.to_dict(),
+        family=base.family.name,
     )
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from .base import ModelFamily, TextEncoderSpec
 from .sd1 import SD1
+from .sdxl import SDXL
 
-FAMILIES: dict[str, ModelFamily] = {SD1.name: SD1}
+FAMILIES: dict[str, ModelFamily] = {SD1.name: SD1, SDXL.name: SDXL}
 
 
 def family_named(name: str) -> ModelFamily:
@@ -36,4 +37,4 @@ def family_of_modules(text_encoders: list, unet) -> ModelFamily:
     )
 
 
-__all__ = ["FAMILIES", "ModelFamily", "SD1", "TextEncoderSpec", "family_named", "family_of_modules"]
+__all__ = ["FAMILIES", "ModelFamily", "SD1", "SDXL", "TextEncoderSpec", "family_named", "family_of_modules"]

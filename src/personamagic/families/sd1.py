@@ -45,7 +45,7 @@ class StableDiffusion1(ModelFamily):
     checkpoint_config_repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
     def recognizes_index(self, index: dict) -> bool:
-        components = {k for k, v in index.items() if not k.startswith("_") and v and v[0] is not None}
+        components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
         return {"unet", "vae", "text_encoder", "tokenizer"} <= components and "text_encoder_2" not in components
 
     def problems(self, components) -> list[str]:

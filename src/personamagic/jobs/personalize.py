@@ -26,7 +26,7 @@ from ..faces.alignment import alignment_theta
 from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
 from ..files import FolderLock, disk_error, write_atomic
 from ..identity.loading import DEFAULT_IDENTITY_MODEL, identity_file_reference, load_identity_model
-from ..models import DEFAULT_IMAGE_ENCODER, TINY, load_base_model, load_image_encoder, resolve_device, resolve_dtype
+from ..models import DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder, resolve_device, resolve_dtype
 from ..models.assets import Asset, base_model_asset, check_assets
 from ..models.devices import DTYPE_NAMES
 from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint, is_hub_id
@@ -190,16 +190,17 @@ class _Run:
         if config.use_id_loss and not self.is_face:
             self.notes.append(f"identity loss off: supercategory {config.supercategory!r} is not a face")
             config = TrainConfig(**{**config.to_dict(), "use_id_loss": False})
-        if model == TINY:
+        toy = model in TINY_MODELS
+        if toy:
             self.notes.append("tiny model: a randomly initialised toy; it runs the whole method but its images are "
                               "noise-like")
         self.config = config
-        self.mask_method = mask if mask != "auto" else ("landmarks" if model == TINY else "clipseg")
-        self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if model == TINY else DEFAULT_IMAGE_ENCODER)
+        self.mask_method = mask if mask != "auto" else ("landmarks" if toy else "clipseg")
+        self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if toy else DEFAULT_IMAGE_ENCODER)
         self.identity_spec = None
         if config.use_id_loss:
             self.identity_spec = identity_model if identity_model != "auto" else (
-                TINY if model == TINY else DEFAULT_IDENTITY_MODEL)
+                TINY if toy else DEFAULT_IDENTITY_MODEL)
 
     def assets(self, model_config: str | None) -> list[Asset]:
         """What this run reads from the hub (`models.assets`), to check before anything loads."""
@@ -253,6 +254,7 @@ class _Run:
         pixels = torch.stack([pil_to_tensor(p.image) for p in prepared])
         mask_tensor = torch.from_numpy(np.stack(masks))[:, None]
         data = prepare_training_data(base.vae, pixels, mask_tensor, image_embeds, face_theta, self.identity_encoder)
+        data.time_ids = training_time_ids(base.family, [p.crop for p in prepared], device)
         if ip_adapter is not None:
             ip_adapter = _plug_in_ip_adapter(base, ip_adapter, data, [p.image for p in prepared], local_files_only)
         self.timings["encode_s"] = time.perf_counter() - t0
@@ -289,6 +291,21 @@ class _Run:
             concept = trainer.concept(base_model=base.name, image_encoder=self.encoder_name, extra=extra)
         self.timings["training_total_s"] = time.perf_counter() - t0
         return concept, trainer
+
+
+def training_time_ids(family, crops, device) -> torch.Tensor | None:
+    """(N, 6) size conditioning of each photo for families that have it (SDXL): the photo's size, where
+    the crop starts once the photo is scaled as the crop was, and the training size (the convention of
+    diffusers' SDXL training scripts: original size, crop top-left, target size, each (h, w))."""
+    rows = []
+    for crop in crops:
+        scale = crop.size / crop.side
+        width, height = crop.source_size
+        row = family.time_ids((height, width), (round(crop.y0 * scale), round(crop.x0 * scale)), (crop.size, crop.size))
+        if row is None:
+            return None
+        rows.append(row)
+    return torch.stack(rows).to(device)
 
 
 def _write_outputs(output: Path, concept: Concept, trainer, photo, mask) -> Path:

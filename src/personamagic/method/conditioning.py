@@ -287,6 +287,15 @@ class ScheduledConditioning:
         rows = self.rows[i]
         return self.hidden[rows], self.values[rows], None if self.pooled is None else self.pooled[rows]
 
+    def zeroing(self, count: int) -> "ScheduledConditioning":
+        """The same with the first `count` rows of every step's batch all zeros (an empty negative prompt
+        on families that zero it): a zero row is added to the table and those positions point to it."""
+        zero = lambda t: torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # noqa: E731
+        last = self.hidden.shape[0]
+        rows = [torch.cat([r.new_full((count,), last), r[count:]]) for r in self.rows]
+        return ScheduledConditioning(zero(self.hidden), zero(self.values),
+                                     None if self.pooled is None else zero(self.pooled), rows)
+
 
 def encode_schedule(conditioner: TextConditioner, concepts: list, input_ids: list[torch.Tensor], timesteps,
                     chunk: int = 256) -> ScheduledConditioning:

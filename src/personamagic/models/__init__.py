@@ -12,18 +12,22 @@ from .tiny import (
     RANDOM_SD1,
     SD1_SCHEDULER_CONFIG,
     TINY,
+    TINY_MODELS,
+    TINY_SDXL,
     TinyConfig,
+    TinySDXLConfig,
     build_random_sd1_components,
     build_tiny_clipseg,
     build_tiny_components,
     build_tiny_image_encoder,
+    build_tiny_sdxl_components,
 )
 from .tokenizer import clip_tokenizer
 
 __all__ = [
     "BUILT_MODELS", "BaseComponents", "DEFAULT_BASE_MODEL", "DEFAULT_IMAGE_ENCODER", "DTYPE_NAMES",
-    "RANDOM_IMAGE_ENCODER", "RANDOM_SD1", "ResidentModels", "SD1_SCHEDULER_CONFIG", "TINY", "TinyConfig",
-    "build_random_sd1_components", "build_tiny_clipseg", "build_tiny_components", "build_tiny_image_encoder",
+    "RANDOM_IMAGE_ENCODER", "RANDOM_SD1", "ResidentModels", "SD1_SCHEDULER_CONFIG", "TINY", "TINY_MODELS", "TINY_SDXL", "TinyConfig", "TinySDXLConfig",
+    "build_random_sd1_components", "build_tiny_clipseg", "build_tiny_components", "build_tiny_image_encoder", "build_tiny_sdxl_components",
     "check_compile_backend", "clip_tokenizer", "load_base_model", "load_image_encoder", "resolve_device",
     "resolve_dtype",
 ]

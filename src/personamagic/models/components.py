@@ -77,10 +77,15 @@ class BaseComponents:
         return parts
 
     def to(self, device=None, dtype=None) -> "BaseComponents":
+        """Move and cast every part; a VAE that overflows in fp16 (`force_upcast` in its config: SDXL's)
+        stays in fp32 when fp16 is asked for, and is fed fp32 latents (its dtype is what callers read)."""
         for module in self.modules:
+            target = dtype
+            if module is self.vae and dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+                target = torch.float32
             # Passing an unchanged dtype makes diffusers warn about fp32-kept modules: only cast on change.
-            if dtype is not None and dtype != module.dtype:
-                module.to(device=device, dtype=dtype)
+            if target is not None and target != module.dtype:
+                module.to(device=device, dtype=target)
             else:
                 module.to(device=device)
         return self

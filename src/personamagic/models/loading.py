@@ -28,7 +28,7 @@ import torch
 from ..errors import UserError
 from ..families import FAMILIES, ModelFamily
 from .components import BaseComponents
-from .tiny import RANDOM_SD1, TINY, build_random_sd1_components, build_tiny_components
+from .tiny import BUILT_MODELS, TINY, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -56,36 +56,57 @@ def load_base_model(
     local_files_only: bool = False,
     revision: str | None = None,
     model_config: str | None = None,
+    vae: str | None = None,
 ) -> BaseComponents:
     """Load a base model by hub id, local diffusers folder, single `.safetensors`/`.ckpt` file, or build
-    `tiny`/`random-sd1`. `revision`: a hub branch, tag or commit; `model_config`: a diffusers folder
-    whose configs a single file uses. Raises UserError for models PersonaMagic cannot drive."""
-    if name == TINY:
-        return build_tiny_components().to(device=device, dtype=dtype)
-    if name == RANDOM_SD1:
-        return build_random_sd1_components(device).to(device=device, dtype=dtype)
+    `tiny`/`tiny-sdxl`/`random-sd1`. `revision`: a hub branch, tag or commit; `model_config`: a
+    diffusers folder whose configs a single file uses; `vae`: another VAE (hub id or folder of an
+    AutoencoderKL, e.g. an fp16-fixed SDXL VAE) to use instead of the model's. Raises UserError for
+    models PersonaMagic cannot drive."""
+    components = _components(name, device=device, dtype=dtype, local_files_only=local_files_only, revision=revision,
+                             model_config=model_config)
+    if vae is not None:
+        components.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
+    problems = components.family.problems(components)
+    if problems:
+        raise UserError(f"{name} is not a {components.family.title} model PersonaMagic can drive: {'; '.join(problems)}")
+    return components.freeze().to(device=device, dtype=dtype)
+
+
+def load_vae(name: str, *, dtype=None, local_files_only: bool = False):
+    """An AutoencoderKL by hub id or folder (its own repo, or a model's `vae/` subfolder)."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(name).expanduser()
+    subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+    try:
+        return AutoencoderKL.from_pretrained(name, subfolder=subfolder, torch_dtype=dtype or torch.float32,
+                                             local_files_only=local_files_only)
+    except Exception as err:  # missing, corrupt or mismatched files
+        raise UserError(f"could not load the VAE {name!r} ({first_line(err)}); pass a hub id or folder of an "
+                        "AutoencoderKL") from None
+
+
+def _components(name: str, *, device, dtype, local_files_only: bool, revision, model_config) -> BaseComponents:
+    """The parts of a model, unchecked: built in code, or read from a file, folder or hub id."""
+    if name in BUILT_MODELS:
+        return build_model(name, device)
     path = Path(name).expanduser()
     if path.is_file():
-        components = load_single_file(path, model_config=model_config, local_files_only=local_files_only,
-                                      dtype=dtype)
-    elif path.is_dir():
+        return load_single_file(path, model_config=model_config, local_files_only=local_files_only, dtype=dtype)
+    if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(
                 f"{name} is a folder but not a diffusers model (no model_index.json); "
                 "pass a diffusers folder, a .safetensors/.ckpt file or a hub id"
             )
-        components = load_diffusers(str(path), local_files_only=local_files_only, dtype=dtype)
-    elif is_hub_id(name):
-        components = load_diffusers(name, local_files_only=local_files_only, revision=revision, dtype=dtype)
-    else:
-        raise UserError(
-            f"unknown model {name!r}: not a file, not a folder, not a hub id (owner/name); "
-            "use e.g. CompVis/stable-diffusion-v1-4, a local path, or tiny"
-        )
-    problems = components.family.problems(components)
-    if problems:
-        raise UserError(f"{name} is not a {components.family.title} model PersonaMagic can drive: {'; '.join(problems)}")
-    return components.freeze().to(device=device, dtype=dtype)
+        return load_diffusers(str(path), local_files_only=local_files_only, dtype=dtype)
+    if is_hub_id(name):
+        return load_diffusers(name, local_files_only=local_files_only, revision=revision, dtype=dtype)
+    raise UserError(
+        f"unknown model {name!r}: not a file, not a folder, not a hub id (owner/name); "
+        f"use e.g. CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,8 +262,9 @@ def family_of_checkpoint(path: Path, shapes: dict[str, tuple]) -> ModelFamily:
     for family in FAMILIES.values():
         if family.recognizes_checkpoint(keys):
             return family
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        raise UserError(f"{path} is an SDXL checkpoint; PersonaMagic supports {', '.join(f.title for f in FAMILIES.values())}")
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise UserError(f"{path} is an SDXL refiner checkpoint (one OpenCLIP text encoder); PersonaMagic needs a "
+                        "text-to-image base model such as stabilityai/stable-diffusion-xl-base-1.0 or a fine-tune of it")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise UserError(f"{path} is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder); PersonaMagic "
                         f"supports {', '.join(f.title for f in FAMILIES.values())}")

@@ -12,16 +12,30 @@ from dataclasses import dataclass
 
 import torch
 
-from ..families import SD1
+from ..families import SD1, SDXL
 from ..families.sd1 import SCHEDULER_CONFIG as SD1_SCHEDULER_CONFIG
+from ..families.sdxl import SCHEDULER_CONFIG as SDXL_SCHEDULER_CONFIG
 from .components import BaseComponents
 from .tokenizer import clip_tokenizer
 
 TINY = "tiny"
+TINY_SDXL = "tiny-sdxl"
 RANDOM_SD1 = "random-sd1"  # SD-1.x sizes, random weights: for benchmarks (timing does not depend on weights)
 RANDOM_IMAGE_ENCODER = "random-clip-vit-b32"  # CLIP ViT-B/32 vision tower sizes, random weights
 # names of models built in code rather than loaded
-BUILT_MODELS = (TINY, RANDOM_SD1)
+BUILT_MODELS = (TINY, TINY_SDXL, RANDOM_SD1)
+TINY_MODELS = (TINY, TINY_SDXL)  # the offline toys: tiny stand-ins for every other model they use
+
+
+def build_model(name: str, device=None) -> BaseComponents:
+    """The model built in code under `name` (one of BUILT_MODELS)."""
+    if name == TINY:
+        return build_tiny_components()
+    if name == TINY_SDXL:
+        return build_tiny_sdxl_components()
+    if name == RANDOM_SD1:
+        return build_random_sd1_components(device)
+    raise ValueError(f"no built model named {name!r}; known: {', '.join(BUILT_MODELS)}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,72 @@ def build_tiny_components(config: TinyConfig = TinyConfig()) -> BaseComponents:
             )
         )
     return BaseComponents(TINY, SD1, [tokenizer], [text_encoder], vae, unet, dict(SD1_SCHEDULER_CONFIG)).freeze()
+
+
+@dataclass(frozen=True)
+class TinySDXLConfig:
+    """Sizes of `tiny-sdxl`: SDXL's layout (two CLIP text encoders of different widths, the second with
+    a projection; a UNet with SDXL's size conditioning, no attention at the top level; SDXL's VAE
+    scaling) at a size that trains in seconds on a CPU."""
+
+    seed: int = 0  # weights are torch.manual_seed(seed) draws
+    widths: tuple = (32, 48)  # text encoder 1 and 2 widths (real: 768, 1280); cross-attention = their sum
+    text_layers: int = 2  # layers of each text encoder
+    unet_channels: tuple = (32, 64)  # block_out_channels; level 1 plain, level 2 cross-attention (as SDXL's top)
+    time_embed_dim: int = 8  # addition_time_embed_dim (real 256)
+    vae_channels: tuple = (16, 16, 32, 32)  # 4 levels -> scale factor 8
+    latent_size: int = 16  # 16x16 latents -> 128x128 images
+
+
+def build_tiny_sdxl_components(config: TinySDXLConfig = TinySDXLConfig()) -> BaseComponents:
+    """Build `tiny-sdxl` deterministically, without touching the global RNG; the real SDXL tokenizers
+    (the second pads with "!", as OpenCLIP does) and the real SDXL noise schedule."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    w1, w2 = config.widths
+
+    def text_config(width: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+            num_hidden_layers=config.text_layers, num_attention_heads=4, max_position_embeddings=77, hidden_act=act,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            attn_implementation="sdpa",
+        )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        unet = UNet2DConditionModel(
+            sample_size=config.latent_size,
+            block_out_channels=config.unet_channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=w1 + w2,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=config.time_embed_dim,
+            # six size numbers (original size, crop, target size) + encoder 2's pooled projection
+            projection_class_embeddings_input_dim=6 * config.time_embed_dim + w2,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+            block_out_channels=config.vae_channels,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=config.latent_size * 8,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(text_config(w1, "quick_gelu"))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(w2, "gelu"))
+    return BaseComponents(TINY_SDXL, SDXL, [tokenizer, tokenizer_2], [text_encoder, text_encoder_2], vae, unet,
+                          dict(SDXL_SCHEDULER_CONFIG)).freeze()
 
 
 def build_tiny_image_encoder(config: TinyConfig = TinyConfig()):

@@ -46,9 +46,10 @@ def _clip_bpe_folder() -> str:
     return str(folder)
 
 
-def clip_tokenizer():
-    """The SD-1.x CLIP tokenizer (49,408 tokens, max length 77), built offline."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The Stable Diffusion CLIP tokenizer (49,408 tokens, max length 77), built offline. SD-1.x and SDXL's
+    first tokenizer pad with the end-of-text token; SDXL's second pads with "!" (OpenCLIP's id 0)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_clip_bpe_folder())
+    return CLIPTokenizer.from_pretrained(_clip_bpe_folder(), pad_token=pad_token)
 

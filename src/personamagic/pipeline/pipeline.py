@@ -214,14 +214,6 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         (`personamagic.method.conditioning.encode_schedule`)."""
         return encode_schedule(self.conditioner, self.concepts, input_ids, timesteps, chunk)
 
-    def _added(self, pooled, batch_size: int, height: int, width: int) -> dict:
-        """The family's added conditioning for a (B, P) pooled row batch at this image size."""
-        time_ids = self.family.time_ids((height, width), (0, 0), (height, width))
-        if time_ids is None:
-            return {}
-        time_ids = time_ids.to(self.device, pooled.dtype)[None].expand(pooled.shape[0], -1)
-        return self.family.added_conditioning(pooled, time_ids)
-
     # -- sampling ----------------------------------------------------------------------------------
 
     def prepare_localized(self, background, region, batch_size: int, height: int, width: int):
@@ -243,7 +235,9 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
             negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         if len(negatives) != batch_size:
             raise ValueError(f"{len(negatives)} negative prompts for {batch_size} prompts")
-        return self.tokenize((negatives if do_cfg else []) + prompts), batch_size
+        # An empty negative prompt is all zeros on families that ask for it (SDXL), as diffusers does.
+        zero_negative = do_cfg and self.family.zero_empty_negative and not any(n.strip() for n in negatives)
+        return self.tokenize((negatives if do_cfg else []) + prompts), batch_size, zero_negative
 
     def _initial_latents(self, batch_size: int, height: int, width: int, generator, latents):
         """The sampler's starting noise (float32) and the scaled initial latents."""
@@ -282,7 +276,8 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         """
         # 1. prompts -> token ids (uncond first, cond after: one batch for classifier-free guidance)
         do_cfg = guidance_scale > 1.0
-        input_ids, batch_size = self._prompt_ids(prompt, negative_prompt, num_images_per_prompt, do_cfg)
+        input_ids, batch_size, zero_negative = self._prompt_ids(prompt, negative_prompt, num_images_per_prompt,
+                                                                do_cfg)
 
         # 2. timesteps and initial noise
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -304,15 +299,29 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
 
         # 5. text conditioning of every step (S* switched by each concept's stages), then denoising
         conditioning = self.encode_schedule(input_ids, timesteps)
+        if zero_negative:
+            conditioning = conditioning.zeroing(batch_size)
         latents = self._denoise(latents, timesteps, conditioning, guidance_scale if do_cfg else None, generator,
                                 eta, (height, width), ip_embeds, (known, noise, region_mask))
 
         # 6. decode
         if output_type == "latent":
             return ImagePipelineOutput(images=latents)
-        images = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype)).sample
-        images = self.image_processor.postprocess(images.float(), output_type=output_type)
+        images = self.image_processor.postprocess(self.decode(latents).float(), output_type=output_type)
         return ImagePipelineOutput(images=images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]; a VAE that overflows in fp16 (`force_upcast`, SDXL's) decodes in
+        fp32 and goes back to fp16 after, as diffusers does."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def _denoise(self, latents, timesteps, conditioning: ScheduledConditioning, guidance_scale, generator, eta,
                  size, ip_embeds, localized):
@@ -327,10 +336,14 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         # with a device tensor would wait for the GPU at every step. The UNet gets the device one.
         host_timesteps = timesteps.cpu()
         unet = self._denoiser()
+        time_ids = self.family.time_ids(size, (0, 0), size)  # the size conditioning, the same at every step
         with attention_processors(self.unet):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 hidden, values, pooled = conditioning.at(i)
-                added = self._added(pooled, hidden.shape[0], *size) if pooled is not None else {}
+                added = {}
+                if time_ids is not None:
+                    rows = time_ids.to(self.device, hidden.dtype)[None].expand(hidden.shape[0], -1)
+                    added = self.family.added_conditioning(pooled.to(hidden.dtype), rows)
                 if ip_embeds is not None:
                     added = {**added, "image_embeds": ip_embeds}
                 step = UNetConditioning(hidden, values, added)

@@ -1,0 +1,227 @@
+"""PersonaMagic on Stable Diffusion XL: `tiny-sdxl` (real classes, seeded) and the SDXL layout of the
+hub-cache fixture, checked against diffusers' own `StableDiffusionXLPipeline`."""
+
+import numpy as np
+import pytest
+import torch
+from hub_fixture import SDXL
+
+from personamagic.cli import main
+from personamagic.concept import Concept
+from personamagic.errors import UserError
+from personamagic.faces import prepare_photo
+from personamagic.faces.masks import landmark_mask
+from personamagic.jobs.personalize import pil_to_tensor, training_time_ids
+from personamagic.method.conditioning import text_layers
+from personamagic.method.stages import average_maps
+from personamagic.models import build_tiny_components, build_tiny_sdxl_components, load_base_model
+from personamagic.pipeline import PersonaMagicPipeline
+from personamagic.training import Trainer, TrainConfig, prepare_training_data
+
+from _concepts import random_concept
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def xl():
+    return build_tiny_sdxl_components()
+
+
+def training_data(base, photo_path):
+    photo = prepare_photo(photo_path, base.resolution)
+    mask = torch.from_numpy(landmark_mask(photo.face, base.resolution))[None, None]
+    data = prepare_training_data(base.vae, pil_to_tensor(photo.image)[None], mask, torch.randn(1, 16))
+    data.time_ids = training_time_ids(base.family, [photo.crop], base.device)
+    return data, photo
+
+
+# -- the family's text conditioning ------------------------------------------------------------------
+
+
+def test_both_encoders_get_their_part_of_s_star_and_the_pooled_embedding_follows_it(xl):
+    concept = random_concept(xl, window=(0, 1000))
+    pipe = PersonaMagicPipeline.from_base(xl)
+    loaded = pipe.load_concept(concept)
+    ids = pipe.tokenize(["a photo of S*"])
+    (position,) = torch.nonzero(ids[0][0] == loaded.tokens.ids[0])[:, 0].tolist()
+    assert ids[1][0, position] == loaded.tokens.ids[0]  # the same id in both tokenizers
+    seen = []
+    pipe.conditioner.open()
+    handles = [e.get_input_embeddings().register_forward_hook(lambda m, a, out: seen.append(out[0]))
+               for e in pipe.text_encoders]
+    try:
+        hidden, values, pooled = pipe.encode_at(ids, 500)
+    finally:
+        for handle in handles:
+            handle.remove()
+        pipe.conditioner.close()
+    embedding, _ = loaded.vectors(500)
+    first, second = embedding[0].split(xl.encoder_widths)
+    assert torch.allclose(seen[0][position], first) and torch.allclose(seen[1][position], second)
+    assert hidden.shape == (1, 77, sum(xl.encoder_widths)) and pooled.shape == (1, xl.encoder_widths[1])
+    late = random_concept(xl, window=(0, 300), seed=4)
+    other = PersonaMagicPipeline.from_base(xl)
+    other.load_concept(late)
+    _, _, static_pooled = other.encode_at(other.tokenize(["a photo of S*"]), 500)  # static 1: the word
+    _, _, plain_pooled = other.encode_at(other.tokenize(["a photo of face"]), 500)
+    torch.testing.assert_close(static_pooled, plain_pooled)
+    assert not torch.allclose(pooled, plain_pooled)  # the mapper's S* moves the pooled embedding
+
+
+def test_the_mapper_makes_one_embedding_per_encoder_at_that_encoders_word_norm(xl):
+    concept = random_concept(xl, window=(0, 1000))
+    mapper = concept.build_mapper()
+    embeddings, residuals = mapper(torch.tensor([10, 900]), torch.randn(2, 16))
+    assert embeddings.shape == (2, 1, 80) and residuals.shape == (2, 1, xl.cross_attention_dim)
+    for part, word in zip(embeddings.split(xl.encoder_widths, -1), mapper.super_embedding.split(xl.encoder_widths)):
+        torch.testing.assert_close(part.norm(dim=-1), word.norm().expand(2, 1))
+
+
+def test_tandem_equilibrium_reads_the_penultimate_layer_of_both_encoders(xl, astronaut):
+    data, _ = training_data(xl, astronaut)
+    config = TrainConfig(stage_window=(0, 1000), use_id_loss=False, optimize=False)
+    with Trainer(xl, data, config) as trainer:
+        layers = trainer.objective._te_layers
+        assert [layer.module for layer in layers] == [text_layers(e)[-2].self_attn for e in xl.text_encoders]
+        out = trainer.losses(trainer.sample_batch())
+        assert torch.isfinite(out.terms["te"]) and -0.25 <= out.terms["te"].item() <= 0
+
+
+def test_gradients_reach_only_the_mapper(xl, astronaut):
+    data, _ = training_data(xl, astronaut)
+    with Trainer(xl, data, TrainConfig(stage_window=(0, 1000), use_id_loss=False)) as trainer:
+        trainer.losses(trainer.sample_batch()).total.backward()
+        assert all(p.grad is None for module in xl.modules for p in module.parameters())
+        grads = [p.grad for p in trainer.mapper.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_the_photos_size_conditioning_is_the_crop_it_really_had(xl, astronaut):
+    data, photo = training_data(xl, astronaut)
+    crop = photo.crop
+    scale = crop.size / crop.side
+    width, height = crop.source_size
+    expected = [height, width, round(crop.y0 * scale), round(crop.x0 * scale), crop.size, crop.size]
+    assert data.time_ids.tolist() == [expected]
+
+
+def test_the_vae_stays_in_fp32_when_fp16_is_asked_for():
+    base = build_tiny_sdxl_components().to(dtype=torch.float16)
+    assert base.unet.dtype == torch.float16 and base.vae.dtype == torch.float32
+
+
+# -- the stage partition on SDXL's attention levels ---------------------------------------------------------
+
+
+def test_the_partition_averages_the_64_and_32_levels_on_a_32_grid():
+    # Hand-made maps of a 128x128 latent's two attention levels: a blob in the top-left quarter.
+    def layer(side, weight):
+        grid = torch.zeros(side, side)
+        grid[: side // 4, : side // 4] = weight
+        return grid.reshape(1, side * side, 1)
+
+    store = {"down_blocks.1.attn2": layer(64, 1.0), "up_blocks.0.attn2": layer(32, 0.5)}
+    maps = average_maps(store, 32)
+    assert maps.shape == (1, 32, 32) and maps.max() == 1 and maps.min() == 0
+    assert maps[0, :8, :8].min() > 0.9 and maps[0, 9:, 9:].max() < 0.1
+
+
+def test_the_sdxl_family_partitions_at_32(xl, astronaut):
+    data, _ = training_data(xl, astronaut)
+    config = TrainConfig(use_id_loss=False, partition_warmup_steps=1, partition_timesteps=5, max_train_steps=1)
+    with Trainer(xl, data, config) as trainer:
+        trainer.find_stage_window()
+        assert trainer.attention_maps.shape == (5, 32, 32) and trainer.stages["resolution"] == 32
+
+
+# -- against diffusers ---------------------------------------------------------------------------------
+
+
+def untrained_concept(base, photo_path):
+    data, _ = training_data(base, photo_path)
+    with Trainer(base, data, TrainConfig(stage_window=(0, 1000), use_id_loss=False)) as trainer:
+        return trainer.concept(base.name)
+
+
+@pytest.mark.parametrize("scheduler, reference_class", [("euler", "EulerDiscreteScheduler"), ("ddim", "DDIMScheduler")])
+def test_an_untrained_concept_samples_as_diffusers_sdxl_does(offline_hub, astronaut, scheduler, reference_class):
+    import diffusers
+
+    base = load_base_model(SDXL)
+    pipe = PersonaMagicPipeline.from_base(base, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(untrained_concept(base, astronaut))
+    ours = pipe("a photo of S*", num_inference_steps=4, guidance_scale=8.0, generator=torch.Generator().manual_seed(2),
+                output_type="np").images[0]
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(SDXL, add_watermarker=False, torch_dtype=torch.float32)
+    reference.scheduler = getattr(diffusers, reference_class).from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a photo of face", num_inference_steps=4, guidance_scale=8.0,
+                       generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    assert np.abs(ours * 255 - theirs * 255).max() <= 1.0
+
+
+def test_an_sgm_single_file_loads_the_weights_of_the_repo(offline_hub):
+    single = load_base_model(str(offline_hub["sdxl_safetensors"]))
+    repo = load_base_model(SDXL)
+    assert single.family.name == "sdxl"
+    for a, b in [(single.unet, repo.unet), (single.vae, repo.vae), *zip(single.text_encoders, repo.text_encoders)]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sb)
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", SDXL])
+def test_train_then_generate_end_to_end(model, offline_hub, astronaut, tmp_path, capsys):
+    concept_dir = tmp_path / "c"
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", model, "--output", concept_dir, "--steps", 2,
+                           "--partition-warmup-steps", 1, "--mask", "landmarks", "--no-id-loss")
+    assert code == 0, err
+    concept = Concept.load(concept_dir)
+    assert concept.family == "sdxl" and concept.mapper_config["encoder_widths"] == [32, 48]
+    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "a photo of S* as a knight", "-n", 2, "--steps", 2,
+                           "-o", tmp_path / "out")
+    assert code == 0, err
+    assert len(list((tmp_path / "out").glob("0*.png"))) == 2
+
+
+def test_same_seed_same_concept_and_resume_is_exact(astronaut, tmp_path, capsys):
+    common = ["--model", "tiny-sdxl", "--partition-warmup-steps", 1, "--mask", "landmarks", "--checkpoint-every", 2]
+    runs = {}
+    for name in ("a", "b"):
+        assert run_cli(capsys, "train", astronaut, "-o", tmp_path / name, "--steps", 4, *common)[0] == 0
+        runs[name] = Concept.load(tmp_path / name)
+    assert runs["a"].fingerprint() == runs["b"].fingerprint()
+    from personamagic.training import Trainer as T
+
+    original = T.train
+
+    def interrupted(self, num_steps=None, progress=None, checkpoint_dir=None, job=None):
+        original(self, num_steps=3, progress=progress, checkpoint_dir=checkpoint_dir, job=job)
+        raise KeyboardInterrupt
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(T, "train", interrupted)
+    try:
+        code, _, err = run_cli(capsys, "train", astronaut, "-o", tmp_path / "r", "--steps", 4, *common)
+    finally:
+        monkey.undo()
+    assert code == 130 and "--resume" in err
+    assert run_cli(capsys, "train", astronaut, "-o", tmp_path / "r", "--steps", 4, *common, "--resume")[0] == 0
+    assert Concept.load(tmp_path / "r").fingerprint() == runs["a"].fingerprint()
+
+
+def test_a_concept_of_one_family_is_refused_on_the_other(xl):
+    sd1 = build_tiny_components()
+    with pytest.raises(UserError, match="Stable Diffusion 1.x model"):
+        PersonaMagicPipeline.from_base(xl).load_concept(random_concept(sd1))
+    with pytest.raises(UserError, match="Stable Diffusion XL model"):
+        PersonaMagicPipeline.from_base(sd1).load_concept(random_concept(xl))
