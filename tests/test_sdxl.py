@@ -225,3 +225,40 @@ def test_a_concept_of_one_family_is_refused_on_the_other(xl):
         PersonaMagicPipeline.from_base(xl).load_concept(random_concept(sd1))
     with pytest.raises(UserError, match="Stable Diffusion XL model"):
         PersonaMagicPipeline.from_base(sd1).load_concept(random_concept(xl))
+
+
+def test_a_lower_resolution_and_another_vae(offline_hub, astronaut, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny-sdxl", "--output", tmp_path / "c", "--steps", 1,
+                           "--stage-window", "400:800", "--mask", "landmarks", "--no-id-loss", "--resolution", 64,
+                           "--vae", offline_hub["snapshots"][SDXL])
+    assert code == 0, err
+    extra = Concept.load(tmp_path / "c").extra
+    assert extra["resolution"] == 64 and extra["vae"] == str(offline_hub["snapshots"][SDXL])
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny-sdxl", "--output", tmp_path / "d",
+                           "--resolution", 96)
+    assert code == 2 and "multiple of 64" in err and not (tmp_path / "d").exists()
+
+
+def test_an_ip_adapter_plugs_into_sdxl(xl, astronaut, tmp_path):
+    from PIL import Image
+    from test_ip_adapter import WEIGHTS, make_tiny_ip_adapter
+
+    weights = make_tiny_ip_adapter(tmp_path / "ip", xl.unet)
+    base = build_tiny_sdxl_components()
+    pipe = PersonaMagicPipeline.from_base(base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(random_concept(base))
+    pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=WEIGHTS)
+    photo = Image.open(astronaut).convert("RGB")
+    images = {}
+    for scale in (0.0, 1.0):
+        pipe.set_ip_adapter_scale(scale)
+        images[scale] = pipe("a photo of S*", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                             ip_adapter_image=photo, output_type="np").images[0]
+    without = PersonaMagicPipeline.from_base(build_tiny_sdxl_components())
+    without.set_progress_bar_config(disable=True)
+    without.load_concept(random_concept(base))
+    plain = without("a photo of S*", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images[0]
+    np.testing.assert_allclose(images[0.0], plain, atol=1e-5)  # scale 0: the adapter adds nothing
+    assert not np.allclose(images[1.0], plain, atol=1e-3)

@@ -14,6 +14,10 @@ def add_parser(commands) -> None:
     train.add_argument("--output", "-o", required=True, help="concept folder to write")
     train.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
                        help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
+    train.add_argument("--vae", default=None,
+                       help="another VAE: hub id or folder of an AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    train.add_argument("--resolution", type=positive_int, default=None,
+                       help="side of the square training crop, a multiple of 64 (the model's: 512 SD-1.x, 1024 SDXL)")
     train.add_argument("--revision", default=None,
                        help="hub branch, tag or commit of --model (default: main); the concept records the commit")
     train.add_argument("--model-config", default=None, metavar="FOLDER",
@@ -27,7 +31,10 @@ def add_parser(commands) -> None:
     train.add_argument("--image-encoder", default="auto",
                        help="CLIP vision model for the photo's embedding: hub id or folder (openai/clip-vit-base-patch32), "
                             "or tiny (an offline toy)")
-    train.add_argument("--identity-model", default="auto", help="ArcFace model: .pth/.safetensors/.onnx path or hub id")
+    train.add_argument("--identity-model", default="auto",
+                       help="identity loss network: sface (default; OpenCV Zoo, Apache-2.0, offline), arcface-r100 "
+                            "(insightface, non-commercial, downloaded), tiny, or a .pth/.safetensors/.onnx file or "
+                            "hub id (auto: sface, or tiny with --model tiny)")
     train.add_argument("--no-id-loss", action="store_true", help="train without the identity loss")
     train.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
     train.add_argument("--batch-size", type=positive_int, default=2, help="samples per step (2)")
@@ -169,6 +176,8 @@ def run(args) -> int:
             ip_adapter=ip_adapter,
             revision=args.revision,
             model_config=args.model_config,
+            vae=args.vae,
+            resolution=args.resolution,
         )
     except KeyboardInterrupt:
         progress.close()

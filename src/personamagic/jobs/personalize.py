@@ -139,6 +139,8 @@ def personalize(
     resident=None,
     revision: str | None = None,
     model_config: str | None = None,
+    vae: str | None = None,
+    resolution: int | None = None,
 ) -> PersonalizeResult:
     """Learn a concept from `photos` and write it to the folder `output`.
 
@@ -150,6 +152,8 @@ def personalize(
     that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
     resident: a `models.ResidentModels` to take the base model from (not with an IP-Adapter).
     revision / model_config: the hub revision of `model`, the config folder of a single-file model.
+    vae: another VAE (hub id or folder, e.g. an fp16-fixed SDXL VAE); resolution: the side of the
+    training crop (default: the model's, 512 on SD-1.x, 1024 on SDXL).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -158,9 +162,13 @@ def personalize(
     if mask not in MASK_METHODS and not Path(mask).is_file():
         raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, nor an existing mask file")
     check_output_folder(output, overwrite=overwrite, resume=resume)
+    if resolution is not None and (resolution < 64 or resolution % 64):
+        raise UserError(f"--resolution {resolution} must be a multiple of 64, at least 64 (e.g. 512, 768, 1024)")
     run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
+    run.resolution, run.vae = resolution, vae
     if resident is None:
-        check_assets(run.assets(model_config), local_files_only=local_files_only)
+        vae_asset = [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
+        check_assets(run.assets(model_config) + vae_asset, local_files_only=local_files_only)
     for photo in photos:
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
     with OutputFolder(output):
@@ -169,7 +177,7 @@ def personalize(
         dtype_ = resolve_dtype(dtype, device_)
         load = resident.load if resident is not None and ip_adapter is None else load_base_model
         base = load(model, device=device_, dtype=dtype_, local_files_only=local_files_only, revision=revision,
-                    model_config=model_config)
+                    model_config=model_config, vae=vae)
         data, prepared, masks, ip_adapter = run.prepare(base, device_, dtype_, local_files_only, ip_adapter)
         concept, trainer = run.train(base, data, resume, progress, ip_adapter, device_, dtype_)
         concept_path = _write_outputs(output, concept, trainer, prepared[0].image, masks[0])
@@ -186,6 +194,8 @@ class _Run:
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self.started = time.perf_counter()
+        self.resolution: int | None = None  # the training crop's side (None: the model's)
+        self.vae: str | None = None  # another VAE than the model's
         self.is_face = config.supercategory in FACE_SUPERCATEGORIES
         if config.use_id_loss and not self.is_face:
             self.notes.append(f"identity loss off: supercategory {config.supercategory!r} is not a face")
@@ -227,12 +237,16 @@ class _Run:
             "mask": self.mask_method if self.mask_method in MASK_METHODS else f"file {file_sha256(self.mask_method)}",
             "image_encoder": self.encoder_name,
             "identity_model": self.identity_spec,
+            "resolution": self.resolution or base.resolution,
         }
 
     def prepare(self, base, device, dtype, local_files_only: bool, ip_adapter):
         """Photos, faces and masks, then the embeddings computed once (CLIP image embedding, VAE
         posterior, identity reference)."""
-        size = base.resolution
+        size = self.resolution or base.resolution
+        multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+        if size % multiple:
+            raise UserError(f"--resolution {size} is not a multiple of {multiple}, which this model's UNet needs")
         detector = FaceDetector() if self.is_face else None
         prepared = [prepare_photo(p, size, detect_face=self.is_face, detector=detector) for p in self.photos]
         self.num_faces = [p.num_faces for p in prepared]
@@ -284,6 +298,8 @@ class _Run:
                 "mask": self.mask_method if self.mask_method in MASK_METHODS else "file",
                 "num_faces": self.num_faces,
                 "identity_model": self.identity_spec,
+                "resolution": job["resolution"],
+                "vae": self.vae,
                 "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
                 "device": device.type,
                 **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),

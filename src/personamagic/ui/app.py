@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a tab with an unfinished job asks for its progress
 MAX_PLOT_POINTS = 400  # per loss term: longer curves are thinned before they are sent
-DEFAULT_MODELS = ("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny")
+DEFAULT_MODELS = ("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                  "stabilityai/stable-diffusion-xl-base-1.0", "tiny", "tiny-sdxl")
 EXTRA_SUPERCATEGORIES = ("cat", "dog")  # non-face examples: no face detection, no identity loss
 CONCEPT_PICTURES = (("stages.png", "stage partition"), ("attention.png", "S* attention"), ("mask.png", "training mask"))
 
@@ -166,7 +167,7 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
             "Personalize Stable Diffusion 1.x to one person from a photo: **1.** upload the photo and "
             "check the face and mask, **2.** personalize (a concept is saved in the library), "
             "**3.** generate with prompts that contain the concept's placeholder (`S*`). "
-            f"Library: `{studio.library.root}`. The `tiny` model is an offline toy whose images are noise."
+            f"Library: `{studio.library.root}`. The `tiny` and `tiny-sdxl` models are offline toys whose images are noise."
         )
 
         # 1. personalize -----------------------------------------------------------------------
@@ -196,7 +197,7 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                     window = gr.Textbox("auto", label="Dynamic stage (auto or LO:HI)", elem_id="stage-window")
                     warmup = gr.Number(100, label="Warm-up steps (auto stage)", precision=0, minimum=0,
                                        elem_id="warmup-steps")
-                id_loss = gr.Checkbox(True, label="Identity loss (ArcFace; its weights are non-commercial)",
+                id_loss = gr.Checkbox(True, label="Identity loss (SFace, Apache-2.0)",
                                       elem_id="id-loss")
                 with gr.Row():
                     train_button = gr.Button("Personalize", variant="primary", elem_id="train")

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from ..concept import CONCEPT_FILENAME, Concept
 from ..errors import UserError
-from ..models import TINY, ResidentModels
+from ..models import TINY_MODELS, ResidentModels
 from .jobs import Job, JobQueue, new_job_id
 
 logger = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class Studio:
         if mask not in MASK_CHOICES:
             raise UserError(f"mask must be one of {', '.join(MASK_CHOICES)}, got {mask!r}")
         if mask == "auto":  # what personalize() picks
-            mask = "landmarks" if model == TINY else "clipseg"
+            mask = "landmarks" if model in TINY_MODELS else "clipseg"
         previews, errors = [], []
         for path in paths or []:
             try:
