@@ -141,6 +141,7 @@ def personalize(
     model_config: str | None = None,
     vae: str | None = None,
     resolution: int | None = None,
+    photomaker=None,
 ) -> PersonalizeResult:
     """Learn a concept from `photos` and write it to the folder `output`.
 
@@ -153,7 +154,8 @@ def personalize(
     resident: a `models.ResidentModels` to take the base model from (not with an IP-Adapter).
     revision / model_config: the hub revision of `model`, the config folder of a single-file model.
     vae: another VAE (hub id or folder, e.g. an fp16-fixed SDXL VAE); resolution: the side of the
-    training crop (default: the model's, 512 on SD-1.x, 1024 on SDXL).
+    training crop (default: the model's, 512 on SD-1.x, 1024 on SDXL). photomaker: a
+    `PhotoMakerSpec` (or its weights' hub id / path) to train with PhotoMaker plugged in (SDXL only).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -175,10 +177,12 @@ def personalize(
         check_output_folder(output, overwrite=overwrite, resume=resume)  # again, now that the folder is ours
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
-        load = resident.load if resident is not None and ip_adapter is None else load_base_model
+        shared = resident is not None and ip_adapter is None and photomaker is None  # plug-ins change the model
+        load = resident.load if shared else load_base_model
         base = load(model, device=device_, dtype=dtype_, local_files_only=local_files_only, revision=revision,
                     model_config=model_config, vae=vae)
         data, prepared, masks, ip_adapter = run.prepare(base, device_, dtype_, local_files_only, ip_adapter)
+        run.plug_in_photomaker(photomaker, base, data, [p.image for p in prepared], local_files_only)
         concept, trainer = run.train(base, data, resume, progress, ip_adapter, device_, dtype_)
         concept_path = _write_outputs(output, concept, trainer, prepared[0].image, masks[0])
     run.timings["total_s"] = time.perf_counter() - started
@@ -196,6 +200,7 @@ class _Run:
         self.started = time.perf_counter()
         self.resolution: int | None = None  # the training crop's side (None: the model's)
         self.vae: str | None = None  # another VAE than the model's
+        self.photomaker = None  # PhotoMaker plugged in (`plug_in_photomaker`)
         self.is_face = config.supercategory in FACE_SUPERCATEGORIES
         if config.use_id_loss and not self.is_face:
             self.notes.append(f"identity loss off: supercategory {config.supercategory!r} is not a face")
@@ -238,6 +243,7 @@ class _Run:
             "image_encoder": self.encoder_name,
             "identity_model": self.identity_spec,
             "resolution": self.resolution or base.resolution,
+            "photomaker": self.photomaker.spec.to_dict() if self.photomaker else None,
         }
 
     def prepare(self, base, device, dtype, local_files_only: bool, ip_adapter):
@@ -274,13 +280,26 @@ class _Run:
         self.timings["encode_s"] = time.perf_counter() - t0
         return data, prepared, masks, ip_adapter
 
+    def plug_in_photomaker(self, spec, base, data, photos, local_files_only: bool) -> None:
+        """PhotoMaker's LoRA into the UNet and each photo's ID embedding for the trainer (`spec` None: off)."""
+        if spec is None:
+            return
+        from ..adapters.photomaker_plugin import PhotoMaker, PhotoMakerSpec
+
+        if base.family.name != "sdxl":
+            raise UserError(f"PhotoMaker works on SDXL models; {base.name} is a {base.family.title} model")
+        spec = spec if isinstance(spec, PhotoMakerSpec) else PhotoMakerSpec(weights=str(spec))
+        self.photomaker = PhotoMaker.load(spec, base.unet, device=base.device, dtype=base.dtype,
+                                          local_files_only=local_files_only)
+        data.photomaker_embeds = torch.cat([self.photomaker.id_embeds([photo]) for photo in photos])  # (N, 1, D)
+
     def train(self, base, data, resume: bool, progress, ip_adapter, device, dtype):
         """Partition (unless resumed past it or given a window) and train, checkpointing into
         output/checkpoints; returns the concept and the trainer."""
         t0 = time.perf_counter()
         checkpoint_dir = self.output / CHECKPOINT_DIR
         job = self.job_facts(base)
-        with Trainer(base, data, self.config, self.identity_encoder) as trainer:
+        with Trainer(base, data, self.config, self.identity_encoder, self.photomaker) as trainer:
             if resume:
                 checkpoint = latest_checkpoint(checkpoint_dir)
                 trainer.load_checkpoint(checkpoint, job)
@@ -303,6 +322,7 @@ class _Run:
                 "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
                 "device": device.type,
                 **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),
+                **({"photomaker": self.photomaker.spec.to_dict()} if self.photomaker else {}),
             }
             concept = trainer.concept(base_model=base.name, image_encoder=self.encoder_name, extra=extra)
         self.timings["training_total_s"] = time.perf_counter() - t0

@@ -280,12 +280,26 @@ class ScheduledConditioning:
     values: torch.Tensor  # (R, L, C) the same plus the mapper residuals: the V input
     pooled: torch.Tensor | None  # (R, P) pooled embeddings (families that have them), else None
     rows: list  # per step i of the schedule: (B,) rows of the table
+    ids: torch.Tensor | None = None  # (R, L) the first tokenizer's ids of each table row
 
     def at(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, L, C) K input, (B, L, C) V input and (B, P) pooled embedding or None at step i (by
         position: reading a timestep's value off the GPU would wait for it at every step)."""
         rows = self.rows[i]
         return self.hidden[rows], self.values[rows], None if self.pooled is None else self.pooled[rows]
+
+    def replaced(self, hidden: torch.Tensor) -> "ScheduledConditioning":
+        """The same schedule with other K inputs (R, L, C) for its rows (e.g. PhotoMaker's fused ones);
+        the V inputs keep their residuals on top."""
+        return ScheduledConditioning(hidden, self.values - self.hidden + hidden, self.pooled, self.rows, self.ids)
+
+    def switched(self, other: "ScheduledConditioning", from_step: int) -> "ScheduledConditioning":
+        """This schedule's rows before step `from_step`, `other`'s from there on (one table holding both)."""
+        offset = self.hidden.shape[0]
+        cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        rows = [r if i < from_step else other.rows[i] + offset for i, r in enumerate(self.rows)]
+        return ScheduledConditioning(torch.cat([self.hidden, other.hidden]), torch.cat([self.values, other.values]),
+                                     cat(self.pooled, other.pooled), rows, cat(self.ids, other.ids))
 
     def zeroing(self, count: int) -> "ScheduledConditioning":
         """The same with the first `count` rows of every step's batch all zeros (an empty negative prompt
@@ -294,7 +308,8 @@ class ScheduledConditioning:
         last = self.hidden.shape[0]
         rows = [torch.cat([r.new_full((count,), last), r[count:]]) for r in self.rows]
         return ScheduledConditioning(zero(self.hidden), zero(self.values),
-                                     None if self.pooled is None else zero(self.pooled), rows)
+                                     None if self.pooled is None else zero(self.pooled), rows,
+                                     None if self.ids is None else zero(self.ids))
 
 
 def encode_schedule(conditioner: TextConditioner, concepts: list, input_ids: list[torch.Tensor], timesteps,
@@ -341,7 +356,7 @@ def encode_schedule(conditioner: TextConditioner, concepts: list, input_ids: lis
     position[:, ~dependent] = torch.arange(P, device=prompts.device)
     position[:, dependent] = P + torch.arange(K * D, device=prompts.device).view(K, D)
     rows = position[:, inverse]  # (K, B)
-    return ScheduledConditioning(hidden, values, pooled, [rows[distinct.index(k)] for k in keys])
+    return ScheduledConditioning(hidden, values, pooled, [rows[distinct.index(k)] for k in keys], ids[0])
 
 
 def stage_key(concepts: list, t: int) -> tuple:

@@ -86,6 +86,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         self.graphed_unet: GraphedUNet | None = None  # see enable_cuda_graph()
         self.compiled_unet = None  # see enable_compile()
         self.conditioner = TextConditioner(self)
+        self.photomaker = None  # see load_photomaker()
 
     @classmethod
     def from_base(cls, base, scheduler: str = "ddim") -> "PersonaMagicPipeline":
@@ -136,6 +137,17 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         self.compiled_unet = torch.compile(self.unet, backend=backend) if enabled else None
         if self.graphed_unet is not None:
             self.graphed_unet = GraphedUNet(self._denoiser())
+
+    def load_photomaker(self, spec=None, *, local_files_only: bool = False, encoder=None, lora=None):
+        """Plug PhotoMaker in (`adapters.photomaker_plugin`): its LoRA goes into the UNet for good; prompts
+        with `S* img` then fuse the ID embedding of `photomaker_images` into S* (SDXL models only)."""
+        from ..adapters.photomaker_plugin import PhotoMaker, PhotoMakerSpec
+
+        if self.family.name != "sdxl":
+            raise UserError(f"PhotoMaker works on SDXL models; this is a {self.family.title} model")
+        self.photomaker = PhotoMaker.load(spec or PhotoMakerSpec(), self.unet, device=self.device, dtype=self.unet.dtype,
+                                          local_files_only=local_files_only, encoder=encoder, lora=lora)
+        return self.photomaker
 
     def _denoiser(self):
         """The UNet callable sampling uses: compiled when enabled, else the module itself."""
@@ -224,8 +236,9 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         """Each loaded IP-Adapter's input for the whole UNet batch (`adapters.ip_adapter.prepare_ip_adapter`)."""
         return prepare_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds, batch_size, do_cfg)
 
-    def _prompt_ids(self, prompt, negative_prompt, num_images_per_prompt: int, do_cfg: bool):
-        """Prompts and negatives -> ids of one UNet batch (uncond first, cond after) and the batch size."""
+    def _prompt_texts(self, prompt, negative_prompt, num_images_per_prompt: int, do_cfg: bool):
+        """Prompts and negatives -> the texts of one UNet batch (uncond first, cond after), the batch
+        size, and whether the negative half is all zeros."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch_size = len(prompts)
@@ -237,7 +250,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
             raise ValueError(f"{len(negatives)} negative prompts for {batch_size} prompts")
         # An empty negative prompt is all zeros on families that ask for it (SDXL), as diffusers does.
         zero_negative = do_cfg and self.family.zero_empty_negative and not any(n.strip() for n in negatives)
-        return self.tokenize((negatives if do_cfg else []) + prompts), batch_size, zero_negative
+        return (negatives if do_cfg else []) + prompts, batch_size, zero_negative
 
     def _initial_latents(self, batch_size: int, height: int, width: int, generator, latents):
         """The sampler's starting noise (float32) and the scaled initial latents."""
@@ -266,6 +279,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         region=None,
         ip_adapter_image=None,
         ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        photomaker_images: list | None = None,
     ):
         """Sample images; `prompt` may hold several prompts, one generator per image keeps each image
         independent of the batch it is in.
@@ -273,11 +287,12 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         background, region: localized customization (PIL image / tensor in [-1, 1]; mask: white = paint
         the concept here); the outside follows the background (Blended Latent Diffusion).
         ip_adapter_image / ip_adapter_image_embeds: inputs of IP-Adapters loaded with `load_ip_adapter`.
+        photomaker_images: the person's photo(s) for PhotoMaker (`load_photomaker`), fused into S* where a
+        prompt says `S* img`.
         """
         # 1. prompts -> token ids (uncond first, cond after: one batch for classifier-free guidance)
         do_cfg = guidance_scale > 1.0
-        input_ids, batch_size, zero_negative = self._prompt_ids(prompt, negative_prompt, num_images_per_prompt,
-                                                                do_cfg)
+        texts, batch_size, zero_negative = self._prompt_texts(prompt, negative_prompt, num_images_per_prompt, do_cfg)
 
         # 2. timesteps and initial noise
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -298,7 +313,10 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         ip_embeds = prepare_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds, batch_size, do_cfg)
 
         # 5. text conditioning of every step (S* switched by each concept's stages), then denoising
-        conditioning = self.encode_schedule(input_ids, timesteps)
+        if self.photomaker is not None and photomaker_images is not None:
+            conditioning = self._photomaker_schedule(texts, photomaker_images, timesteps, num_inference_steps)
+        else:
+            conditioning = self.encode_schedule(self.tokenize(texts), timesteps)
         if zero_negative:
             conditioning = conditioning.zeroing(batch_size)
         latents = self._denoise(latents, timesteps, conditioning, guidance_scale if do_cfg else None, generator,
@@ -322,6 +340,33 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
         finally:
             if upcast:
                 vae.to(torch.float16)
+
+    def _photomaker_schedule(self, texts: list[str], images: list, timesteps, num_inference_steps: int):
+        """The run's conditioning with PhotoMaker: text-only prompts up to its merge step, then prompts
+        whose S* (the concept before the trigger) is fused with the images' ID embeddings."""
+        id_embeds = self.photomaker.id_embeds(list(images))  # (1, N, D)
+        text_only, fused, classes = [], [], set()
+        for text in texts:
+            for loaded in self.concepts:
+                split = self.photomaker.split_prompt(text, loaded.tokens.placeholder, id_embeds.shape[1])
+                if split is not None:
+                    classes.add(loaded.tokens.placeholder)
+                    break
+            else:
+                split = (text, text)
+            text_only.append(split[0])
+            fused.append(split[1])
+        if len(classes) > 1:
+            raise UserError(f"PhotoMaker fuses one concept per run; the prompts fuse {', '.join(sorted(classes))}")
+        plain = self.encode_schedule(self.tokenize(text_only), timesteps)
+        if not classes:
+            return plain
+        (placeholder,) = classes
+        token_ids = next(c.tokens.ids for c in self.concepts if c.tokens.placeholder == placeholder)
+        merged = self.encode_schedule(self.tokenize(fused), timesteps)
+        merged = merged.replaced(self.photomaker.fuse(merged.hidden, merged.ids, token_ids, id_embeds))
+        # official: steps i <= start_merge_step use the text-only prompt
+        return plain.switched(merged, self.photomaker.spec.merge_step_for(num_inference_steps) + 1)
 
     def _denoise(self, latents, timesteps, conditioning: ScheduledConditioning, guidance_scale, generator, eta,
                  size, ip_embeds, localized):

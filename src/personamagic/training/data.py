@@ -23,6 +23,7 @@ class TrainingData:
     ip_adapter_embeds: torch.Tensor | None = None  # (N, 1, ...) IP-Adapter image embeds, when plugged in
     # (N, 6) SDXL's size conditioning of each photo: original size, crop top-left, target size
     time_ids: torch.Tensor | None = None
+    photomaker_embeds: torch.Tensor | None = None  # (N, 1, D) PhotoMaker ID embedding of each photo, when plugged in
 
     @property
     def num_images(self) -> int:

@@ -53,12 +53,18 @@ class Objective:
     attention processors, the token-embedding overrides and the TE layer's probability capture; closing
     removes them all, leaving the base model as it was."""
 
-    def __init__(self, base, data: TrainingData, config: TrainConfig, placeholder_ids: list[int], identity_encoder=None):
+    def __init__(self, base, data: TrainingData, config: TrainConfig, placeholder_ids: list[int], identity_encoder=None,
+                 photomaker=None):
         from diffusers import DDPMScheduler
 
         self.base, self.data, self.config = base, data, config
         self.device, self.weight_dtype = base.device, base.dtype
         self.placeholder_ids = placeholder_ids
+        # PhotoMaker plugged in (`adapters.photomaker_plugin.PhotoMaker`): S* is fused with each sample's
+        # photo's ID embedding (`data.photomaker_embeds`) after the text encoders
+        self.photomaker = photomaker
+        if photomaker is not None and data.photomaker_embeds is None:
+            raise ValueError("training with PhotoMaker needs the photos' ID embeddings (data.photomaker_embeds)")
         self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.prediction_type = self.noise_scheduler.config.prediction_type
@@ -161,6 +167,8 @@ class Objective:
         return self._unet_conditioning(hidden, pooled, input_ids[0], residuals, image_index)
 
     def _unet_conditioning(self, hidden, pooled, ids, residuals, image_index) -> UNetConditioning:
+        if self.photomaker is not None:
+            hidden = self.photomaker.fuse(hidden, ids, self.placeholder_ids, self.data.photomaker_embeds[image_index])
         values = add_residuals(hidden, ids, self.per_token(residuals))
         added = {}
         if self.data.time_ids is not None:

@@ -54,10 +54,11 @@ class Trainer:
             concept = trainer.concept()
 
     Entering installs the UNet attention processors and the token-embedding hooks; leaving removes
-    them (also on error), leaving the base model exactly as it was.
+    them (also on error), leaving the base model exactly as it was. `photomaker`: PhotoMaker plugged in
+    (`adapters.photomaker_plugin`), its LoRA already in the UNet; S* is fused with each photo's ID.
     """
 
-    def __init__(self, base, data: TrainingData, config: TrainConfig, identity_encoder=None):
+    def __init__(self, base, data: TrainingData, config: TrainConfig, identity_encoder=None, photomaker=None):
         self.base, self.data, self.config = base, data, config
         self.device = base.device
         try:
@@ -83,7 +84,9 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.step_count = 0
-        self.objective = Objective(base, data, config, self.tokens.ids, identity_encoder)
+        if photomaker is not None and config.num_vectors != 1:
+            raise UserError("training with PhotoMaker needs --num-vectors 1 (S* is PhotoMaker's one class token)")
+        self.objective = Objective(base, data, config, self.tokens.ids, identity_encoder, photomaker)
         self.num_train_timesteps = self.objective.num_train_timesteps
         self.partition_resolution = config.partition_resolution or base.family.partition_resolution
         self.stage_window: StageWindow | None = None
