@@ -169,8 +169,11 @@ def personalize(
     run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
     run.resolution, run.vae = resolution, vae
     if resident is None:
-        vae_asset = [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
-        check_assets(run.assets(model_config) + vae_asset, local_files_only=local_files_only)
+        extra = [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
+        weights = getattr(photomaker, "weights", photomaker)
+        if weights is not None and is_hub_id(str(weights)):
+            extra.append(Asset("PhotoMaker's weights", f"{weights}/photomaker-v1.bin", "a local photomaker-v1.bin"))
+        check_assets(run.assets(model_config) + extra, local_files_only=local_files_only)
     for photo in photos:
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
     with OutputFolder(output):

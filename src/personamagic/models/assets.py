@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from ..errors import UserError
 
 # names of models built in code (never downloaded)
-BUILT = ("tiny", "tiny-sdxl", "random-sd1", "random-clip-vit-b32", "random-iresnet100", "sface")
+BUILT = ("tiny", "tiny-sdxl", "random-sd1", "random-sdxl", "random-clip-vit-b32", "random-iresnet100", "sface")
 
 
 @dataclass(frozen=True)

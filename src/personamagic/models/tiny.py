@@ -21,9 +21,10 @@ from .tokenizer import clip_tokenizer
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"
 RANDOM_SD1 = "random-sd1"  # SD-1.x sizes, random weights: for benchmarks (timing does not depend on weights)
+RANDOM_SDXL = "random-sdxl"  # SDXL base sizes, random weights: for benchmarks
 RANDOM_IMAGE_ENCODER = "random-clip-vit-b32"  # CLIP ViT-B/32 vision tower sizes, random weights
 # names of models built in code rather than loaded
-BUILT_MODELS = (TINY, TINY_SDXL, RANDOM_SD1)
+BUILT_MODELS = (TINY, TINY_SDXL, RANDOM_SD1, RANDOM_SDXL)
 TINY_MODELS = (TINY, TINY_SDXL)  # the offline toys: tiny stand-ins for every other model they use
 
 
@@ -35,6 +36,8 @@ def build_model(name: str, device=None) -> BaseComponents:
         return build_tiny_sdxl_components()
     if name == RANDOM_SD1:
         return build_random_sd1_components(device)
+    if name == RANDOM_SDXL:
+        return build_random_sdxl_components(device)
     raise ValueError(f"no built model named {name!r}; known: {', '.join(BUILT_MODELS)}")
 
 
@@ -269,6 +272,39 @@ def build_tiny_clipseg(seed: int = 0):
     )
     processor = CLIPSegProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model.eval().requires_grad_(False), processor
+
+
+def build_random_sdxl_components(device=None) -> BaseComponents:
+    """SDXL base at its real sizes (UNet 320/640/1280 with 1/2/10 transformer layers, CLIP-L + OpenCLIP-G
+    text encoders, the SDXL VAE), random weights, initialised directly on `device`: for benchmarks at
+    1024². Images are noise."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa")
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
+            scaling_factor=0.13025, force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                                    num_attention_heads=12, hidden_act="quick_gelu", **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+            hidden_act="gelu", **common))
+    return BaseComponents(RANDOM_SDXL, SDXL, [tokenizer, tokenizer_2], [text_encoder, text_encoder_2], vae, unet,
+                          dict(SDXL_SCHEDULER_CONFIG)).freeze()
 
 
 def build_random_image_encoder(device=None):

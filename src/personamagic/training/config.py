@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import asdict, dataclass
 
 from ..models.devices import check_compile_backend
@@ -89,8 +91,15 @@ class TrainConfig:
             raise ValueError(f"need 0 <= lambda1 <= lambda2 <= 1, got {self.lambda1}, {self.lambda2}")
         if not 0 < self.min_dynamic_fraction <= 1:
             raise ValueError(f"min_dynamic_fraction must be in (0, 1], got {self.min_dynamic_fraction}")
-        if "{}" not in self.train_prompt:
-            raise ValueError(f"train_prompt must contain {{}} where the placeholder goes, got {self.train_prompt!r}")
+        fields = [name for _, name, _, _ in string.Formatter().parse(self.train_prompt) if name is not None]
+        if fields != [""]:
+            raise ValueError(f"train_prompt must contain {{}} exactly once, where the placeholder goes (and no other "
+                             f"braces), got {self.train_prompt!r}")
+        if not self.placeholder.strip() or self.placeholder.strip() != self.placeholder:
+            raise ValueError(f"placeholder must be non-empty text without surrounding spaces, got {self.placeholder!r}")
+        if not re.fullmatch(r"[\w'-]+", self.supercategory):
+            raise ValueError(f"supercategory must be a single word (face, person, cat, painting...), "
+                             f"got {self.supercategory!r}")
         if self.stage_window is not None:
             lo, hi = self.stage_window
             if not 0 <= lo < hi:
