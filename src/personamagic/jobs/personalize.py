@@ -25,7 +25,7 @@ from ..faces import FaceDetector, load_photo, prepare_photo
 from ..faces.alignment import alignment_theta
 from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
 from ..files import FolderLock, disk_error, write_atomic
-from ..identity.loading import DEFAULT_IDENTITY_MODEL, identity_file_reference, load_identity_model
+from ..identity.loading import default_identity_model, identity_file_reference, load_identity_model
 from ..models import DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder, resolve_device, resolve_dtype
 from ..models.assets import Asset, base_model_asset, check_assets
 from ..models.devices import DTYPE_NAMES
@@ -217,8 +217,7 @@ class _Run:
         self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if toy else DEFAULT_IMAGE_ENCODER)
         self.identity_spec = None
         if config.use_id_loss:
-            self.identity_spec = identity_model if identity_model != "auto" else (
-                TINY if toy else DEFAULT_IDENTITY_MODEL)
+            self.identity_spec = identity_model if identity_model != "auto" else default_identity_model(model)
 
     def assets(self, model_config: str | None) -> list[Asset]:
         """What this run reads from the hub (`models.assets`), to check before anything loads."""
@@ -249,27 +248,27 @@ class _Run:
             "photomaker": self.photomaker.spec.to_dict() if self.photomaker else None,
         }
 
-    def prepare(self, base, device, dtype, local_files_only: bool, ip_adapter):
+    def prepare(self, base, device, dtype, local_files_only: bool, ip_adapter, models: PhotoModels | None = None):
         """Photos, faces and masks, then the embeddings computed once (CLIP image embedding, VAE
-        posterior, identity reference)."""
+        posterior, identity reference). `models`: the photo models to use (loaded once for several runs)."""
+        models = models or PhotoModels()
         size = self.resolution or base.resolution
         multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
         if size % multiple:
             raise UserError(f"--resolution {size} is not a multiple of {multiple}, which this model's UNet needs")
-        detector = FaceDetector() if self.is_face else None
+        detector = models.face_detector() if self.is_face else None
         prepared = [prepare_photo(p, size, detect_face=self.is_face, detector=detector) for p in self.photos]
         self.num_faces = [p.num_faces for p in prepared]
-        masks = _make_masks(prepared, self.mask_method, self.config.supercategory, local_files_only)
+        masks = _make_masks(prepared, self.mask_method, self.config.supercategory, local_files_only, models)
         self.timings["load_and_mask_s"] = time.perf_counter() - self.started
         t0 = time.perf_counter()
-        clip_model, clip_processor = load_image_encoder(self.encoder_name, device=device,
-                                                        local_files_only=local_files_only)
+        clip_model, clip_processor = models.image_encoder(self.encoder_name, device, local_files_only)
         with torch.no_grad():
             inputs = clip_processor(images=[p.image for p in prepared], return_tensors="pt").pixel_values.to(device)
             image_embeds = clip_model(pixel_values=inputs.to(clip_model.dtype)).image_embeds.float()
         self.identity_encoder, face_theta = None, None
         if self.identity_spec is not None:
-            self.identity_encoder = load_identity_model(self.identity_spec, device=device, dtype=dtype)
+            self.identity_encoder = models.identity_model(self.identity_spec, device, dtype)
             face_theta = torch.stack([
                 alignment_theta(p.face.landmarks, (size, size), self.identity_encoder.input_size, landmarks_order="yunet")
                 for p in prepared
@@ -314,22 +313,57 @@ class _Run:
             t1 = time.perf_counter()
             trainer.train(progress=_with_phase(progress, "train"), checkpoint_dir=checkpoint_dir, job=job)
             self.timings["train_s"] = time.perf_counter() - t1
-            extra = {
-                "photos": [Path(p).name for p in self.photos],
-                "photo_sha256": job["photos"],
-                "mask": self.mask_method if self.mask_method in MASK_METHODS else "file",
-                "num_faces": self.num_faces,
-                "identity_model": self.identity_spec,
-                "resolution": job["resolution"],
-                "vae": self.vae,
-                "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
-                "device": device.type,
-                **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),
-                **({"photomaker": self.photomaker.spec.to_dict()} if self.photomaker else {}),
-            }
+            extra = self.concept_extra(job, ip_adapter, device, dtype)
             concept = trainer.concept(base_model=base.name, image_encoder=self.encoder_name, extra=extra)
         self.timings["training_total_s"] = time.perf_counter() - t0
         return concept, trainer
+
+    def concept_extra(self, job: dict, ip_adapter, device, dtype) -> dict:
+        """What the concept records about this run besides its TrainConfig (`Concept.extra`)."""
+        return {
+            "photos": [Path(p).name for p in self.photos],
+            "photo_sha256": job["photos"],
+            "mask": self.mask_method if self.mask_method in MASK_METHODS else "file",
+            "num_faces": self.num_faces,
+            "identity_model": self.identity_spec,
+            "resolution": job["resolution"],
+            "vae": self.vae,
+            "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+            "device": device.type,
+            **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),
+            **({"photomaker": self.photomaker.spec.to_dict()} if self.photomaker else {}),
+        }
+
+
+# The steps of one concept's job, for jobs that train several at once (`jobs.train_many`).
+PersonalizeRun = _Run
+
+
+class PhotoModels:
+    """The models that read the photos (face detector, CLIPSeg, CLIP image encoder, identity network),
+    each loaded on first use and kept: one instance shared by several runs loads each model once."""
+
+    def __init__(self):
+        self._loaded: dict = {}
+
+    def _get(self, key, load):
+        if key not in self._loaded:
+            self._loaded[key] = load()
+        return self._loaded[key]
+
+    def face_detector(self) -> FaceDetector:
+        return self._get("face_detector", FaceDetector)
+
+    def clipseg(self, local_files_only: bool):
+        return self._get(("clipseg", local_files_only), lambda: load_clipseg(local_files_only=local_files_only))
+
+    def image_encoder(self, name: str, device, local_files_only: bool):
+        return self._get(("image_encoder", name, str(device), local_files_only),
+                         lambda: load_image_encoder(name, device=device, local_files_only=local_files_only))
+
+    def identity_model(self, spec: str, device, dtype):
+        return self._get(("identity_model", spec, str(device), str(dtype)),
+                         lambda: load_identity_model(spec, device=device, dtype=dtype))
 
 
 def training_time_ids(family, crops, device) -> torch.Tensor | None:
@@ -398,15 +432,16 @@ def describe_partition(stages: dict) -> str:
     return text
 
 
-def _make_masks(prepared, method: str, supercategory: str, local_files_only: bool = False) -> list[np.ndarray]:
-    """One (size, size) {0,1} mask per photo, by the chosen method."""
+def _make_masks(prepared, method: str, supercategory: str, local_files_only: bool = False,
+                models: PhotoModels | None = None) -> list[np.ndarray]:
+    """One (size, size) {0,1} mask per photo, by the chosen method (CLIPSeg from `models` if given)."""
     size = prepared[0].image.width
     if method == "landmarks":
         if any(p.face is None for p in prepared):
             raise UserError("--mask landmarks needs a face; use --mask clipseg, none or FILE for this supercategory")
         return [landmark_mask(p.face, size) for p in prepared]
     if method == "clipseg":
-        model, processor = load_clipseg(local_files_only=local_files_only)
+        model, processor = (models or PhotoModels()).clipseg(local_files_only)
         return [clipseg_mask(p.image, supercategory, model, processor) for p in prepared]
     if method == "none":
         return [np.ones((size, size), dtype=np.float32) for _ in prepared]
