@@ -7,8 +7,10 @@ in the same folder, fsync, `os.replace`), so a crash never leaves a half-written
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from . import __version__
 from .errors import UserError
 from .files import load_safetensors, save_safetensors_atomic
 from .method.mapper import MapperConfig, StageMapper
+from .method.stages import StageWindow
 
 FORMAT_VERSION = 2  # 2 adds the model family and the base model's revision; version 1 files are read too
 READABLE_VERSIONS = (1, 2)
@@ -26,6 +29,11 @@ CONCEPT_FILENAME = "concept.safetensors"
 METADATA_KEY = "personamagic"
 MAPPER_PREFIX = "mapper."
 IMAGE_EMBEDS_KEY = "image_embeds"
+MAPPER_PROBES = 1000  # timesteps of the dynamic stage at which loading checks the mapper's output is finite
+
+
+class ConceptFileError(ValueError):
+    """A fault in a concept file's metadata or tensors; `Concept.load` names the file in front of it."""
 
 
 @dataclass
@@ -93,35 +101,77 @@ class Concept:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Concept":
-        tensors, header = load_safetensors(resolve_concept_path(path))
+        """Read a concept file (or a folder holding one). Anything that is not a whole, well-formed
+        concept is one UserError naming the file and the fault: metadata of the wrong shape or type,
+        a tensor the configuration needs that is missing or of the wrong shape or dtype, non-finite
+        values. Loading never executes code."""
+        path = resolve_concept_path(path)
+        tensors, header = load_safetensors(path)
         try:
             meta = json.loads(header[METADATA_KEY])
-        except (KeyError, json.JSONDecodeError):
-            raise UserError(f"{path} is a safetensors file but not a PersonaMagic concept (no metadata)") from None
-        if meta.get("format_version") not in READABLE_VERSIONS:
-            raise UserError(
-                f"{path} has concept format {meta.get('format_version')}, this personamagic reads "
-                f"{FORMAT_VERSION}; use the personamagic version that wrote it ({meta.get('package_version')})"
+        except (KeyError, json.JSONDecodeError, RecursionError):
+            raise UserError(f"{path}: not a PersonaMagic concept (a safetensors file without readable concept "
+                            "metadata)") from None
+        try:
+            return cls._from_file(tensors, meta)
+        except ConceptFileError as fault:
+            raise UserError(f"{path}: {fault}") from None
+
+    @classmethod
+    def _from_file(cls, tensors: dict[str, torch.Tensor], meta) -> "Concept":
+        """The concept in a file's tensors and metadata, every field checked (ConceptFileError)."""
+        if not isinstance(meta, dict):
+            raise ConceptFileError(f"its metadata is a JSON {type(meta).__name__}, not an object; "
+                                   "the file is damaged or not a PersonaMagic concept")
+        version = meta.get("format_version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ConceptFileError(
+                f"concept format {version!r}, this personamagic reads {FORMAT_VERSION}; use the personamagic "
+                f"version that wrote it ({meta.get('package_version')})"
             )
+        fields = _check_metadata(meta)
         mapper_state = {k[len(MAPPER_PREFIX):]: v for k, v in tensors.items() if k.startswith(MAPPER_PREFIX)}
-        return cls(
-            mapper_state=mapper_state,
-            image_embeds=tensors[IMAGE_EMBEDS_KEY],
-            placeholder=meta["placeholder"],
-            supercategory=meta["supercategory"],
-            stage_window=tuple(meta["stage_window"]),
-            num_train_timesteps=meta["num_train_timesteps"],
-            base_model=meta["base_model"],
-            text_encoder_hidden_size=meta["text_encoder_hidden_size"],
-            mapper_config=meta["mapper_config"],
-            image_encoder=meta.get("image_encoder", ""),
-            training=meta.get("training", {}),
-            stages=meta.get("stages", {}),
-            extra=meta.get("extra", {}),
-            version=meta.get("package_version", ""),
-            family=meta.get("family", "sd1"),
-            base_revision=meta.get("base_revision"),
-        )
+        image_embeds = tensors.get(IMAGE_EMBEDS_KEY)
+        stray = sorted(k for k in tensors if not k.startswith(MAPPER_PREFIX) and k != IMAGE_EMBEDS_KEY)
+        if stray:
+            raise ConceptFileError(f"tensor {stray[0]!r} belongs to no part of a concept")
+        concept = cls(mapper_state=mapper_state, image_embeds=image_embeds, **fields)
+        concept._check_tensors()
+        return concept
+
+    def _check_tensors(self) -> None:
+        """Every tensor the mapper configuration implies, with its shape and dtype, finite; and a mapper
+        whose output is finite over the dynamic stage (ConceptFileError)."""
+        try:
+            config = MapperConfig(**self.mapper_config)
+            with torch.device("meta"):  # shapes and dtypes only: a garbled config allocates nothing
+                expected = StageMapper(config, torch.zeros(config.text_embed_dim)).state_dict()
+        except (TypeError, ValueError) as err:
+            raise ConceptFileError(f"mapper_config does not build a mapper ({err})") from None
+        for name in sorted(set(expected) | set(self.mapper_state)):
+            key = MAPPER_PREFIX + name
+            if name not in self.mapper_state:
+                raise ConceptFileError(f"tensor {key!r} is missing (the mapper_config needs it)")
+            if name not in expected:
+                raise ConceptFileError(f"tensor {key!r} is not part of the mapper its mapper_config describes")
+            _check_tensor(key, self.mapper_state[name], tuple(expected[name].shape), expected[name].dtype)
+        if self.image_embeds is None:
+            raise ConceptFileError(f"tensor {IMAGE_EMBEDS_KEY!r} (the photos' CLIP embeddings) is missing")
+        E = config.image_embed_dim
+        if self.image_embeds.dim() != 2 or self.image_embeds.shape[0] < 1:
+            raise ConceptFileError(f"tensor {IMAGE_EMBEDS_KEY!r} has shape {tuple(self.image_embeds.shape)}, "
+                                   f"expected (N, {E}) for N >= 1 photos")
+        _check_tensor(IMAGE_EMBEDS_KEY, self.image_embeds, (self.image_embeds.shape[0], E), torch.float32)
+        # Finite weights can still overflow (1e30 everywhere): the embeddings generation and export
+        # read must be finite too. At most MAPPER_PROBES timesteps of the dynamic stage are probed.
+        window = self.window
+        timesteps = torch.linspace(window.lo, window.hi - 1, min(MAPPER_PROBES, window.hi - window.lo)).round().long()
+        with torch.no_grad():
+            image_embeds = self.mean_image_embed()[None].expand(len(timesteps), -1)
+            embeddings, residuals = self.build_mapper("cpu")(timesteps, image_embeds)
+        if not (torch.isfinite(embeddings).all() and torch.isfinite(residuals).all()):
+            raise ConceptFileError("its mapper gives NaN or infinite embeddings (weights out of range); "
+                                   "the file is damaged: train the concept again")
 
     def fingerprint(self) -> str:
         """Short SHA-256 of the tensors and the fields that change generation (for image metadata)."""
@@ -145,7 +195,8 @@ class Concept:
                 f"concept {self.placeholder!r} was trained on a {trained} model ({self.base_model}); "
                 f"{base_model} is a {now} model. Use --model {self.base_model} or another {trained} model"
             )
-        if hidden_size != self.text_encoder_hidden_size:
+        # The mapper's own width decides what it can drive; the recorded one must agree with it.
+        if hidden_size != self.text_encoder_hidden_size or hidden_size != self.mapper_config.get("text_embed_dim"):
             raise UserError(
                 f"concept {self.placeholder!r} was trained on {self.base_model} (text width "
                 f"{self.text_encoder_hidden_size}); this base model's text width is {hidden_size}. "
@@ -161,17 +212,113 @@ class Concept:
         return []
 
     @property
-    def window(self):
+    def window(self) -> StageWindow:
         """The dynamic stage as a `StageWindow` (the stage table of sampling and export)."""
-        from .method.stages import StageWindow
-
         return StageWindow(*self.stage_window, self.num_train_timesteps)
+
+
+def _check_metadata(meta: dict) -> dict:
+    """The Concept fields in a file's metadata, each of its required type and range (ConceptFileError)."""
+    from .families import FAMILIES
+
+    def get(key, kind, description, default=dataclasses.MISSING):
+        if key not in meta:
+            if default is dataclasses.MISSING:
+                raise ConceptFileError(f"its metadata has no {key!r}")
+            return default
+        value = meta[key]
+        if not _is_kind(value, kind):
+            raise ConceptFileError(f"metadata {key!r} must be {description}, got {value!r}")
+        return value
+
+    placeholder = get("placeholder", str, "text")
+    if not placeholder.strip() or placeholder != placeholder.strip():
+        raise ConceptFileError(f"metadata 'placeholder' must be non-empty text without surrounding spaces, "
+                               f"got {placeholder!r}")
+    supercategory = get("supercategory", str, "text")
+    if not supercategory.strip():
+        raise ConceptFileError("metadata 'supercategory' is empty")
+    num_train_timesteps = get("num_train_timesteps", int, "a whole number")
+    if num_train_timesteps < 1:
+        raise ConceptFileError(f"metadata 'num_train_timesteps' must be >= 1, got {num_train_timesteps}")
+    window = get("stage_window", list, "[LO, HI]")
+    whole = len(window) == 2 and all(_is_kind(t, int) for t in window)
+    if not whole or not 0 <= window[0] < window[1] <= num_train_timesteps:
+        raise ConceptFileError(f"metadata 'stage_window' must be two whole timesteps [LO, HI] with "
+                               f"0 <= LO < HI <= {num_train_timesteps}, got {window!r}")
+    hidden_size = get("text_encoder_hidden_size", int, "a whole number")
+    if hidden_size < 1:
+        raise ConceptFileError(f"metadata 'text_encoder_hidden_size' must be >= 1, got {hidden_size}")
+    family = get("family", str, "text", "sd1")
+    if family not in FAMILIES:
+        raise ConceptFileError(f"model family {family!r} is not one this personamagic knows ({', '.join(FAMILIES)}); "
+                               "use the personamagic version that wrote it")
+    return {
+        "placeholder": placeholder,
+        "supercategory": supercategory,
+        "stage_window": (window[0], window[1]),
+        "num_train_timesteps": num_train_timesteps,
+        "base_model": get("base_model", str, "text"),
+        "text_encoder_hidden_size": hidden_size,
+        "mapper_config": _check_mapper_config(get("mapper_config", dict, "an object")),
+        "image_encoder": get("image_encoder", str, "text", ""),
+        "training": get("training", dict, "an object", {}),
+        "stages": get("stages", dict, "an object", {}),
+        "extra": get("extra", dict, "an object", {}),
+        "version": get("package_version", str, "text", ""),
+        "family": family,
+        "base_revision": get("base_revision", (str, type(None)), "text or null", None),
+    }
+
+
+def _check_mapper_config(config: dict) -> dict:
+    """`mapper_config` with MapperConfig's fields only, each of its annotated type (ConceptFileError)."""
+    types = {f.name: f.type for f in dataclasses.fields(MapperConfig)}
+    for key, value in config.items():
+        if key not in types:
+            raise ConceptFileError(f"mapper_config has a field MapperConfig does not know: {key!r}")
+        options = [option.strip() for option in str(types[key]).split("|")]
+        if not any(_matches_annotation(value, option) for option in options):
+            raise ConceptFileError(f"mapper_config {key!r} must be {types[key]}, got {value!r}")
+    return config
+
+
+def _matches_annotation(value, annotation: str) -> bool:
+    kinds = {"int": int, "float": float, "bool": bool, "str": str, "None": type(None)}
+    if annotation == "list[int]":
+        return isinstance(value, list) and all(_is_kind(v, int) for v in value)
+    return annotation not in kinds or _is_kind(value, kinds[annotation])
+
+
+def _is_kind(value, kind) -> bool:
+    """isinstance as JSON means it: a bool is not a number, an int is a float, a float is finite."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if float in kinds and isinstance(value, (int, float)):
+        return math.isfinite(value)
+    return isinstance(value, kinds)
+
+
+def _check_tensor(key: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ConceptFileError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the mapper_config needs {shape}")
+    if tensor.dtype != dtype:
+        raise ConceptFileError(f"tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                               f"expected {str(dtype).removeprefix('torch.')}")
+    if not torch.isfinite(tensor).all():
+        raise ConceptFileError(f"tensor {key!r} holds NaN or infinite values; the file is damaged: "
+                               "train the concept again")
 
 
 def resolve_concept_path(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / CONCEPT_FILENAME
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / CONCEPT_FILENAME
+        found = path.is_file()
+    except OSError as err:  # a name too long, a folder on the way that may not be read
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if not found:
         raise UserError(f"no concept at {path}; pass a folder made by `personamagic train` or its concept.safetensors")
     return path

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .concept import Concept, resolve_concept_path
-from .files import save_safetensors_atomic
 from .errors import UserError
+from .files import disk_error, save_safetensors_atomic
 
 VECTOR_CHOICES = ("mean", "centre")
 
@@ -55,7 +55,7 @@ class ExportResult:
 def static_vectors(concept: Concept, vectors: str = "mean") -> tuple[torch.Tensor, str]:
     """(n, D) float32 static embedding approximating the concept, and a description of the choice."""
     mapper = concept.build_mapper("cpu")
-    t_lo, t_hi = concept.stage_window
+    t_lo, t_hi = concept.window
     if vectors == "mean":
         timesteps = torch.arange(t_lo, t_hi)
         description = f"mapper mean over t in [{t_lo}, {t_hi}), rescaled to the supercategory's norm"
@@ -98,25 +98,35 @@ def export_textual_inversion(
     output = Path(output)
     if output.suffix != ".safetensors":
         raise UserError(f"--output {output} must end in .safetensors (the format diffusers, A1111 and ComfyUI read)")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a folder; give a file name ending in .safetensors")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it")
+    try:
+        if output.is_dir():
+            raise UserError(f"--output {output} is a folder; give a file name ending in .safetensors")
+        if any(parent.exists() and not parent.is_dir() for parent in output.parents):
+            raise UserError(f"--output {output} lies under a file; give a path in a folder")
+        if output.exists() and not overwrite:
+            raise UserError(f"{output} exists; pass --overwrite to replace it")
+    except OSError as err:  # a name too long, a folder on the way that may not be read
+        raise disk_error(output, err) from None
     token = token or default_token(concept, output)
     if not token.strip() or token != token.strip():
         raise UserError(f"token {token!r} must be non-empty text without surrounding spaces")
     embedding, description = static_vectors(concept, vectors)
+    if not torch.isfinite(embedding).all():  # Concept.load checks the mapper; this guards the export itself
+        raise UserError(f"{source}: the concept gives a NaN or infinite embedding; nothing was written")
     header = {
         "personamagic": json.dumps({
             "source_fingerprint": concept.fingerprint(),
             "placeholder": concept.placeholder,
             "supercategory": concept.supercategory,
-            "stage_window": list(concept.stage_window),
+            "stage_window": concept.window.to_list(),
             "base_model": concept.base_model,
             "vectors": vectors,
             "description": description,
             "lost": "stages (static embedding at every timestep) and the value residual",
         })
     }
-    save_safetensors_atomic({token: embedding.contiguous()}, header, output)
+    try:
+        save_safetensors_atomic({token: embedding.contiguous()}, header, output)
+    except OSError as err:
+        raise disk_error(output, err) from None
     return ExportResult(output, token, embedding.shape[0], embedding.shape[1], description)

@@ -1,5 +1,6 @@
-"""Files written so that a crash never leaves a half-written one: a temporary sibling, fsync, rename;
-and safetensors read back with one clear error when they are not readable."""
+"""Files written so that a crash never leaves a half-written one: a temporary sibling, fsync, rename
+(and no folder left behind that a failed write created); safetensors read back with one clear error
+when they are not readable; the lock a run holds on its output folder; a filesystem fault as one line."""
 
 from __future__ import annotations
 
@@ -38,9 +39,15 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], header: dict[str, 
 
 def write_atomic(path: Path, write) -> None:
     """Call `write(temporary_path)` on a hidden sibling, then rename it to `path`; on any error the
-    temporary file is removed and `path` is untouched. The file gets the usual umask permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    temporary file and the folders this call created are removed, and `path` is untouched. The file
+    gets the usual umask permissions."""
+    path = Path(path)
+    created = make_folders(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
     os.close(fd)
     try:
         write(tmp)
@@ -48,7 +55,38 @@ def write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        remove_empty_folders(created)
         raise
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """`mkdir -p folder`; returns the folders it created, outermost first (for `remove_empty_folders`).
+    On an error, those made so far are removed again and the OSError is raised."""
+    folder = Path(folder)
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    created = []
+    for p in missing:
+        try:
+            p.mkdir()
+        except FileExistsError:
+            if p.is_dir():  # made meanwhile by someone else: not ours to remove
+                continue
+            remove_empty_folders(created)
+            raise
+        except BaseException:
+            remove_empty_folders(created)
+            raise
+        created.append(p)
+    return created
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove those of `folders` (outermost first, as `make_folders` returns them) that are empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone): keep it and everything above it
+            return
 
 
 def _umask() -> int:
@@ -70,21 +108,31 @@ class FolderLock:
         self._file = None
 
     def acquire(self) -> "FolderLock":
+        while True:
+            try:
+                file = open(self.path, "a+", encoding="utf-8")
+            except OSError as err:
+                raise disk_error(self.path.parent, err) from None
+            if not _try_lock(file):
+                file.seek(0)
+                holder = file.read().strip() or "unknown"
+                file.close()
+                raise UserError(f"{self.path.parent} is in use by another run (pid {holder}); wait for it to end "
+                                "or choose another --output")
+            if _same_file(file, self.path):
+                break
+            # The holder released it (and removed the file) between our open and our lock: the lock
+            # is on a file nobody else will find, so try again on the current one.
+            file.close()
+        self._file = file
         try:
-            self._file = open(self.path, "a+", encoding="utf-8")
+            file.seek(0)
+            file.truncate()
+            file.write(str(os.getpid()))
+            file.flush()
         except OSError as err:
-            raise UserError(f"cannot write {self.path.parent}: {err.strerror or err}") from None
-        if not _try_lock(self._file):
-            self._file.seek(0)
-            holder = self._file.read().strip() or "unknown"
-            self._file.close()
-            self._file = None
-            raise UserError(f"{self.path.parent} is in use by another run (pid {holder}); wait for it to end "
-                            "or choose another --output")
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(str(os.getpid()))
-        self._file.flush()
+            self.release()
+            raise disk_error(self.path, err) from None
         return self
 
     def release(self) -> None:
@@ -99,6 +147,14 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _same_file(file, path: Path) -> bool:
+    """Whether the open `file` is still the one at `path` (not removed or replaced meanwhile)."""
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def _try_lock(file) -> bool:

@@ -19,6 +19,8 @@ from ..errors import UserError
 
 logger = logging.getLogger(__name__)
 
+MAX_SCALE = 10.0  # IP-Adapter weights beyond this only burn the image (diffusers' examples use 0.3-1.0)
+
 
 @dataclass
 class IPAdapterSpec:
@@ -31,8 +33,8 @@ class IPAdapterSpec:
     scale: float = 1.0  # weight of the image tokens (diffusers' default 1.0; IP-Adapter's authors often use 0.5-0.6)
 
     def __post_init__(self):
-        if not self.scale >= 0:
-            raise ValueError(f"IP-Adapter scale must be >= 0, got {self.scale}")
+        if not 0 <= self.scale <= MAX_SCALE:
+            raise UserError(f"--ip-adapter-scale must be in [0, {MAX_SCALE}], got {self.scale}")
 
     @classmethod
     def parse(cls, text: str, scale: float = 1.0) -> IPAdapterSpec:

@@ -71,3 +71,10 @@ def run_handler(handler, args) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (OSError, MemoryError) as err:  # a fault of the disk or the machine a command did not word itself
+        if args.verbose:
+            raise
+        what = f"cannot {'allocate memory' if isinstance(err, MemoryError) else 'read or write'}"
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"error: {what}{where}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        return EXIT_USER_ERROR

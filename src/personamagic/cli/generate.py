@@ -17,11 +17,12 @@ def add_parser(commands) -> None:
                      help="text standing for the i-th concept in prompts, once per concept (default: as trained), "
                           "e.g. --placeholder '<me>' --placeholder '<style>'")
     # Sampling flags default to None so that --from-image can tell which were given; defaults in help.
-    gen.add_argument("--num-images", "-n", type=positive_int, help="images per prompt (4)")
-    gen.add_argument("--seed", type=non_negative_int, help="seed of the first image (0)")
+    gen.add_argument("--num-images", "-n", type=positive_int,
+                     help="images per prompt (4); each is written as it is made, grid.png shows the first 64")
+    gen.add_argument("--seed", type=non_negative_int, help="seed of the first image, below 2**63 (0)")
     gen.add_argument("--negative-prompt", help="negative prompt (none by default)")
-    gen.add_argument("--steps", type=positive_int, help="denoising steps (50)")
-    gen.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance (8.0)")
+    gen.add_argument("--steps", type=positive_int, help="denoising steps, at most the model's 1000 timesteps (50)")
+    gen.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance, 0 to 100 (8.0)")
     gen.add_argument("--scheduler", help="ddim, dpm++, dpm++-karras, euler, euler-a, heun, dpm2, dpm2-a, lms, pndm, "
                                           "unipc, deis, ddpm, or a diffusers scheduler class name (ddim)")
     gen.add_argument("--batch-size", type=positive_int, help="images per UNet batch (4)")
@@ -29,8 +30,9 @@ def add_parser(commands) -> None:
     gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                      help="torch.compile the UNet (backend: inductor): faster for large batches after a one-off "
                           "compile per batch shape, which PyTorch caches on disk")
-    gen.add_argument("--width", type=positive_int, help="image width, a multiple of 8 (the model's resolution)")
-    gen.add_argument("--height", type=positive_int, help="image height, a multiple of 8 (as --width)")
+    gen.add_argument("--width", type=positive_int,
+                     help="image width, a multiple of 8 up to 4096 (the model's resolution)")
+    gen.add_argument("--height", type=positive_int, help="image height, a multiple of 8 up to 4096 (as --width)")
     gen.add_argument("--background", help="localized generation: background image the concept is painted into")
     gen.add_argument("--region", help="mask of the background's size: white (or opaque) = where to paint")
     gen.add_argument("--ip-adapter", help="IP-Adapter weights: owner/repo/subfolder/file on the hub "
@@ -51,6 +53,32 @@ _SAMPLING_FLAGS = {
 
 
 def run(args) -> int:
+    from ..jobs.generate import GenerateStopped
+
+    try:
+        result = _run(args)
+    except GenerateStopped as stopped:
+        for path in stopped.kept:  # what a stopped run wrote stays; list it as a finished run would
+            print(path)
+        raise
+    for note in result.notes:
+        print(f"note: {note}")
+    for image in result.images:
+        print(image.path)
+    if result.grid is not None:
+        print(result.grid)
+    return 0
+
+
+def flag_message(message: str) -> str:
+    """A GenerateConfig error in the words of the command line: `guidance_scale ...` -> `--guidance-scale ...`."""
+    for flag, name in _SAMPLING_FLAGS.items():
+        if message.startswith(name + " "):
+            return f"--{flag.replace('_', '-')}{message[len(name):]}"
+    return message
+
+
+def _run(args):
     from ..errors import UserError
     from ..jobs.generate import GenerateConfig, generate, read_prompts_file, regenerate
     from .common import quiet_libraries
@@ -90,7 +118,7 @@ def run(args) -> int:
             )
         except ValueError as err:
             hint = " (use --prompt \"a photo of S* ...\" or --prompts-file)" if not prompts else ""
-            raise UserError(f"{err}{hint}") from None
+            raise UserError(f"{flag_message(str(err))}{hint}") from None
         result = generate(
             args.concepts,
             args.output,
@@ -100,10 +128,4 @@ def run(args) -> int:
             dtype=args.dtype,
             local_files_only=args.local_files_only,
         )
-    for note in result.notes:
-        print(f"note: {note}")
-    for image in result.images:
-        print(image.path)
-    if result.grid is not None:
-        print(result.grid)
-    return 0
+    return result

@@ -23,34 +23,41 @@ def describe_concept(concept, path) -> list[str]:
 
     size = path.stat().st_size
     c, training, stages = concept, concept.training, concept.stages
-    t_lo, t_hi = c.stage_window
+    t_lo, t_hi = c.window
     lines = [
         f"{path}  {size / 1e6:.2f} MB, format {FORMAT_VERSION}, written by personamagic {c.version}, fingerprint {c.fingerprint()}",
-        f"placeholder {c.placeholder!r} ({c.mapper_config['num_vectors']} vector(s)), supercategory "
+        f"placeholder {c.placeholder!r} ({c.mapper_config.get('num_vectors', 1)} vector(s)), supercategory "
         f"{c.supercategory!r}, base model {c.base_model} (text width {c.text_encoder_hidden_size})",
         f"stages: static 1 t >= {t_hi} | dynamic {t_lo} <= t < {t_hi} | static 2 t < {t_lo}  (T = {c.num_train_timesteps})",
     ]
-    if stages.get("method") == "auto":
-        best = max(range(len(stages["iou"])), key=lambda i: stages["iou"][i])
+    iou, timesteps = stages.get("iou"), stages.get("timesteps")
+    numbers = isinstance(iou, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in iou)
+    recorded = numbers and iou and isinstance(timesteps, list) and len(iou) == len(timesteps)
+    if stages.get("method") == "auto" and recorded:
+        best = max(range(len(iou)), key=lambda i: iou[i])
         flags = [name for name in ("flat", "widened") if stages.get(name)]
         lines.append(
-            f"partition: automatic, lambda1={stages['lambda1']} lambda2={stages['lambda2']}, warm-up "
-            f"{stages['warmup_steps']} steps ({'restarted' if stages['restarted'] else 'continued'}), "
-            f"IoU max {stages['iou'][best]:.3f} at t={stages['timesteps'][best]}"
+            f"partition: automatic, lambda1={stages.get('lambda1')} lambda2={stages.get('lambda2')}, warm-up "
+            f"{stages.get('warmup_steps')} steps ({'restarted' if stages.get('restarted') else 'continued'}), "
+            f"IoU max {iou[best]:.3f} at t={timesteps[best]}"
             + (f", {' and '.join(flags)}" if flags else "")
         )
+    elif stages.get("method") == "auto":
+        lines.append("partition: automatic (its IoU curve is not recorded)")
     else:
         lines.append("partition: fixed window given at training")
     if training:
-        id_loss = f"on (weight {training['id_weight']})" if training.get("use_id_loss") else "off"
+        get = training.get
+        id_loss = f"on (weight {get('id_weight')})" if get("use_id_loss") else "off"
         lines.append(
-            f"training: {training.get('steps_done')} steps, batch {training['train_batch_size']}, lr "
-            f"{training['learning_rate']}, seed {training['seed']}, TE weight {training['te_weight']}, identity loss {id_loss}"
+            f"training: {get('steps_done')} steps, batch {get('train_batch_size')}, lr "
+            f"{get('learning_rate')}, seed {get('seed')}, TE weight {get('te_weight')}, identity loss {id_loss}"
         )
     extra = c.extra
     if extra:
+        photos = extra.get("photos")
         lines.append(
-            f"photos: {', '.join(extra.get('photos', []))}; mask {extra.get('mask')}; image encoder "
+            f"photos: {', '.join(map(str, photos)) if isinstance(photos, list) else photos}; mask {extra.get('mask')}; image encoder "
             f"{c.image_encoder}; trained on {extra.get('device')} in {extra.get('dtype')}"
         )
     return lines

@@ -7,16 +7,24 @@ everything needed to make the image again (`regenerate`, `personamagic generate 
 prompt, seed, sampler settings, size, device and dtype, every concept's path as given and its
 fingerprint, the background/region/IP-Adapter files with their SHA-256, and the batch the image was
 sampled in (prompts and seeds), so that the regenerated image is computed exactly as the first one.
-A grid of all images is written beside them.
+A grid of the first `GRID_IMAGES` images is written beside them.
+
+Images are written as they are sampled (each atomically), so memory stays bounded whatever the number
+of images; a run that fails on the way keeps the images written before and names them
+(`GenerateStopped`), and leaves no folder it created empty.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import re
+import struct
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +35,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
 from ..concept import Concept, resolve_concept_path
-from ..files import write_atomic
-from ..errors import UserError
+from ..errors import Interrupted, UserError
+from ..files import disk_error, make_folders, remove_empty_folders, write_atomic
 from ..models.devices import check_compile_backend
 from ..models import TINY, load_base_model, resolve_device, resolve_dtype
 
@@ -36,6 +44,16 @@ logger = logging.getLogger(__name__)
 
 METADATA_KEY = "personamagic"
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Bounds of the sampling settings, checked before anything loads.
+MAX_INFERENCE_STEPS = 1000  # Stable Diffusion's T: a schedule has no more steps (checked again against the model's T)
+MAX_SEED = 2**63  # seeds lie in [0, 2**63), the last image's seed + i included (a signed 64-bit integer)
+MAX_SIDE = 4096  # largest width or height in pixels (8x SD-1.x's 512; beyond it no GPU holds the UNet's activations)
+MAX_GUIDANCE_SCALE = 100.0  # CFG far above the usual 5-15 saturates every pixel (1e30 makes black images)
+MAX_IP_ADAPTER_SCALE = 10.0  # IP-Adapter weight; 1.0 is as trained, far above it saturates like CFG
+MAX_IMAGES = 100_000  # images per run (prompts x num_images)
+GRID_IMAGES = 64  # grid.png shows the first this many images, whatever num_images is
+GRID_MAX_SIDE = 4096  # grid.png's longer side at most: its tiles are scaled down to fit
 
 
 @dataclass
@@ -66,29 +84,60 @@ class GenerateConfig:
     def __post_init__(self):
         if self.compile:
             check_compile_backend(self.compile_backend)
-        if not self.prompts:
+        if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
             raise ValueError("give at least one prompt")
         if any(not p.strip() for p in self.prompts):
             raise ValueError("prompts must not be empty")
-        for name in ("num_images", "num_inference_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.guidance_scale < 0 or not math.isfinite(self.guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be text, got {self.negative_prompt!r}")
+        for name, low, high in (("num_images", 1, MAX_IMAGES), ("num_inference_steps", 1, MAX_INFERENCE_STEPS),
+                                ("batch_size", 1, None), ("seed", 0, MAX_SEED - 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low or (high is not None and value > high):
+                bound = f"from {low} to {high}" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+        if self.seed + self.num_images - 1 >= MAX_SEED:
+            raise ValueError(f"seed {self.seed} + {self.num_images} images passes the largest seed {MAX_SEED - 1}; "
+                             "use a smaller seed")
+        if len(self.prompts) * self.num_images > MAX_IMAGES:
+            raise ValueError(f"{len(self.prompts)} prompts x {self.num_images} images is more than {MAX_IMAGES} "
+                             "images in one run; split the run")
+        for name, high in (("guidance_scale", MAX_GUIDANCE_SCALE), ("ip_adapter_scale", MAX_IP_ADAPTER_SCALE)):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= high:
+                raise ValueError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{name} must be a multiple of 8, got {value}")
+            if value is not None and (not _is_int(value) or value < 8 or value % 8 or value > MAX_SIDE):
+                raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
+        for placeholder in self.placeholders:
+            if not isinstance(placeholder, str) or not placeholder.strip() or placeholder != placeholder.strip():
+                raise ValueError(f"a placeholder must be non-empty text without surrounding spaces, "
+                                 f"got {placeholder!r}")
         if (self.background is None) != (self.region is None):
             raise ValueError("localized generation needs both a background and a region mask")
         if self.ip_adapter is not None and not self.ip_adapter_images:
             raise ValueError("an IP-Adapter needs an image (the person's photo)")
         if self.ip_adapter is None and self.ip_adapter_images:
             raise ValueError("IP-Adapter images given without an IP-Adapter")
-        if not self.ip_adapter_scale >= 0:
-            raise ValueError(f"ip_adapter_scale must be >= 0, got {self.ip_adapter_scale}")
+
+    @property
+    def num_jobs(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    def jobs(self, start: int = 0):
+        """(prompt, seed) of image `start`, `start` + 1, ...: image i of a prompt has seed + i."""
+        for index in range(start, self.num_jobs):
+            prompt_index, i = divmod(index, self.num_images)
+            yield self.prompts[prompt_index], self.seed + i
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -105,10 +154,11 @@ class GenerateResult:
     notes: list[str] = field(default_factory=list)
 
 
-def safe_filename(index: int, prompt: str, seed: int) -> str:
-    """`003-a-photo-of-s-as-an-astronaut-seed7.png`: only [a-z0-9-], never a path."""
+def safe_filename(index: int, prompt: str, seed: int, digits: int = 3) -> str:
+    """`003-a-photo-of-s-as-an-astronaut-seed7.png`: only [a-z0-9-], never a path. `digits`: the width
+    of the index, so that names sort in order (more than 3 for runs of over 1000 images)."""
     slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60].strip("-") or "image"
-    return f"{index:03d}-{slug}-seed{seed}.png"
+    return f"{index:0{digits}d}-{slug}-seed{seed}.png"
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -182,15 +232,94 @@ def png_info(meta: dict) -> PngInfo:
 
 
 def read_image_metadata(path: str | Path) -> dict:
-    """The `personamagic` metadata of a generated PNG (UserError if it has none)."""
+    """The `personamagic` metadata of a generated PNG, checked (`image_metadata_fault`): UserError if it
+    has none, or if it is not what `image_metadata` writes."""
     try:
-        with Image.open(path) as image:
-            text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path} as an image ({err})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read {path} as an image ({reason})") from None
     if not text:
         raise UserError(f"{path} has no personamagic metadata (was it made by personamagic generate?)")
-    return json.loads(text)
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise UserError(f"{path}: its personamagic metadata is not valid JSON (the file was edited or "
+                        "damaged)") from None
+    fault = image_metadata_fault(meta)
+    if fault is not None:
+        raise UserError(f"{path}: its personamagic metadata is damaged ({fault})")
+    return meta
+
+
+# key: (check, what it must be, required) of the metadata `image_metadata` writes
+_FILE_RECORD = {"path": (str, "text", True), "abs_path": (str, "text", True), "sha256": (str, "text", True)}
+_CONCEPT_ENTRY = {"placeholder": (str, "text", True), "fingerprint": (str, "text", True),
+                  "supercategory": (str, "text", False), "path": (str, "text", False), "abs_path": (str, "text", False)}
+_IMAGE_FIELDS = {
+    "prompt": (str, "text", True), "seed": (int, "a whole number", True), "steps": (int, "a whole number", True),
+    "guidance_scale": (float, "a number", True), "scheduler": (str, "text", True), "concepts": (list, "a list", True),
+    "negative_prompt": (str, "text", False), "width": (int, "a whole number", False),
+    "height": (int, "a whole number", False), "base_model": (str, "text", False), "device": (str, "text", False),
+    "dtype": (str, "text", False), "batch": (dict, "an object", False), "background": (dict, "an object", False),
+    "region": (dict, "an object", False), "ip_adapter": (dict, "an object", False),
+}
+
+
+def image_metadata_fault(meta) -> str | None:
+    """What is wrong with an image's metadata (None: it has every field `regenerate` reads, each of
+    its type): a JSON value that is no object, a missing key, a wrong type, a batch without the image."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    fault = _fields_fault(meta, _IMAGE_FIELDS, "")
+    if fault:
+        return fault
+    for i, entry in enumerate(meta["concepts"]):
+        fault = _fields_fault(entry, _CONCEPT_ENTRY, f"concepts[{i}].")
+        if fault:
+            return fault
+    for name in ("background", "region"):
+        if name in meta and (fault := _fields_fault(meta[name], _FILE_RECORD, f"{name}.")):
+            return fault
+    if "ip_adapter" in meta:
+        ip = meta["ip_adapter"]
+        fault = _fields_fault(ip, {"weights": (str, "text", True), "scale": (float, "a number", True),
+                                   "images": (list, "a list", True)}, "ip_adapter.")
+        for i, record in enumerate(ip.get("images", []) if fault is None else []):
+            fault = fault or _fields_fault(record, _FILE_RECORD, f"ip_adapter.images[{i}].")
+        if fault:
+            return fault
+    if "batch" in meta:
+        batch = meta["batch"]
+        jobs, index = batch.get("jobs"), batch.get("index")
+        if not isinstance(jobs, list) or not jobs or not all(
+            isinstance(job, list) and len(job) == 2 and isinstance(job[0], str) and _is_int(job[1]) for job in jobs
+        ):
+            return "batch.jobs must be a list of [prompt, seed] pairs"
+        if not _is_int(index) or not 0 <= index < len(jobs):
+            return f"batch.index must be a position in batch.jobs, got {index!r}"
+        if jobs[index] != [meta["prompt"], meta["seed"]]:
+            return "its batch does not hold its own prompt and seed"
+    return None
+
+
+def _fields_fault(record, fields: dict, prefix: str) -> str | None:
+    if not isinstance(record, dict):
+        return f"{prefix.rstrip('.') or 'the metadata'} must be an object, got {record!r}"
+    for key, (kind, description, required) in fields.items():
+        if key not in record:
+            if required:
+                return f"no {prefix}{key!r}"
+            continue
+        value = record[key]
+        ok = _is_int(value) if kind is int else _is_number(value) if kind is float else isinstance(value, kind)
+        if not ok:
+            return f"{prefix}{key} must be {description}, got {value!r}"
+    return None
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -201,6 +330,29 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return grid
+
+
+class GridTiles:
+    """The first `count` images of a run as the tiles of grid.png, each scaled down (when needed) so
+    that the grid's longer side is at most `GRID_MAX_SIDE`: memory stays that of one grid."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.columns = math.ceil(math.sqrt(count))
+        self.rows = math.ceil(count / self.columns)
+        self.tiles: list[Image.Image] = []
+
+    def add(self, image: Image.Image) -> None:
+        if len(self.tiles) >= self.count:
+            return
+        scale = min(1.0, GRID_MAX_SIDE / max(self.columns * image.width, self.rows * image.height))
+        if scale < 1.0:
+            size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        self.tiles.append(image)
+
+    def grid(self) -> Image.Image:
+        return make_grid(self.tiles)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +408,35 @@ def _centre_box(size: tuple[int, int], aspect: float) -> tuple[int, int, int, in
 # the job
 
 
+class GenerateStopped(UserError):
+    """A run that stopped on the way (a full disk, Ctrl-C, a fault in a later batch): the images it
+    wrote before stay, and `kept` lists them."""
+
+    def __init__(self, message: str, kept: list[Path], exit_code: int = UserError.exit_code):
+        super().__init__(message)
+        self.kept = kept
+        self.exit_code = exit_code
+
+
+def prepare_output_folder(output: Path) -> list[Path]:
+    """Check `output` can hold images and create it (before the model loads, so a bad path fails at
+    once); returns the folders created, for `remove_empty_folders` when the run fails."""
+    try:
+        if output.exists() and not output.is_dir():
+            raise UserError(f"--output {output} is a file; give a folder")
+        if any(parent.exists() and not parent.is_dir() for parent in output.parents):
+            raise UserError(f"--output {output} lies under a file; give a folder path")
+        created = make_folders(output)
+    except OSError as err:
+        raise disk_error(output, err) from None
+    try:
+        tempfile.TemporaryFile(dir=output).close()  # a read-only folder fails here, not after sampling
+    except OSError as err:
+        remove_empty_folders(created)
+        raise disk_error(output, err) from None
+    return created
+
+
 class _Session:
     """A loaded pipeline with its concepts and inputs, able to sample and save batches of (prompt, seed)."""
 
@@ -272,6 +453,12 @@ class _Session:
         if config.placeholders and len(config.placeholders) != len(self.concepts):
             raise UserError(
                 f"{len(config.placeholders)} --placeholder for {len(self.concepts)} concepts; give one per concept"
+            )
+        placeholders = config.placeholders or [c.placeholder for c in self.concepts]
+        if len(set(placeholders)) != len(placeholders):
+            raise UserError(
+                f"two concepts use the placeholder {next(p for p in placeholders if placeholders.count(p) > 1)!r}; "
+                "give each its own (--placeholder once per concept, e.g. --placeholder '<me>' --placeholder '<style>')"
             )
         # Check the settings and input files before the (possibly multi-GB) model load.
         scheduler_choice(config.scheduler)
@@ -292,6 +479,10 @@ class _Session:
         base = load(self.model, device=self.device, dtype=self.dtype, local_files_only=local_files_only)
         self.pipe = PersonaMagicPipeline.from_base(base, scheduler=config.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
+        num_train_timesteps = self.pipe.scheduler.config.num_train_timesteps
+        if config.num_inference_steps > num_train_timesteps:
+            raise UserError(f"{config.num_inference_steps} denoising steps, but {self.model}'s schedule has "
+                            f"{num_train_timesteps} timesteps; use --steps {num_train_timesteps} or fewer")
         if config.compile:
             logger.info("--compile: the first batch of each size compiles the UNet first (tens of seconds or "
                         "more; PyTorch caches the result on disk for later runs)")
@@ -300,14 +491,20 @@ class _Session:
             self.pipe.enable_cuda_graph()
         placeholders = config.placeholders or [None] * len(self.concepts)
         for concept, placeholder in zip(self.concepts, placeholders):
-            self.pipe.load_concept(concept, placeholder)
+            try:
+                self.pipe.load_concept(concept, placeholder)
+            except ValueError as err:  # a --placeholder that cannot be a placeholder
+                raise UserError(f"--placeholder: {err}") from None
             trained_with = concept.extra.get("ip_adapter")
             if trained_with and config.ip_adapter is None:
+                weights = trained_with.get("weights") if isinstance(trained_with, dict) else trained_with
                 result.notes.append(
-                    f"concept {concept.placeholder!r} was trained with the IP-Adapter {trained_with.get('weights')}; "
+                    f"concept {concept.placeholder!r} was trained with the IP-Adapter {weights}; "
                     "pass --ip-adapter and --ip-adapter-image to generate as it was trained"
                 )
         result.notes += self.pipe.check_prompts(config.prompts)
+        for warning in long_prompt_warnings(self.pipe, config.prompts, config.negative_prompt):
+            logger.warning(warning)
 
         self.call_kwargs = {}
         resolution = base.resolution
@@ -319,6 +516,9 @@ class _Session:
                 config.background, config.region, size, resolution, self.pipe.vae_scale_factor
             )
             size = background.size
+            if max(size) > MAX_SIDE:
+                raise UserError(f"the background's shape gives {size[0]}x{size[1]} images, over {MAX_SIDE} pixels a "
+                                "side; pass --width and --height, or crop the background")
             self.call_kwargs.update(background=background, region=region)
         if size is not None:
             self.call_kwargs.update(width=size[0], height=size[1])
@@ -333,21 +533,80 @@ class _Session:
     def sample(self, jobs: list[tuple[str, int]]) -> list[Image.Image]:
         """One UNet batch: image k is prompt jobs[k][0] from seed jobs[k][1]."""
         generators = [torch.Generator(self.device).manual_seed(seed) for _, seed in jobs]
-        return self.pipe(
-            [p for p, _ in jobs],
-            negative_prompt=self.config.negative_prompt,
-            num_inference_steps=self.config.num_inference_steps,
-            guidance_scale=self.config.guidance_scale,
-            generator=generators,
-            **self.call_kwargs,
-        ).images
+        try:
+            images = self.pipe(
+                [p for p, _ in jobs],
+                negative_prompt=self.config.negative_prompt,
+                num_inference_steps=self.config.num_inference_steps,
+                guidance_scale=self.config.guidance_scale,
+                generator=generators,
+                output_type="np",
+                **self.call_kwargs,
+            ).images  # (B, H, W, 3) in [0, 1]
+        except (torch.OutOfMemoryError, MemoryError):
+            raise UserError(f"out of memory sampling {len(jobs)} image(s) at once on {self.device.type}; lower "
+                            "--batch-size, --width/--height, or use a larger device") from None
+        if not np.isfinite(images).all():
+            # Cast to 8 bits, NaN would be a black image written with success; say so instead.
+            dtype = DTYPE_NAMES.get(self.dtype, str(self.dtype))
+            raise UserError(f"sampling gave NaN or infinite pixels (the model overflowed in {dtype}); "
+                            "use --dtype fp32 or a lower --guidance-scale")
+        return self.pipe.image_processor.numpy_to_pil(images)
 
     def save(self, image: Image.Image, path: Path, jobs: list[tuple[str, int]], index: int) -> None:
         prompt, seed = jobs[index]
         extra = {**self.extra_meta, "batch": {"jobs": [list(job) for job in jobs], "index": index}}
         meta = image_metadata(prompt, seed, self.config, self.concepts, self.model, image.size,
                               concept_paths=self.concept_paths, extra=extra)
-        write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
+        try:
+            write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
+        except OSError as err:
+            raise disk_error(path, err) from None
+
+
+def long_prompt_warnings(pipe, prompts: list[str], negative_prompt: str = "") -> list[str]:
+    """One warning per prompt longer than a text encoder reads (77 tokens on SD), saying what is cut.
+    The encoder silently drops the end; placeholders count with all their vectors."""
+    warnings_ = []
+    labelled = [("prompt", p) for p in dict.fromkeys(prompts)]
+    if negative_prompt:
+        labelled.append(("negative prompt", negative_prompt))
+    for label, prompt in labelled:
+        text = pipe.rewrite_prompt(prompt)
+        for tokenizer in pipe.tokenizers:
+            room = tokenizer.model_max_length - 2  # the start and end tokens take two positions
+            ids, cut = _tokens_after(tokenizer, text, room)
+            if cut is None:
+                continue
+            lost = []
+            for loaded in pipe.concepts:
+                cut = cut.replace(" ".join(loaded.tokens.tokens), loaded.tokens.placeholder)
+                for token in loaded.tokens.tokens:
+                    cut = cut.replace(token, loaded.tokens.placeholder)
+                if set(loaded.tokens.ids) & set(ids[room:]):
+                    lost.append(loaded.tokens.placeholder)
+            short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            warning = (f"{label} {short!r} is {len(ids) + 2} tokens, the text encoder reads "
+                       f"{tokenizer.model_max_length}: {cut.strip()!r} at its end is ignored")
+            if lost:
+                warning += f" (with {' and '.join(lost)}: shorten the prompt or the concept will not appear)"
+            warnings_.append(warning)
+            break
+    return warnings_
+
+
+def _tokens_after(tokenizer, text: str, room: int) -> tuple[list[int], str | None]:
+    """The ids of `text` (no start/end tokens) and the text past its first `room` tokens (None if it fits):
+    the prompt's own characters where the tokenizer gives offsets, else the decoded tokens."""
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = encoding["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        encoding, offsets = tokenizer(text, add_special_tokens=False, verbose=False), None
+    ids = encoding.input_ids
+    if len(ids) <= room:
+        return ids, None
+    return ids, text[offsets[room][0]:] if offsets else tokenizer.decode(ids[room:])
 
 
 def generate(
@@ -364,31 +623,64 @@ def generate(
 ) -> GenerateResult:
     """Load the concepts and their base model, sample every prompt x seed, write PNGs + grid.
 
-    Prompts x seeds are sampled `config.batch_size` at a time in one UNet batch (x2 with guidance).
+    Prompts x seeds are sampled `config.batch_size` at a time in one UNet batch (x2 with guidance),
+    and each image is written as soon as it is sampled (memory does not grow with `num_images`).
     `progress(done, total)` is called after every batch. `resident`: a `models.ResidentModels` to take
-    the base model from (not with an IP-Adapter or `compile`).
+    the base model from (not with an IP-Adapter or `compile`). A run that fails keeps the images it
+    wrote (GenerateStopped lists them) and removes the folders it created if they stayed empty.
     """
-    result = GenerateResult()
-    session = _Session(concept_paths, config, model, device, dtype, local_files_only, result, resident)
-    jobs = [(p, config.seed + i) for p in config.prompts for i in range(config.num_images)]
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    pil_images = []
-    for start in range(0, len(jobs), config.batch_size):
-        chunk = jobs[start : start + config.batch_size]
-        for offset, image in enumerate(session.sample(chunk)):
-            prompt, seed = chunk[offset]
-            path = output / safe_filename(start + offset, prompt, seed)
-            session.save(image, path, chunk, offset)
-            result.images.append(GeneratedImage(path, prompt, seed))
-            pil_images.append(image)
-        if progress is not None:
-            progress(start + len(chunk), len(jobs))
-    if config.grid and len(pil_images) > 1:
-        result.grid = output / "grid.png"
-        grid = make_grid(pil_images)
-        write_atomic(result.grid, lambda tmp: grid.save(tmp, format="PNG"))
+    result = GenerateResult()
+    created = prepare_output_folder(output)
+    try:
+        session = _Session(concept_paths, config, model, device, dtype, local_files_only, result, resident)
+        total = config.num_jobs
+        digits = max(3, len(str(total - 1)))
+        grid = GridTiles(min(total, GRID_IMAGES)) if config.grid and total > 1 else None
+        jobs = config.jobs()
+        done = 0
+        while done < total:
+            chunk = list(itertools.islice(jobs, config.batch_size))
+            for offset, image in enumerate(session.sample(chunk)):
+                prompt, seed = chunk[offset]
+                path = output / safe_filename(done + offset, prompt, seed, digits)
+                session.save(image, path, chunk, offset)
+                result.images.append(GeneratedImage(path, prompt, seed))
+                if grid is not None:
+                    grid.add(image)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+        if grid is not None:
+            path = output / "grid.png"
+            picture = grid.grid()
+            try:
+                write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+            except OSError as err:
+                raise disk_error(path, err) from None
+            result.grid = path
+    except BaseException as err:
+        remove_empty_folders(created)
+        stopped = stopped_error(err, result, output)
+        if stopped is None:
+            raise
+        raise stopped from err
     return result
+
+
+def stopped_error(err: BaseException, result: GenerateResult, output: Path) -> GenerateStopped | None:
+    """The one-line error of a run stopped by Ctrl-C, or by a user mistake or disk fault after images
+    were written, naming what was kept; None where `err` itself should go on (nothing was written, or
+    it is not the user's to fix)."""
+    kept = [image.path for image in result.images]
+    if isinstance(err, KeyboardInterrupt):
+        reason, exit_code = "interrupted", Interrupted.exit_code
+    elif isinstance(err, UserError) and kept:
+        reason, exit_code = str(err), err.exit_code
+    else:
+        return None
+    reason += f"; kept the {len(kept)} image(s) written before in {output}" if kept else "; no image was written"
+    return GenerateStopped(reason, kept, exit_code)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -416,50 +708,61 @@ def regenerate(
     """
     image = Path(image)
     meta = read_image_metadata(image)
-    paths = _find_concepts(meta.get("concepts", []), concept_paths)
+    paths = _find_concepts(meta["concepts"], concept_paths)
     inputs = {name: _find_file(meta[name], name) for name in ("background", "region") if name in meta}
     ip = meta.get("ip_adapter")
-    config = GenerateConfig(
-        prompts=[meta["prompt"]],
-        negative_prompt=meta.get("negative_prompt", ""),
-        num_images=1,
-        seed=meta["seed"],
-        num_inference_steps=meta["steps"],
-        guidance_scale=meta["guidance_scale"],
-        scheduler=meta["scheduler"],
-        grid=False,
-        width=meta.get("width"),
-        height=meta.get("height"),
-        placeholders=[c["placeholder"] for c in meta.get("concepts", [])],
-        background=inputs.get("background"),
-        region=inputs.get("region"),
-        ip_adapter=ip["weights"] if ip else None,
-        ip_adapter_images=[_find_file(r, "IP-Adapter image") for r in ip["images"]] if ip else [],
-        ip_adapter_scale=ip["scale"] if ip else 1.0,
-    )
     batch = meta.get("batch") or {"jobs": [[meta["prompt"], meta["seed"]]], "index": 0}
-    jobs = [(prompt, int(seed)) for prompt, seed in batch["jobs"]]
+    jobs = [(prompt, seed) for prompt, seed in batch["jobs"]]
     index = batch["index"]
-    if jobs[index] != (meta["prompt"], meta["seed"]):
-        raise UserError(f"{image} has inconsistent metadata (its batch does not hold its own prompt and seed)")
-
-    result = GenerateResult()
-    dtype = dtype or meta.get("dtype", "auto")
-    session = _Session(paths, config, model or meta.get("base_model"), device, dtype, local_files_only, result,
-                       resident)
-    if meta.get("device") and meta["device"] != session.device.type:
-        result.notes.append(
-            f"the image was made on {meta['device']}, this run is on {session.device.type}: "
-            "expect small differences (exact only on the same device type and dtype)"
+    try:
+        config = GenerateConfig(
+            prompts=[meta["prompt"]],
+            negative_prompt=meta.get("negative_prompt", ""),
+            num_images=1,
+            seed=meta["seed"],
+            num_inference_steps=meta["steps"],
+            guidance_scale=meta["guidance_scale"],
+            scheduler=meta["scheduler"],
+            grid=False,
+            width=meta.get("width"),
+            height=meta.get("height"),
+            placeholders=[c["placeholder"] for c in meta["concepts"]],
+            background=inputs.get("background"),
+            region=inputs.get("region"),
+            ip_adapter=ip["weights"] if ip else None,
+            ip_adapter_images=[_find_file(r, "IP-Adapter image") for r in ip["images"]] if ip else [],
+            ip_adapter_scale=ip["scale"] if ip else 1.0,
         )
-    if meta.get("batch") and len(jobs) > 1:
-        logger.info("sampling the image's batch of %d again to reproduce it exactly", len(jobs))
-    new_image = session.sample(jobs)[index]
+        for _, seed in jobs:  # the other images' seeds are sampled again too
+            if not 0 <= seed < MAX_SEED:
+                raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED - 1}, got {seed}")
+    except ValueError as err:
+        raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
+
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / safe_filename(0, meta["prompt"], meta["seed"])
-    session.save(new_image, path, jobs, index)
-    result.images.append(GeneratedImage(path, meta["prompt"], meta["seed"]))
+    result = GenerateResult()
+    created = prepare_output_folder(output)
+    try:
+        dtype = dtype or meta.get("dtype", "auto")
+        session = _Session(paths, config, model or meta.get("base_model"), device, dtype, local_files_only, result,
+                           resident)
+        if meta.get("device") and meta["device"] != session.device.type:
+            result.notes.append(
+                f"the image was made on {meta['device']}, this run is on {session.device.type}: "
+                "expect small differences (exact only on the same device type and dtype)"
+            )
+        if meta.get("batch") and len(jobs) > 1:
+            logger.info("sampling the image's batch of %d again to reproduce it exactly", len(jobs))
+        new_image = session.sample(jobs)[index]
+        path = output / safe_filename(0, meta["prompt"], meta["seed"])
+        session.save(new_image, path, jobs, index)
+        result.images.append(GeneratedImage(path, meta["prompt"], meta["seed"]))
+    except BaseException as err:
+        remove_empty_folders(created)
+        stopped = stopped_error(err, result, output)
+        if stopped is None:
+            raise
+        raise stopped from err
     return result
 
 

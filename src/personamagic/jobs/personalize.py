@@ -26,7 +26,7 @@ from ..faces.alignment import alignment_theta
 from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
 from ..files import FolderLock, disk_error, write_atomic
 from ..identity.loading import default_identity_model, identity_file_reference, load_identity_model
-from ..models import DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder, resolve_device, resolve_dtype
+from ..models import BUILT_MODELS, DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder, resolve_device, resolve_dtype
 from ..models.assets import Asset, base_model_asset, check_assets
 from ..models.devices import DTYPE_NAMES
 from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint, is_hub_id
@@ -168,6 +168,9 @@ def personalize(
         raise UserError(f"--resolution {resolution} must be a multiple of 64, at least 64 (e.g. 512, 768, 1024)")
     run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
     run.resolution, run.vae = resolution, vae
+    if not (model in BUILT_MODELS or Path(model).expanduser().exists() or is_hub_id(model)):
+        raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
+                        f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}")
     if resident is None:
         extra = [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
         weights = getattr(photomaker, "weights", photomaker)
@@ -178,6 +181,9 @@ def personalize(
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
     with OutputFolder(output):
         check_output_folder(output, overwrite=overwrite, resume=resume)  # again, now that the folder is ours
+        if overwrite:  # the replaced run's resume points must not be taken for this run's
+            for stale in (output / CHECKPOINT_DIR).glob("step-*.safetensors"):
+                stale.unlink()
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
         shared = resident is not None and ip_adapter is None and photomaker is None  # plug-ins change the model

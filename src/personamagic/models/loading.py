@@ -326,12 +326,20 @@ def load_image_encoder(name: str, *, device=None, dtype=None, local_files_only: 
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         try:
-            model = CLIPVisionModelWithProjection.from_pretrained(name, local_files_only=local_files_only)
+            model, info = CLIPVisionModelWithProjection.from_pretrained(name, local_files_only=local_files_only,
+                                                                        output_loading_info=True)
             processor = CLIPImageProcessor.from_pretrained(name, local_files_only=local_files_only)
         except Exception as err:  # hub, file and config errors: all mean "cannot load it"
             raise UserError(
                 f"could not load the CLIP image encoder {name!r} ({first_line(err)}); "
                 "check the id/path or your network, or pass --image-encoder PATH (tiny: the offline toy)"
             ) from None
+        # transformers fills missing weights at random without a word; a full CLIP checkpoint's text
+        # weights are expected extras, missing vision weights are not
+        missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
+        if missing or info.get("mismatched_keys"):
+            problem = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "weights of other shapes"
+            raise UserError(f"the CLIP image encoder {name!r} does not fit CLIPVisionModelWithProjection ({problem}); "
+                            "pass --image-encoder with a CLIP model such as openai/clip-vit-base-patch32")
         model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype), processor

@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from ..errors import UserError
-from ..files import load_safetensors, save_safetensors_atomic
+from ..files import disk_error, load_safetensors, save_safetensors_atomic
 
 CHECKPOINT_FORMAT = 2
 STEP_PATTERN = "step-*.safetensors"
@@ -66,7 +66,10 @@ def save_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
         "job": job or {},
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_safetensors_atomic(tensors, {"checkpoint": json.dumps(header)}, path)
+    try:
+        save_safetensors_atomic(tensors, {"checkpoint": json.dumps(header)}, path)
+    except OSError as err:  # a full disk: the previous checkpoint is still there, untouched
+        raise disk_error(path, err) from None
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -80,12 +83,34 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
         found = meta.get("checkpoint_format") if isinstance(meta, dict) else None
         raise UserError(f"{path} has checkpoint format {found}, this personamagic resumes {CHECKPOINT_FORMAT}; "
                         "train again without --resume (with --overwrite)")
-    for key in ("step", "config", "param_groups"):
+    kinds = {"step": (int, "a whole number"), "config": (dict, "an object"), "param_groups": (list, "a list")}
+    for key, (kind, description) in kinds.items():
         if key not in meta:
             raise UserError(f"{path} is a damaged checkpoint (no {key!r}); train again with --overwrite")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise UserError(f"{path} is a damaged checkpoint ({key!r} is not {description}); train again with "
+                            "--overwrite")
+    if meta["step"] < 0 or not isinstance(meta.get("job", {}), dict) or not isinstance(meta.get("stages", {}), dict):
+        raise UserError(f"{path} is a damaged checkpoint (its header is malformed); train again with --overwrite")
     if "rng.generator" not in tensors or not any(k.startswith("mapper.") for k in tensors):
         raise UserError(f"{path} is a damaged checkpoint (tensors missing); train again with --overwrite")
+    for key, tensor in tensors.items():
+        if key.startswith("mapper.") and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f"{path} is a damaged checkpoint ({key} holds NaN or infinite values); train again "
+                            "with --overwrite")
     return tensors, meta
+
+
+# How a difference is named to the user: the `personamagic train` flag of a TrainConfig field or job fact
+# (the others by their field name).
+SETTING_NAMES = {
+    "placeholder": "--placeholder", "supercategory": "--supercategory", "num_vectors": "--num-vectors",
+    "train_prompt": "--train-prompt", "train_batch_size": "--batch-size", "learning_rate": "--learning-rate",
+    "seed": "--seed", "stage_window": "--stage-window", "lambda1": "--lambda1", "lambda2": "--lambda2",
+    "partition_warmup_steps": "--partition-warmup-steps", "te_weight": "--te-weight", "id_weight": "--id-weight",
+    "use_id_loss": "identity loss (--no-id-loss)", "base_model": "--model", "mask": "--mask",
+    "image_encoder": "--image-encoder", "identity_model": "--identity-model",
+}
 
 
 def resume_differences(saved: dict, config: dict, saved_job: dict, job: dict, step: int) -> list[str]:
@@ -94,12 +119,17 @@ def resume_differences(saved: dict, config: dict, saved_job: dict, job: dict, st
     for key in sorted(set(saved) | set(config)):
         if key in RESUMABLE_CHANGES or saved.get(key) == config.get(key):
             continue
-        found.append(f"{key} was {saved.get(key)!r}, now {config.get(key)!r}")
+        found.append(f"{SETTING_NAMES.get(key, key)} was {saved.get(key)!r}, now {config.get(key)!r}")
     for key in sorted(set(saved_job) | set(job)):
-        if saved_job.get(key) != job.get(key):
-            found.append(f"{key} was {saved_job.get(key)!r}, now {job.get(key)!r}")
-    if config.get("max_train_steps", step) < step:
-        found.append(f"max_train_steps {config['max_train_steps']} is below the {step} steps already done")
+        if saved_job.get(key) == job.get(key):
+            continue
+        if key == "photos":
+            found.append(f"the photos differ (compared by content: {saved_job.get(key)} then, {job.get(key)} now)")
+        else:
+            found.append(f"{SETTING_NAMES.get(key, key)} was {saved_job.get(key)!r}, now {job.get(key)!r}")
+    steps = config.get("max_train_steps", step)
+    if not isinstance(steps, int) or steps < step:
+        found.append(f"--steps {steps} is below the {step} steps already done")
     return found
 
 
@@ -128,6 +158,10 @@ def load_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
                         "start again with --overwrite") from None
     trainer.step_count = meta["step"]
     if meta.get("stage_window"):
-        trainer.stage_window = StageWindow(*meta["stage_window"], trainer.num_train_timesteps)
+        try:
+            trainer.stage_window = StageWindow(*meta["stage_window"], trainer.num_train_timesteps)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"{path} is a damaged checkpoint (stage window: {err}); train again with "
+                            "--overwrite") from None
         trainer.stages = meta.get("stages", {})
     trainer.attention_maps = tensors.get("partition.attention_maps")
