@@ -139,3 +139,27 @@ def test_a_prompt_names_the_photomaker_concept_once(weights, photo):
     pipe = photomaker_pipe(weights)
     with pytest.raises(UserError, match="once"):
         pipe("S* img and S* again", photomaker_images=[photo], num_inference_steps=1)
+
+
+def test_the_commands_with_photomaker_as_tested_in_the_readme(weights, astronaut, tmp_path, capsys):
+    from personamagic.cli import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, _, err = run("train", astronaut, "--model", "tiny-sdxl", "--photomaker", weights, "--output", tmp_path / "c",
+                       "--steps", 2, "--partition-warmup-steps", 1, "--mask", "landmarks", "--no-id-loss")
+    assert code == 0, err
+    code, out, _ = run("generate", tmp_path / "c", "-p", "a photo of S* img", "-n", 1, "--steps", 2, "-o", tmp_path / "a")
+    assert code == 0 and "--photomaker and --photomaker-image" in out  # the reminder
+    code, out, err = run("generate", tmp_path / "c", "-p", "a photo of S* img as a knight", "-n", 1, "--steps", 4,
+                         "--photomaker", weights, "--photomaker-image", astronaut, "--photomaker-merge-step", 1,
+                         "-o", tmp_path / "b")
+    assert code == 0, err
+    (image,) = sorted((tmp_path / "b").glob("000-*.png"))
+    code, _, err = run("generate", "--from-image", image, "-o", tmp_path / "again")
+    assert code == 0, err
+    (again,) = sorted((tmp_path / "again").glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(image)))

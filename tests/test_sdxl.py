@@ -262,3 +262,29 @@ def test_an_ip_adapter_plugs_into_sdxl(xl, astronaut, tmp_path):
                     output_type="np").images[0]
     np.testing.assert_allclose(images[0.0], plain, atol=1e-5)  # scale 0: the adapter adds nothing
     assert not np.allclose(images[1.0], plain, atol=1e-3)
+
+
+def test_the_export_is_the_sdxl_textual_inversion_format_diffusers_loads(xl, tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    from personamagic.export import export_textual_inversion
+
+    concept = random_concept(xl, window=(0, 1000))
+    concept.save(tmp_path / "c")
+    result = export_textual_inversion(tmp_path / "c", tmp_path / "me.safetensors", token="<me>")
+    state = load_file(result.path)
+    assert set(state) == {"clip_l", "clip_g"}
+    assert state["clip_l"].shape == (1, 32) and state["clip_g"].shape == (1, 48)
+    base = build_tiny_sdxl_components()
+    sd = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoders[0], text_encoder_2=base.text_encoders[1],
+                                   tokenizer=base.tokenizers[0], tokenizer_2=base.tokenizers[1], unet=base.unet,
+                                   scheduler=EulerDiscreteScheduler.from_config(base.scheduler_config))
+    sd.set_progress_bar_config(disable=True)
+    sd.load_textual_inversion(state["clip_l"], token="<me>", text_encoder=sd.text_encoder, tokenizer=sd.tokenizer)
+    sd.load_textual_inversion(state["clip_g"], token="<me>", text_encoder=sd.text_encoder_2, tokenizer=sd.tokenizer_2)
+    for key, encoder, tokenizer in (("clip_l", sd.text_encoder, sd.tokenizer), ("clip_g", sd.text_encoder_2, sd.tokenizer_2)):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<me>")]
+        assert torch.equal(row, state[key][0])
+    image = sd("a photo of <me>", num_inference_steps=2, output_type="np").images[0]
+    assert np.isfinite(image).all()

@@ -1,7 +1,10 @@
 """Export a concept as a textual-inversion embedding for the wider ecosystem.
 
-The file is the format diffusers' textual-inversion training writes: safetensors `{token: Tensor[n, D]}`
-(n = the concept's `num_vectors`, D = the text encoder width). diffusers' `load_textual_inversion`
+SD-1.x: the format diffusers' textual-inversion training writes, safetensors `{token: Tensor[n, D]}`
+(n = the concept's `num_vectors`, D = the text encoder width). SDXL: `{"clip_l": Tensor[n, 768],
+"clip_g": Tensor[n, 1280]}` (kohya's SDXL format, which A1111 and ComfyUI read; diffusers loads it
+with one `load_textual_inversion` call per text encoder and tokenizer). The format is the model
+family's (`ModelFamily.export_tensors`). diffusers' `load_textual_inversion`
 reads it (a multi-vector token loads as `token, token_1, ...`), and so do A1111 and ComfyUI from their
 `embeddings/` folder (both accept a single-tensor safetensors file and use the file name as the
 trigger word). No pickle: A1111's `.pt` format is not written.
@@ -33,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .concept import Concept, resolve_concept_path
 from .errors import UserError
+from .families import family_named
 from .files import disk_error, save_safetensors_atomic
 
 VECTOR_CHOICES = ("mean", "centre")
@@ -66,8 +69,8 @@ def static_vectors(concept: Concept, vectors: str = "mean") -> tuple[torch.Tenso
         raise ValueError(f"unknown vector choice {vectors!r}; use one of {', '.join(VECTOR_CHOICES)}")
     image_embeds = concept.mean_image_embed()[None].expand(len(timesteps), -1)
     embeddings, _ = mapper(timesteps, image_embeds)  # (K, n, D); residuals have no place in an embedding
-    mean = embeddings.mean(dim=0)  # (n, D)
-    return F.normalize(mean, dim=-1) * mapper.super_embedding.norm(), description
+    # the mapper's own rule, per text encoder: each encoder's part at the norm of its supercategory word
+    return mapper.renormalize(embeddings.mean(dim=0)), description  # (K, n, D) -> (n, D)
 
 
 def default_token(concept: Concept, output: Path) -> str:
@@ -125,8 +128,11 @@ def export_textual_inversion(
             "lost": "stages (static embedding at every timestep) and the value residual",
         })
     }
+    family = family_named(concept.family)
+    parts = embedding.split(concept.mapper_config.get("encoder_widths") or [embedding.shape[1]], dim=-1)
+    tensors = family.export_tensors(token, [part.contiguous() for part in parts])
     try:
-        save_safetensors_atomic({token: embedding.contiguous()}, header, output)
+        save_safetensors_atomic(tensors, header, output)
     except OSError as err:
         raise disk_error(output, err) from None
     return ExportResult(output, token, embedding.shape[0], embedding.shape[1], description)

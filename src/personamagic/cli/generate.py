@@ -39,6 +39,18 @@ def add_parser(commands) -> None:
                                           "(h94/IP-Adapter/models/ip-adapter_sd15.safetensors) or a local file")
     gen.add_argument("--ip-adapter-image", action="append", default=[], help="image for the IP-Adapter (repeatable)")
     gen.add_argument("--ip-adapter-scale", type=non_negative_float, help="IP-Adapter weight (1.0)")
+    gen.add_argument("--photomaker", nargs="?", const="TencentARC/PhotoMaker", default=None, metavar="WEIGHTS",
+                     help="PhotoMaker v1 plugged in (SDXL): its weights' hub id (TencentARC/PhotoMaker, the default) "
+                          "or a local photomaker-v1.bin; prompts say 'S* img' where the ID is fused")
+    gen.add_argument("--photomaker-image", action="append", default=[], help="photo of the person for PhotoMaker "
+                                                                             "(repeatable: stacked ID embeddings)")
+    gen.add_argument("--photomaker-merge-step", type=non_negative_int,
+                     help="steps up to this one use the text-only prompt, as PhotoMaker's start_merge_step "
+                          "(20%% of --steps)")
+    gen.add_argument("--photomaker-lora-scale", type=non_negative_float, help="strength of PhotoMaker's LoRA (1.0)")
+    gen.add_argument("--vae", help="another VAE: hub id or folder of an AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    gen.add_argument("--model-config", metavar="FOLDER",
+                     help="for a single-file --model: a diffusers folder of the same family whose configs to use")
     gen.add_argument("--from-image", help="make a generated PNG again from its metadata (concepts optional)")
     add_device_flags(gen)
 
@@ -48,7 +60,8 @@ _SAMPLING_FLAGS = {
     "num_images": "num_images", "seed": "seed", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
     "guidance_scale": "guidance_scale", "scheduler": "scheduler", "batch_size": "batch_size", "width": "width",
     "height": "height", "background": "background", "region": "region", "ip_adapter": "ip_adapter",
-    "ip_adapter_scale": "ip_adapter_scale",
+    "ip_adapter_scale": "ip_adapter_scale", "photomaker": "photomaker", "photomaker_merge_step": "photomaker_merge_step",
+    "photomaker_lora_scale": "photomaker_lora_scale", "vae": "vae",
 }
 
 
@@ -86,8 +99,8 @@ def _run(args):
     quiet_libraries(args.verbose)
     if args.from_image is not None:
         given = [f"--{flag.replace('_', '-')}" for flag in _SAMPLING_FLAGS if getattr(args, flag) is not None]
-        given += [f"--{flag.replace('_', '-')}" for flag in ("prompt", "prompts_file", "placeholder", "ip_adapter_image")
-                  if getattr(args, flag)]
+        given += [f"--{flag.replace('_', '-')}" for flag in ("prompt", "prompts_file", "placeholder", "ip_adapter_image",
+                                                             "photomaker_image") if getattr(args, flag)]
         if given:
             raise UserError(f"--from-image takes prompt, seed and settings from the image; drop {', '.join(given)}")
         result = regenerate(
@@ -111,6 +124,8 @@ def _run(args):
                 prompts=prompts,
                 placeholders=args.placeholder,
                 ip_adapter_images=args.ip_adapter_image,
+                photomaker_images=args.photomaker_image,
+                model_config=args.model_config,
                 cuda_graph=not args.no_cuda_graph,
                 compile=args.compile is not None,
                 compile_backend=args.compile or "inductor",

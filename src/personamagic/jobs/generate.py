@@ -37,13 +37,14 @@ from .. import __version__
 from ..concept import Concept, resolve_concept_path
 from ..errors import Interrupted, UserError
 from ..files import disk_error, make_folders, remove_empty_folders, write_atomic
-from ..models.devices import check_compile_backend
-from ..models import TINY, load_base_model, resolve_device, resolve_dtype
+from ..models import TINY_MODELS, load_base_model, resolve_device, resolve_dtype
+from ..models.assets import Asset, base_model_asset, check_assets
+from ..models.devices import DTYPE_NAMES, check_compile_backend
+from ..models.loading import is_hub_id
 
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "personamagic"
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Bounds of the sampling settings, checked before anything loads.
 MAX_INFERENCE_STEPS = 1000  # Stable Diffusion's T: a schedule has no more steps (checked again against the model's T)
@@ -77,6 +78,12 @@ class GenerateConfig:
     ip_adapter: str | None = None  # IP-Adapter weights: "owner/repo/subfolder/file" on the hub or a local file
     ip_adapter_images: list[str] = field(default_factory=list)  # image file(s) for the IP-Adapter (e.g. the photo)
     ip_adapter_scale: float = 1.0  # weight of the IP-Adapter's image tokens
+    photomaker: str | None = None  # PhotoMaker v1 weights (SDXL): hub id TencentARC/PhotoMaker or a local file
+    photomaker_images: list[str] = field(default_factory=list)  # the person's photo(s) PhotoMaker embeds
+    photomaker_merge_step: int | None = None  # steps i <= this use the text-only prompt; None: 20% of the steps
+    photomaker_lora_scale: float = 1.0  # strength of PhotoMaker's UNet LoRA
+    vae: str | None = None  # another VAE (hub id or folder of an AutoencoderKL), e.g. an fp16-fixed SDXL VAE
+    model_config: str | None = None  # for a single-file base model: a diffusers folder of its family's configs
     cuda_graph: bool = True  # on CUDA, replay the UNet from a CUDA graph (same kernels, fewer launches)
     compile: bool = False  # torch.compile the UNet: faster large batches after a one-off compile per batch shape
     compile_backend: str = "inductor"  # torch.compile backend
@@ -120,6 +127,16 @@ class GenerateConfig:
             raise ValueError("an IP-Adapter needs an image (the person's photo)")
         if self.ip_adapter is None and self.ip_adapter_images:
             raise ValueError("IP-Adapter images given without an IP-Adapter")
+        if (self.photomaker is None) != (not self.photomaker_images):
+            raise ValueError("PhotoMaker needs both its weights (--photomaker) and the person's photo(s) "
+                             "(--photomaker-image)")
+        if self.photomaker_merge_step is not None and not (_is_int(self.photomaker_merge_step)
+                                                           and 0 <= self.photomaker_merge_step <= MAX_INFERENCE_STEPS):
+            raise ValueError(f"photomaker_merge_step must be a whole number from 0 to {MAX_INFERENCE_STEPS}, "
+                             f"got {self.photomaker_merge_step!r}")
+        if not _is_number(self.photomaker_lora_scale) or not 0 <= self.photomaker_lora_scale <= MAX_IP_ADAPTER_SCALE:
+            raise ValueError(f"photomaker_lora_scale must be a number from 0 to {MAX_IP_ADAPTER_SCALE:g}, "
+                             f"got {self.photomaker_lora_scale!r}")
 
     @property
     def num_jobs(self) -> int:
@@ -293,6 +310,18 @@ def image_metadata_fault(meta) -> str | None:
             fault = fault or _fields_fault(record, _FILE_RECORD, f"ip_adapter.images[{i}].")
         if fault:
             return fault
+    if "photomaker" in meta:
+        pm = meta["photomaker"]
+        fault = _fields_fault(pm, {"weights": (str, "text", True), "lora_scale": (float, "a number", True),
+                                   "images": (list, "a list", True)}, "photomaker.")
+        if fault is None and pm.get("merge_step") is not None and not _is_int(pm["merge_step"]):
+            fault = f"photomaker.merge_step must be a whole number, got {pm['merge_step']!r}"
+        for i, record in enumerate(pm.get("images", []) if fault is None else []):
+            fault = fault or _fields_fault(record, _FILE_RECORD, f"photomaker.images[{i}].")
+        if fault:
+            return fault
+    if "vae" in meta and not isinstance(meta["vae"], str):
+        return f"vae must be text, got {meta['vae']!r}"
     if "batch" in meta:
         batch = meta["batch"]
         jobs, index = batch.get("jobs"), batch.get("index")
@@ -442,12 +471,27 @@ class _Session:
 
     def __init__(self, concept_paths: list[str], config: GenerateConfig, model: str | None, device: str,
                  dtype: str | None, local_files_only: bool, result: GenerateResult, resident=None):
-        from ..adapters.ip_adapter import IPAdapterSpec, load_ip_adapter
-        from ..pipeline import PersonaMagicPipeline, scheduler_choice
-
         self.config, self.result = config, result
         self.concept_paths = [str(p) for p in concept_paths]
         self.concepts = [Concept.load(path) for path in self.concept_paths]
+        self._check_placeholders()
+        # Check the settings and input files before the (possibly multi-GB) model load.
+        inputs = self._check_inputs()
+        self.model = model or self.concepts[0].base_model
+        if self.model in TINY_MODELS:
+            result.notes.append("tiny model: its images are noise-like by nature; use a real model for faces")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if resident is None:
+            check_assets(self._assets(), local_files_only=local_files_only)
+        base = self._load_base(resident, local_files_only)
+        self._load_pipeline(base)
+        self._attach_concepts()
+        self.call_kwargs = self._call_kwargs(base, local_files_only)
+        self.extra_meta = {**inputs, "device": self.device.type, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype))}
+
+    def _check_placeholders(self) -> None:
+        config = self.config
         if not self.concepts:
             raise UserError("give at least one concept folder")
         if config.placeholders and len(config.placeholders) != len(self.concepts):
@@ -460,23 +504,53 @@ class _Session:
                 f"two concepts use the placeholder {next(p for p in placeholders if placeholders.count(p) > 1)!r}; "
                 "give each its own (--placeholder once per concept, e.g. --placeholder '<me>' --placeholder '<style>')"
             )
-        # Check the settings and input files before the (possibly multi-GB) model load.
+
+    def _check_inputs(self) -> dict:
+        """The scheduler name and every input file, checked; their records for the images' metadata."""
+        from ..adapters.ip_adapter import IPAdapterSpec
+        from ..pipeline import scheduler_choice
+
+        config = self.config
         scheduler_choice(config.scheduler)
         inputs = {}
         if config.background is not None:
             inputs["background"], inputs["region"] = file_record(config.background), file_record(config.region)
         if config.ip_adapter is not None:
-            spec = IPAdapterSpec.parse(config.ip_adapter, scale=config.ip_adapter_scale)
+            self.ip_adapter = IPAdapterSpec.parse(config.ip_adapter, scale=config.ip_adapter_scale)
             inputs["ip_adapter"] = {"weights": config.ip_adapter, "scale": config.ip_adapter_scale,
                                     "images": [file_record(p) for p in config.ip_adapter_images]}
-        self.model = model or self.concepts[0].base_model
-        if self.model == TINY:
-            result.notes.append("tiny model: its images are noise-like by nature; use a real SD-1.x model for faces")
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        shareable = resident is not None and config.ip_adapter is None and not config.compile
+        if config.photomaker is not None:
+            inputs["photomaker"] = {"weights": config.photomaker, "merge_step": config.photomaker_merge_step,
+                                    "lora_scale": config.photomaker_lora_scale,
+                                    "images": [file_record(p) for p in config.photomaker_images]}
+        if config.vae is not None:
+            inputs["vae"] = config.vae
+        return inputs
+
+    def _assets(self) -> list:
+        """What the run downloads (`models.assets`), for the offline check."""
+        config, found = self.config, []
+        if is_hub_id(self.model):
+            found.append(base_model_asset(self.model))
+        if config.vae is not None and is_hub_id(config.vae):
+            found.append(Asset("the VAE", config.vae, "the model's own VAE (no --vae)"))
+        if config.photomaker is not None and is_hub_id(config.photomaker):
+            found.append(Asset("PhotoMaker's weights", f"{config.photomaker}/photomaker-v1.bin",
+                               "a local photomaker-v1.bin"))
+        return found
+
+    def _load_base(self, resident, local_files_only: bool):
+        config = self.config
+        plugged = config.ip_adapter is not None or config.photomaker is not None
+        shareable = resident is not None and not plugged and not config.compile  # these change the model for good
         load = resident.load if shareable else load_base_model
-        base = load(self.model, device=self.device, dtype=self.dtype, local_files_only=local_files_only)
+        return load(self.model, device=self.device, dtype=self.dtype, local_files_only=local_files_only,
+                    vae=config.vae, model_config=config.model_config)
+
+    def _load_pipeline(self, base) -> None:
+        from ..pipeline import PersonaMagicPipeline
+
+        config = self.config
         self.pipe = PersonaMagicPipeline.from_base(base, scheduler=config.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
         num_train_timesteps = self.pipe.scheduler.config.num_train_timesteps
@@ -487,48 +561,63 @@ class _Session:
             logger.info("--compile: the first batch of each size compiles the UNet first (tens of seconds or "
                         "more; PyTorch caches the result on disk for later runs)")
             self.pipe.enable_compile(backend=config.compile_backend)
-        if config.cuda_graph and self.device.type == "cuda" and config.ip_adapter is None:
+        plugged = config.ip_adapter is not None or config.photomaker is not None
+        if config.cuda_graph and self.device.type == "cuda" and not plugged:
             self.pipe.enable_cuda_graph()
+
+    def _attach_concepts(self) -> None:
+        """Each concept on the pipeline, with a reminder of the plug-ins and VAE it was trained with."""
+        config, notes = self.config, self.result.notes
         placeholders = config.placeholders or [None] * len(self.concepts)
         for concept, placeholder in zip(self.concepts, placeholders):
             try:
                 self.pipe.load_concept(concept, placeholder)
             except ValueError as err:  # a --placeholder that cannot be a placeholder
                 raise UserError(f"--placeholder: {err}") from None
-            trained_with = concept.extra.get("ip_adapter")
-            if trained_with and config.ip_adapter is None:
-                weights = trained_with.get("weights") if isinstance(trained_with, dict) else trained_with
-                result.notes.append(
-                    f"concept {concept.placeholder!r} was trained with the IP-Adapter {weights}; "
-                    "pass --ip-adapter and --ip-adapter-image to generate as it was trained"
-                )
-        result.notes += self.pipe.check_prompts(config.prompts)
+            for key, flags, given in (("ip_adapter", "--ip-adapter and --ip-adapter-image", config.ip_adapter),
+                                      ("photomaker", "--photomaker and --photomaker-image", config.photomaker),
+                                      ("vae", "--vae", config.vae)):
+                trained_with = concept.extra.get(key)
+                if trained_with and given is None:
+                    weights = trained_with.get("weights") if isinstance(trained_with, dict) else trained_with
+                    notes.append(f"concept {concept.placeholder!r} was trained with the {key.replace('_', '-')} "
+                                 f"{weights}; pass {flags} to generate as it was trained")
+        notes += self.pipe.check_prompts(config.prompts)
         for warning in long_prompt_warnings(self.pipe, config.prompts, config.negative_prompt):
             logger.warning(warning)
 
-        self.call_kwargs = {}
-        resolution = base.resolution
-        size = None
+    def _call_kwargs(self, base, local_files_only: bool) -> dict:
+        """The pipeline's arguments that are the same for every batch: size, localized inputs, plug-ins."""
+        from ..adapters.ip_adapter import load_ip_adapter
+        from ..faces.photos import load_photo
+
+        config, kwargs, size = self.config, {}, None
         if config.width or config.height:
             size = (config.width or config.height, config.height or config.width)
         if config.background is not None:
             background, region = load_localized_inputs(
-                config.background, config.region, size, resolution, self.pipe.vae_scale_factor
+                config.background, config.region, size, base.resolution, self.pipe.vae_scale_factor
             )
             size = background.size
             if max(size) > MAX_SIDE:
                 raise UserError(f"the background's shape gives {size[0]}x{size[1]} images, over {MAX_SIDE} pixels a "
                                 "side; pass --width and --height, or crop the background")
-            self.call_kwargs.update(background=background, region=region)
+            kwargs.update(background=background, region=region)
         if size is not None:
-            self.call_kwargs.update(width=size[0], height=size[1])
+            kwargs.update(width=size[0], height=size[1])
         if config.ip_adapter is not None:
-            from ..faces.photos import load_photo
-
             images = [load_photo(p) for p in config.ip_adapter_images]
-            load_ip_adapter(self.pipe, spec, local_files_only=local_files_only)
-            self.call_kwargs["ip_adapter_image"] = images
-        self.extra_meta = {**inputs, "device": self.device.type, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype))}
+            load_ip_adapter(self.pipe, self.ip_adapter, local_files_only=local_files_only)
+            kwargs["ip_adapter_image"] = images
+        if config.photomaker is not None:
+            from ..adapters.photomaker_plugin import PhotoMakerSpec
+
+            images = [load_photo(p) for p in config.photomaker_images]
+            spec = PhotoMakerSpec(weights=config.photomaker, lora_scale=config.photomaker_lora_scale,
+                                  merge_step=config.photomaker_merge_step)
+            self.pipe.load_photomaker(spec, local_files_only=local_files_only)
+            kwargs["photomaker_images"] = images
+        return kwargs
 
     def sample(self, jobs: list[tuple[str, int]]) -> list[Image.Image]:
         """One UNet batch: image k is prompt jobs[k][0] from seed jobs[k][1]."""
@@ -711,6 +800,7 @@ def regenerate(
     paths = _find_concepts(meta["concepts"], concept_paths)
     inputs = {name: _find_file(meta[name], name) for name in ("background", "region") if name in meta}
     ip = meta.get("ip_adapter")
+    pm = meta.get("photomaker")
     batch = meta.get("batch") or {"jobs": [[meta["prompt"], meta["seed"]]], "index": 0}
     jobs = [(prompt, seed) for prompt, seed in batch["jobs"]]
     index = batch["index"]
@@ -732,6 +822,11 @@ def regenerate(
             ip_adapter=ip["weights"] if ip else None,
             ip_adapter_images=[_find_file(r, "IP-Adapter image") for r in ip["images"]] if ip else [],
             ip_adapter_scale=ip["scale"] if ip else 1.0,
+            photomaker=pm["weights"] if pm else None,
+            photomaker_images=[_find_file(r, "PhotoMaker image") for r in pm["images"]] if pm else [],
+            photomaker_merge_step=pm.get("merge_step") if pm else None,
+            photomaker_lora_scale=pm.get("lora_scale", 1.0) if pm else 1.0,
+            vae=meta.get("vae"),
         )
         for _, seed in jobs:  # the other images' seeds are sampled again too
             if not 0 <= seed < MAX_SEED:
