@@ -3,17 +3,19 @@
 import json
 import math
 
+import pytest
+
 from personamagic.bench import PHOTO, format_table, run_benchmark
 from personamagic.cli import main
 
 REQUIRED = ("device", "plain_step_ms", "step_ms", "train_loop_s", "personalize_s", "peak_gib",
-            "gen_single_image_s", "gen_images_per_s_best")
+            "gen_single_image_s", "gen_images_per_s_best", "identities_per_hour", "identities_per_step_best")
 
 
 def test_benchmark_writes_every_required_figure(tmp_path):
     output = tmp_path / "bench.json"
     result = run_benchmark("cpu", steps=2, warmup_steps=1, photo=PHOTO, generation_batches=[1], output=output,
-                           sections=("steps", "personalize", "generation"))
+                           sections=("steps", "personalize", "generation", "throughput"), identities_per_step=(2,))
     saved = json.loads(output.read_text())
     assert saved["errors"] == {} and all(key in saved for key in REQUIRED)
     for key in set(REQUIRED) - {"device", "peak_gib"}:
@@ -23,8 +25,17 @@ def test_benchmark_writes_every_required_figure(tmp_path):
     assert job["process_s"] > job["personalize_s"] >= job["timings"]["train_s"] > 0  # a fresh process
     assert saved["ratios_to_plain_step"]["optimized"] == saved["plain_step_ms"] / saved["step_ms"]
     assert saved["conditioning"]["1"]["schedule_ms"] > 0 and saved["sampling_parts"]["unet_eager_ms"] > 0
+    throughput = saved["throughput"]  # K = 1 is always measured, the ratios are to it
+    assert sorted(throughput["per_k"]) == ["1", "2"] and throughput["steps_per_concept"] == 2
+    for k, figures in throughput["per_k"].items():
+        assert figures["identities_per_hour"] == pytest.approx(3600 * int(k) / (2 * figures["ms"] / 1000))
+        assert figures["ratio_to_k1"] == pytest.approx(figures["identities_per_hour"]
+                                                       / throughput["per_k"]["1"]["identities_per_hour"])
+    assert saved["identities_per_hour"] == max(v["identities_per_hour"] for v in throughput["per_k"].values())
+    assert str(saved["identities_per_step_best"]) in throughput["per_k"]
     table = format_table(result)
     assert "plain step (batch 2, ID loss)" in table and "whole personalize job, fresh process" in table
+    assert "grouped step, 2 identities" in table and "identities per hour, best K" in table
 
 
 def test_unknown_section_is_a_one_line_error(capsys):

@@ -3,8 +3,9 @@
 On a GPU it runs Stable Diffusion 1.x at its real sizes with random weights (timing does not depend on
 the weights' values) in bf16; on a CPU it runs the tiny model in fp32. Every figure is measured in the
 same run as the plain straightforward step, and printed as a ratio to it; the whole personalize job
-runs in a fresh process, as `personamagic train` would. Results: a table and a JSON file (device,
-versions, date, every figure) under benchmarks/results/.
+runs in a fresh process, as `personamagic train` would. The throughput section times K identities in
+one grouped step (`training.group`) and gives identities per hour, as a ratio to K = 1. Results: a
+table and a JSON file (device, versions, date, every figure) under benchmarks/results/.
 
     personamagic bench                      # this machine, defaults per device
     python benchmarks/bench.py --steps 1000 # the same script
@@ -106,6 +107,43 @@ def time_steps(setup: Setup, config, steps: int, warmup: int) -> dict:
         ms = _median_ms(trainer.step, setup.device, repeats=steps, warmup=warmup)
         graph = trainer.use_graph
     return {"ms": ms, "first_step_s": first_s, "peak_gib": _peak_gib(setup.device), "cuda_graph": graph}
+
+
+IDENTITIES_PER_STEP = (1, 2, 4, 8)  # the K of the throughput section
+
+
+def time_throughput(setup: Setup, config, ks, steps_per_concept: int, repeats: int, warmup: int) -> dict:
+    """Median ms of one grouped step of K identities (`training.group`, each with its own mapper and
+    optimizer) for each K, and what it gives: identities/hour = 3600 / (steps_per_concept * step_s / K),
+    the training loop alone (no warm-up, photo preparation or model load). Each figure is also a ratio to
+    K = 1 in the same run (always measured); a K that runs out of GPU memory ends the series."""
+    from .training.group import GroupTrainer
+
+    per_k = {}
+    for k in sorted(set(ks) | {1}):
+        _reset_peak(setup.device)
+        trainers = [setup.trainer(replace(config, seed=config.seed + i)) for i in range(k)]
+        try:
+            with GroupTrainer(trainers) as group:
+                start = time.perf_counter()
+                group.step()  # first step: CUDA graph capture, cuDNN autotune...
+                _sync(setup.device)
+                first_s = time.perf_counter() - start
+                ms = _median_ms(group.step, setup.device, repeats=repeats, warmup=warmup)
+                graph = group.use_graph
+        except torch.cuda.OutOfMemoryError:
+            per_k[str(k)] = {"error": "out of memory"}
+            break
+        finally:
+            del trainers
+        per_k[str(k)] = {"ms": ms, "first_step_s": first_s, "peak_gib": _peak_gib(setup.device), "cuda_graph": graph,
+                         "identities_per_hour": 3600 * k / (steps_per_concept * ms / 1000)}
+    measured = {k: v for k, v in per_k.items() if "ms" in v}
+    for figures in measured.values():
+        figures["ratio_to_k1"] = figures["identities_per_hour"] / measured["1"]["identities_per_hour"]
+    best = max(measured, key=lambda k: measured[k]["identities_per_hour"])
+    return {"steps_per_concept": steps_per_concept, "per_k": per_k, "best_k": int(best),
+            "best_identities_per_hour": measured[best]["identities_per_hour"]}
 
 
 def check_equivalence(setup: Setup, config) -> dict:
@@ -286,12 +324,12 @@ def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> 
     return parts
 
 
-SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile")
+SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile", "throughput")
 
 
 def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: int | None = None,
                   photo: Path = PHOTO, generation_batches=None, output: Path | None = None,
-                  sections=SECTIONS) -> dict:
+                  sections=SECTIONS, identities_per_step=IDENTITIES_PER_STEP) -> dict:
     """Measure the chosen `sections` (the plain step always); returns the result dict, also written
     as JSON to `output` (default benchmarks/results/<device>-<date>.json) after every section."""
     from .training.config import TrainConfig
@@ -355,6 +393,13 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
             result["variants"]["optimized"] = optimized
             result["step_ms"] = optimized["ms"]
             result["graph_capture_s"] = optimized["first_step_s"]
+    if "throughput" in sections:
+        throughput = attempt("throughput", lambda: time_throughput(setup, config, identities_per_step, steps, repeats,
+                                                                   warmup=3))
+        if throughput is not None:
+            result["throughput"] = throughput
+            result["identities_per_hour"] = throughput["best_identities_per_hour"]
+            result["identities_per_step_best"] = throughput["best_k"]
 
     concept = None
     if "personalize" in sections:
@@ -461,6 +506,18 @@ def format_table(result: dict) -> str:
                      + (f" ({process:.1f} s with interpreter start)" if process else ""), ""))
     if result.get("peak_gib") is not None:
         rows.append(("peak GPU memory (job)", f"{result['peak_gib']:.1f} GiB", ""))
+    if "throughput" in result:
+        throughput = result["throughput"]
+        for k, v in throughput["per_k"].items():
+            if "ms" not in v:
+                rows.append((f"grouped step, {k} identities", v["error"], ""))
+                continue
+            peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
+            rows.append((f"grouped step, {k} identities", f"{v['ms']:.1f} ms{peak} -> {v['identities_per_hour']:.0f} "
+                         f"identities/h ({throughput['steps_per_concept']} steps each)",
+                         f"{v['ratio_to_k1']:.2f}x vs 1 per step"))
+        rows.append(("identities per hour, best K", f"{result['identities_per_hour']:.0f} at "
+                     f"{result['identities_per_step_best']} per step", ""))
     for mode in ("generation", "generation_cuda_graph", "generation_compile"):
         for batch, v in result.get(mode, {}).items():
             rows.append((f"{mode}, {batch} image(s)", f"{v['seconds']:.2f} s ({v['images_per_s']:.2f} img/s), "

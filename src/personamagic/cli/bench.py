@@ -13,7 +13,7 @@ def add_parser(commands) -> None:
                        help="partition warm-up steps (100 on GPU, 10 on CPU)")
     bench.add_argument("--photo", default=None, help="face photo (default: the repository's test photo)")
     bench.add_argument("--output", "-o", default=None, help="JSON file (default: benchmarks/results/<device>-<date>.json)")
-    bench.add_argument("--sections", default="steps,personalize,generation,variants,equivalence",
+    bench.add_argument("--sections", default="steps,personalize,generation,variants,equivalence,throughput",
                        help="comma-separated parts to measure (the plain step is always measured)")
 
 

@@ -16,6 +16,7 @@ from .common import Parser, configure_logging, run_handler
 # command -> the module that defines its `add_parser(commands)` and `run(args)`
 COMMAND_MODULES = {
     "train": "personamagic.cli.train",
+    "train-many": "personamagic.cli.train_many",
     "generate": "personamagic.cli.generate",
     "export": "personamagic.cli.export",
     "inspect": "personamagic.cli.inspect",
@@ -24,7 +25,7 @@ COMMAND_MODULES = {
     "bench": "personamagic.cli.bench",
 }
 # Shapes stay fixed through training and sampling, so cuDNN's per-shape autotune pays off.
-AUTOTUNED = ("train", "generate", "bench", "evaluate", "ui")
+AUTOTUNED = ("train", "train-many", "generate", "bench", "evaluate", "ui")
 
 
 def build_parser() -> argparse.ArgumentParser:

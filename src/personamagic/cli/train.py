@@ -12,54 +12,7 @@ def add_parser(commands) -> None:
     train = commands.add_parser("train", help="learn a concept from photo(s)")
     train.add_argument("photos", nargs="+", help="photo(s) of the person (any format PIL reads)")
     train.add_argument("--output", "-o", required=True, help="concept folder to write")
-    train.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
-                       help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
-    train.add_argument("--vae", default=None,
-                       help="another VAE: hub id or folder of an AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix)")
-    train.add_argument("--resolution", type=positive_int, default=None,
-                       help="side of the square training crop, a multiple of 64 (the model's: 512 SD-1.x, 1024 SDXL)")
-    train.add_argument("--revision", default=None,
-                       help="hub branch, tag or commit of --model (default: main); the concept records the commit")
-    train.add_argument("--model-config", default=None, metavar="FOLDER",
-                       help="for a single-file --model: a diffusers folder of the same family whose configs to use "
-                            "(default: the family's reference repo from the hub cache)")
-    train.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
-    train.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
-    train.add_argument("--num-vectors", type=positive_int, default=1, help="token positions per placeholder (1)")
-    train.add_argument("--mask", default="auto",
-                       help="auto, clipseg, landmarks, none, or a mask image FILE the size of the photo")
-    train.add_argument("--image-encoder", default="auto",
-                       help="CLIP vision model for the photo's embedding: hub id or folder (openai/clip-vit-base-patch32), "
-                            "or tiny (an offline toy)")
-    train.add_argument("--identity-model", default="auto",
-                       help="identity loss network: sface (default; OpenCV Zoo, Apache-2.0, offline), arcface-r100 "
-                            "(insightface, non-commercial, downloaded), tiny, or a .pth/.safetensors/.onnx file or "
-                            "hub id (auto: sface, or tiny with --model tiny)")
-    train.add_argument("--no-id-loss", action="store_true", help="train without the identity loss")
-    train.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
-    train.add_argument("--batch-size", type=positive_int, default=2, help="samples per step (2)")
-    train.add_argument("--learning-rate", type=positive_float, default=5e-5, help="AdamW learning rate (5e-5)")
-    train.add_argument("--seed", type=non_negative_int, default=0, help="random seed (0)")
-    train.add_argument("--stage-window", type=stage_window, default=None,
-                       help="dynamic stage: auto (found from S*'s attention, default) or LO:HI, e.g. 400:800 "
-                            "as in the authors' code")
-    train.add_argument("--lambda1", type=unit_float, default=0.7, help="relative-IoU threshold ending static 1 (0.7)")
-    train.add_argument("--lambda2", type=unit_float, default=0.8, help="relative-IoU threshold starting static 2 (0.8)")
-    train.add_argument("--partition-warmup-steps", type=non_negative_int, default=None,
-                       help="full-schedule steps before the automatic partition (100, or --steps if fewer)")
-    train.add_argument("--te-weight", type=non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
-    train.add_argument("--id-weight", type=non_negative_float, default=1.0, help="identity-loss weight (1.0)")
-    train.add_argument("--checkpoint-every", type=non_negative_int, default=100,
-                       help="write a resumable checkpoint every N steps (100; 0 = never)")
-    train.add_argument("--train-prompt", default="a photo of {}",
-                       help='training prompt, {} = the placeholder ("a photo of {}"; e.g. "a painting in the style of {}")')
-    train.add_argument("--no-optimize", action="store_true",
-                       help="turn every speed-up off and run the plain reference step (slower, for comparison)")
-    train.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                       help="torch.compile the networks of the training step (backend: inductor; the first step "
-                            "compiles; an experiment, see docs/performance.md)")
-    train.add_argument("--low-memory", action="store_true",
-                       help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
+    add_training_arguments(train)
     train.add_argument("--ip-adapter", help="train with an IP-Adapter plugged in (paper, Table 3): owner/repo/"
                                             "subfolder/file on the hub or a local file; generate with it too")
     train.add_argument("--ip-adapter-scale", type=non_negative_float, default=1.0, help="IP-Adapter weight (1.0)")
@@ -71,6 +24,61 @@ def add_parser(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     train.add_argument("--overwrite", action="store_true", help="replace a concept already in --output")
     add_device_flags(train)
+
+
+def add_training_arguments(parser) -> None:
+    """The flags of the base model, the photos' encoders and the training that `train` shares with
+    `train-many` (`train_config` reads them)."""
+    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+                        help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
+    parser.add_argument("--vae", default=None,
+                        help="another VAE: hub id or folder of an AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    parser.add_argument("--resolution", type=positive_int, default=None,
+                        help="side of the square training crop, a multiple of 64 (the model's: 512 SD-1.x, 1024 SDXL)")
+    parser.add_argument("--revision", default=None,
+                        help="hub branch, tag or commit of --model (default: main); the concept records the commit")
+    parser.add_argument("--model-config", default=None, metavar="FOLDER",
+                        help="for a single-file --model: a diffusers folder of the same family whose configs to use "
+                             "(default: the family's reference repo from the hub cache)")
+    parser.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
+    parser.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
+    parser.add_argument("--num-vectors", type=positive_int, default=1, help="token positions per placeholder (1)")
+    parser.add_argument("--mask", default="auto",
+                        help="auto, clipseg, landmarks, none, or a mask image FILE the size of the photo")
+    parser.add_argument("--image-encoder", default="auto",
+                        help="CLIP vision model for the photo's embedding: hub id or folder "
+                             "(openai/clip-vit-base-patch32), or tiny (an offline toy)")
+    parser.add_argument("--identity-model", default="auto",
+                        help="identity loss network: sface (default; OpenCV Zoo, Apache-2.0, offline), arcface-r100 "
+                             "(insightface, non-commercial, downloaded), tiny, or a .pth/.safetensors/.onnx file or "
+                             "hub id (auto: sface, or tiny with --model tiny)")
+    parser.add_argument("--no-id-loss", action="store_true", help="train without the identity loss")
+    parser.add_argument("--steps", type=positive_int, default=1000, help="training steps (1000)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="samples per step (2)")
+    parser.add_argument("--learning-rate", type=positive_float, default=5e-5, help="AdamW learning rate (5e-5)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (0)")
+    parser.add_argument("--stage-window", type=stage_window, default=None,
+                        help="dynamic stage: auto (found from S*'s attention, default) or LO:HI, e.g. 400:800 "
+                             "as in the authors' code")
+    parser.add_argument("--lambda1", type=unit_float, default=0.7, help="relative-IoU threshold ending static 1 (0.7)")
+    parser.add_argument("--lambda2", type=unit_float, default=0.8,
+                        help="relative-IoU threshold starting static 2 (0.8)")
+    parser.add_argument("--partition-warmup-steps", type=non_negative_int, default=None,
+                        help="full-schedule steps before the automatic partition (100, or --steps if fewer)")
+    parser.add_argument("--te-weight", type=non_negative_float, default=1e-3, help="tandem-equilibrium weight (1e-3)")
+    parser.add_argument("--id-weight", type=non_negative_float, default=1.0, help="identity-loss weight (1.0)")
+    parser.add_argument("--checkpoint-every", type=non_negative_int, default=100,
+                        help="write a resumable checkpoint every N steps (100; 0 = never)")
+    parser.add_argument("--train-prompt", default="a photo of {}",
+                        help='training prompt, {} = the placeholder ("a photo of {}"; e.g. "a painting in the style '
+                             'of {}")')
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="turn every speed-up off and run the plain reference step (slower, for comparison)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="torch.compile the networks of the training step (backend: inductor; the first step "
+                             "compiles; an experiment, see docs/performance.md)")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
 
 
 def train_config(args):

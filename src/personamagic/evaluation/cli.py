@@ -34,8 +34,8 @@ def add_commands(evaluate) -> None:
                         help=f"CLIP for T-Sim: hub id, local folder, or tiny (an offline toy); downloads "
                              f"{DEFAULT_CLIP_MODEL} (~600 MB) once by default")
     images.add_argument("--face-model", default=DEFAULT_FACE_MODEL,
-                        help="face recogniser for I-Pre: sface (OpenCV Zoo, default), dlib, or an ArcFace/CosFace "
-                             ".pth/.safetensors/.onnx file or hub path")
+                        help="face recogniser for I-Pre: sface (OpenCV Zoo, default), sface-torch (the same "
+                             "network in torch), dlib, or an ArcFace/CosFace .pth/.safetensors/.onnx file or hub path")
     images.add_argument("--output", "-o", default=None, help="folder for scores.json (default: the image folder)")
     images.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
     images.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")

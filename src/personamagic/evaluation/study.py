@@ -98,6 +98,16 @@ class _Sampler:
         return pipe, concept
 
 
+def _identity_loss_line(config: StudyConfig, units: list[Unit]) -> str:
+    """Which identity network the study's training uses, and its weights' licence, in one line."""
+    from ..identity.loading import default_identity_model, identity_model_licence
+
+    if not any(unit.train["use_id_loss"] for unit in units):
+        return "identity loss: off in every method"
+    spec = config.identity_model if config.identity_model != "auto" else default_identity_model(config.model)
+    return f"identity loss: {spec}, weights licence: {identity_model_licence(spec)}"
+
+
 def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
     """Do this process's share of the study, then write the report if the whole study is finished."""
     from .report import write_report
@@ -112,11 +122,17 @@ def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
     run = worker.run
     run.units = len(mine)
     logger.info("process %d of %d: %d of %d training runs", shard.index, shard.count, len(mine), len(plan.units))
+    logger.info(_identity_loss_line(config, plan.units))
+
+    failed_in_groups: set[str] = set()
+    if config.identities_per_step > 1:
+        pending = [u for u in mine if any(i.item_id not in finished for i in plan.items[u.unit_id])]
+        failed_in_groups = worker.train_in_groups(pending)
 
     for number, unit in enumerate(mine, start=1):
         todo = [item for item in plan.items[unit.unit_id] if item.item_id not in finished]
         run.skipped += len(plan.items[unit.unit_id]) - len(todo)
-        if not todo:
+        if not todo or unit.unit_id in failed_in_groups:
             continue
         logger.info("[%d/%d] %s / %s / %s (repeat %d): %d images to do",
                     number, len(mine), unit.dataset, unit.method, unit.identity, unit.repeat, len(todo))
@@ -197,6 +213,44 @@ class _Worker:
                     notes=result.notes)
         self.run.trained += 1
         return result.concept_path
+
+    def train_in_groups(self, units: list[Unit]) -> set[str]:
+        """Train the units without a concept `identities_per_step` at a time (`jobs.train_many`), recording
+        each as `ensure_concept` does (train_s: its share of its group's time); returns the ids of those
+        that failed, recorded as failed."""
+        from ..concept import CONCEPT_FILENAME
+        from ..jobs.train_many import IdentityJob, train_identities
+        from ..training import TrainConfig
+
+        concepts = self.output / CONCEPTS_DIR
+        units = {u.unit_id: u for u in units if not (concepts / u.folder / CONCEPT_FILENAME).is_file()}
+        if not units:
+            return set()
+        config = self.config
+        logger.info("training %d units, %d per step", len(units), config.identities_per_step)
+        jobs = [IdentityJob(u.unit_id, u.photos, concepts / u.folder, TrainConfig(**u.train), u.mask)
+                for u in units.values()]
+        try:
+            result = train_identities(
+                jobs, identities_per_step=config.identities_per_step, model=config.model, device=self.device_name,
+                dtype=config.dtype, image_encoder=config.image_encoder, identity_model=config.identity_model,
+                local_files_only=config.local_files_only,
+            )
+        except UserError as err:  # before any training (a model missing offline...): every unit failed
+            logger.warning("training failed: %s", err)
+            failed = {unit_id: str(err) for unit_id in units}
+        else:
+            failed = result.failed
+            for unit_id, trained in result.trained.items():
+                self.record("train", units[unit_id], photos=[Path(p).name for p in units[unit_id].photos],
+                            concept=str(trained.concept_path.relative_to(self.output)),
+                            stage_window=list(trained.concept.stage_window), train_s=trained.timings.get("total_s"),
+                            identities_per_step=trained.timings.get("identities_per_step"), notes=trained.notes)
+                self.run.trained += 1
+        for unit_id, error in failed.items():  # each named in a warning already
+            self.record("failed", units[unit_id], error=error)
+            self.run.failed += 1
+        return set(failed)
 
     def generate_and_score(self, unit: Unit, todo: list[Item], concept_path: Path) -> None:
         """Generate the unit's missing images (reusing PNGs already on disk), score them, record each."""

@@ -256,6 +256,85 @@ class Objective:
         per_sample = identity_loss(self.identity_encoder(faces), self.data.identity_reference[batch.image_index])
         return (identity_weight(batch.timesteps, self.num_train_timesteps) * per_sample).mean()
 
+    def group_losses(self, mapper, batch: Batch, slices: list[slice], id_patches=None) -> list[StepLosses]:
+        """The loss terms of several identities whose samples share `batch` (`training.group`).
+
+        slices[i] holds identity i's samples and `mapper` (a `group.GroupMapper`) gives each slice its own
+        mapper's output. The text encoders, the UNet and the VAE decoder run once on the whole batch; each
+        identity's terms are means over its own samples, so they (and its mapper's gradient) are what
+        `__call__` gives on its batch alone: every network here treats samples independently. id_patches:
+        per slice, that identity's face patches (indices (N, ph*pw), (ph, pw), thetas (N, 2, 3), rows
+        indexed like this objective's photos), since identities' patch sizes differ; None: the objective's.
+        """
+        B = batch.size
+        noisy = self.add_noise(batch.latents, batch.noise, batch.timesteps)
+        embeddings, residuals = mapper(batch.timesteps, self.data.image_embeds[batch.image_index])
+        residuals = residuals * batch.keep_residual[:, None, None]  # (B, V, C) * (B, 1, 1)
+        train_ids = [ids.expand(B, -1) for ids in self.train_ids]
+        te_attention = None
+        if self.static_text is not None:
+            ids = train_ids
+            if self.config.te_weight > 0:
+                ids = [torch.cat([t, te[batch.te_prompt_index]]) for t, te in zip(train_ids, self.te_ids)]
+            repeat = ids[0].shape[0] // B
+            hidden, pooled = self.conditioner.encode(
+                ids, self.per_token(embeddings.repeat(repeat, 1, 1)), check=False, forward=self.static_text
+            )
+            conditioning = self._unet_conditioning(
+                hidden[:B], None if pooled is None else pooled[:B], train_ids[0], residuals, batch.image_index
+            )
+            if self.config.te_weight > 0:
+                te_attention = [layer.take()[B:] for layer in self._te_layers]
+        else:
+            conditioning = self.conditioning(train_ids, embeddings, residuals, batch.image_index)
+            if self.config.te_weight > 0:
+                self.conditioner.encode([te[batch.te_prompt_index] for te in self.te_ids], self.per_token(embeddings),
+                                        check=False)
+                te_attention = [layer.take() for layer in self._te_layers]
+        model_pred = self.denoise(noisy, batch.timesteps, conditioning)
+        target = denoising_target(self.prediction_type, batch.latents, batch.noise, self.alphas_cumprod,
+                                  batch.timesteps)
+        masks = self.data.masks[batch.image_index]
+        identity = [None] * len(slices)
+        if self.identity_encoder is not None:
+            # One decode per patch size (identities with equal sizes share it), one identity-network call.
+            x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
+            patches = id_patches or [self.id_patches] * len(slices)
+            by_size: dict = {}
+            for i, patch in enumerate(patches):
+                by_size.setdefault(None if patch is None else patch[1], []).append(i)
+            order = [i for members in by_size.values() for i in members]
+            faces = []
+            for size, members in by_size.items():
+                index = [batch.image_index[slices[i]] for i in members]
+                part = torch.cat([x0[slices[i]] for i in members])
+                if size is None:
+                    theta = self.data.face_theta[torch.cat(index)]
+                else:
+                    part = gather_patches(part, torch.cat([patches[i][0][j] for i, j in zip(members, index)]), size)
+                    theta = torch.cat([patches[i][2][j] for i, j in zip(members, index)])
+                images = self.vae_decode((part / self.scaling_factor).to(self.base.vae.dtype)).sample
+                faces.append(warp_faces(images.float(), theta, self.identity_encoder.input_size))
+            image_index = torch.cat([batch.image_index[slices[i]] for i in order])
+            timesteps = torch.cat([batch.timesteps[slices[i]] for i in order])
+            reference = self.data.identity_reference[image_index]
+            per_sample = identity_loss(self.identity_encoder(torch.cat(faces)), reference)
+            weighted = identity_weight(timesteps, self.num_train_timesteps) * per_sample
+            for i, share in zip(order, weighted.split([batch.timesteps[slices[i]].shape[0] for i in order])):
+                identity[i] = share.mean()
+        losses = []
+        for i, s in enumerate(slices):
+            terms = {"mse": masked_mse(model_pred[s], target[s], masks[s])}
+            total = terms["mse"]
+            if self.config.te_weight > 0:
+                terms["te"] = self._tandem_equilibrium(embeddings[s], batch.select(s), [a[s] for a in te_attention])
+                total = total + self.config.te_weight * terms["te"]
+            if identity[i] is not None:
+                terms["id"] = identity[i]
+                total = total + self.config.id_weight * terms["id"]
+            losses.append(StepLosses(total, terms))
+        return losses
+
     # -- evaluation --------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -36,6 +36,13 @@ def find_stage_window(trainer, progress=None) -> tuple[StagePartition, StageWind
         if k % trainer.sync_interval == 0 or k == warmup:
             trainer.read_back(pending, k, warmup, "warm-up step", progress)
             pending = []
+    return partition_after_warmup(trainer)
+
+
+def partition_after_warmup(trainer) -> tuple[StagePartition, StageWindow, torch.Tensor]:
+    """Steps 2-3 with the mapper as it is (warmed up): capture, IoU with photo 0's mask, cut; returns
+    what `find_stage_window` returns. `training.group` calls it after warming several identities up together."""
+    c, T = trainer.config, trainer.num_train_timesteps
     timesteps, maps = capture_attention(trainer, c.partition_timesteps, trainer.partition_resolution)
     mask = trainer.data.masks[0, 0].cpu()
     iou = [attention_iou(m, mask) for m in maps.cpu()]

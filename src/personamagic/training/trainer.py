@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .data import Batch, TrainingData, sample_batch, split_batch
 from .graph import GraphedStep
 from .objective import Objective, StepLosses
-from .partition import capture_attention, find_stage_window
+from .partition import capture_attention, find_stage_window, partition_after_warmup
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class Trainer:
 
     def __init__(self, base, data: TrainingData, config: TrainConfig, identity_encoder=None, photomaker=None):
         self.base, self.data, self.config = base, data, config
+        self.identity_encoder = identity_encoder  # as given (a group of trainers shares one)
         self.device = base.device
         try:
             self.tokens = PlaceholderTokens(base.tokenizers, config.placeholder, config.num_vectors, slot=0)
@@ -226,8 +227,15 @@ class Trainer:
         progress(step, total, logs) is called after every warm-up step. Afterwards the mapper
         restarts from its initial weights or continues, as `restart_after_partition` says.
         """
+        return self._use_partition(*find_stage_window(self, progress))
+
+    def partition_after_warmup(self) -> StagePartition:
+        """`find_stage_window` without its warm-up, done elsewhere (`training.group` warms several
+        identities up in one step): capture, partition, set `stage_window`, restart or continue."""
+        return self._use_partition(*partition_after_warmup(self))
+
+    def _use_partition(self, partition: StagePartition, window: StageWindow, maps: torch.Tensor) -> StagePartition:
         c = self.config
-        partition, window, maps = find_stage_window(self, progress)
         self.stage_window, self.attention_maps = window, maps
         self.stages = {
             "method": "auto",

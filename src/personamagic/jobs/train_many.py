@@ -1,0 +1,319 @@
+"""The `train-many` job: a folder of photos in, one concept folder per identity out, several identities
+trained in each step (`training.group`).
+
+Identities (`discover_identities`): each image directly in the folder is an identity of its own
+(one-shot), or each sub-folder is one identity that learns from the images directly in it (few-shot). A
+folder holding both loose images and sub-folders with images is refused, since either reading could be
+meant. Hidden entries, other files and the output folder (when it lies inside) are ignored. The concept
+of an identity goes to OUTPUT/<name>: the image's stem or the sub-folder's name, with every character
+but letters, digits, `.`, `_` and `-` replaced by `-` (`safe_name`).
+
+Each concept is the one `personamagic train` writes for the same photos and flags (same seed, same
+concept; grouping changes the speed only): the photos are prepared by the same steps
+(`personalize.PersonalizeRun`), the folder is locked and written the same way. Resumable: an identity
+whose folder holds a concept is skipped, one with checkpoints resumes from them. Shardable: process k of
+n (`--shard k/n`, or RANK/WORLD_SIZE from `accelerate launch`) takes every n-th identity in name order.
+An identity that fails (unreadable photo, no face, a diverged loss, a checkpoint of other settings) is
+reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..concept import CONCEPT_FILENAME
+from ..errors import UserError
+from ..faces import load_photo
+from ..models import load_base_model, resolve_device, resolve_dtype
+from ..models.assets import Asset, check_assets
+from ..models.loading import is_hub_id
+from ..training import TrainConfig, Trainer, latest_checkpoint
+from ..training.group import GroupTrainer, group_key
+from .personalize import (
+    CHECKPOINT_DIR,
+    MASK_METHODS,
+    OutputFolder,
+    PersonalizeResult,
+    PersonalizeRun,
+    PhotoModels,
+    _write_outputs,
+    check_output_folder,
+    describe_partition,
+)
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class IdentityJob:
+    """One concept to train: whose photos, into which folder, with which settings."""
+
+    name: str  # how messages name it
+    photos: tuple[str, ...]
+    output: Path  # its concept folder
+    config: TrainConfig
+    mask: str = "auto"  # personalize(mask=...)
+
+
+@dataclass
+class TrainManyResult:
+    """What a run did, identity by identity."""
+
+    trained: dict[str, PersonalizeResult] = field(default_factory=dict)  # name -> its concept, notes, timings
+    skipped: list[str] = field(default_factory=list)  # already held a concept
+    failed: dict[str, str] = field(default_factory=dict)  # name -> what went wrong, in one line
+    identities: int = 0  # in the photos folder, every shard together
+    shard: tuple[int, int] = (0, 1)  # (this process, processes)
+    notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load_s, train_s, total_s
+
+
+def safe_name(text: str) -> str:
+    """A photo or folder name as a concept folder name: letters, digits, `.`, `_`, `-` kept."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "identity"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def discover_identities(photos_dir: str | Path, exclude: Path | None = None) -> list[tuple[str, tuple[Path, ...]]]:
+    """(concept folder name, photos) of every identity in `photos_dir` (module docstring), by name."""
+    root = Path(photos_dir)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; give a folder of photos (or of one sub-folder per person)")
+    exclude = exclude.resolve() if exclude is not None else None
+    loose = _images_in(root)
+    folders = [p for p in sorted(root.iterdir())
+               if p.is_dir() and not p.name.startswith(".") and p.resolve() != exclude and _images_in(p)]
+    if loose and folders:
+        raise UserError(f"{root} holds both images ({loose[0].name}...) and sub-folders of images "
+                        f"({folders[0].name}/...); use one layout: an image per person, or a sub-folder per person")
+    found = [(safe_name(p.stem), (p,), p) for p in loose] or [(safe_name(p.name), tuple(_images_in(p)), p)
+                                                               for p in folders]
+    if not found:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} nor in its sub-folders")
+    sources: dict[str, list[str]] = {}
+    for name, _, source in found:
+        sources.setdefault(name.lower(), []).append(source.name)  # lower: case-insensitive file systems
+    for name, _, _ in found:
+        if len(sources[name.lower()]) > 1:
+            raise UserError(f"{' and '.join(sources[name.lower()])} in {root} would share the concept folder "
+                            f"{name!r}; rename one")
+    return sorted((name, photos) for name, photos, _ in found)
+
+
+def train_many(
+    photos_dir: str | Path,
+    output: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    identities_per_step: int = 1,
+    shard=None,
+    device: str = "auto",
+    mask: str = "auto",
+    **options,
+) -> TrainManyResult:
+    """One concept per identity of `photos_dir` (module docstring) into `output`/<name>, trained
+    `identities_per_step` at a time. shard: an `evaluation.plan.Shard` (default: from the launcher's
+    environment, else the whole folder). options: those of `train_identities` (model, dtype, image_encoder,
+    identity_model, local_files_only, revision, model_config, vae, resolution, progress)."""
+    from ..evaluation.plan import Shard, process_device
+
+    output = Path(output)
+    if mask not in MASK_METHODS:
+        raise UserError(f"--mask {mask!r}: train-many takes {', '.join(MASK_METHODS)} (a mask file fits one photo "
+                        "only)")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder")
+    identities = discover_identities(photos_dir, exclude=output)
+    shard = shard or Shard.from_environment()
+    mine = identities[shard.index :: shard.count]
+    jobs = [IdentityJob(name, tuple(str(p) for p in photos), output / name, config, mask) for name, photos in mine]
+    if shard.count > 1:
+        logger.info("process %d of %d: %d of %d identities", shard.index, shard.count, len(mine), len(identities))
+    result = train_identities(jobs, identities_per_step=identities_per_step, device=process_device(device, shard),
+                              **options)
+    result.identities, result.shard = len(identities), (shard.index, shard.count)
+    return result
+
+
+def train_identities(
+    jobs: list[IdentityJob],
+    *,
+    identities_per_step: int = 1,
+    model: str = "CompVis/stable-diffusion-v1-4",
+    device: str = "auto",
+    dtype: str = "auto",
+    image_encoder: str = "auto",
+    identity_model: str = "auto",
+    local_files_only: bool = False,
+    revision: str | None = None,
+    model_config: str | None = None,
+    vae: str | None = None,
+    resolution: int | None = None,
+    progress=None,
+) -> TrainManyResult:
+    """Train `jobs` on one base model, loaded once, `identities_per_step` identities per step: those whose
+    settings agree on `training.group.SHARED_FIELDS` share groups, in the order given. A job whose
+    folder holds a concept is skipped; one with checkpoints resumes. progress(name, step, total, logs,
+    phase) is called for every step of every identity, phase "warm-up" or "train"."""
+    started = time.perf_counter()
+    if identities_per_step < 1:
+        raise UserError(f"--identities-per-step must be >= 1, got {identities_per_step}")
+    if resolution is not None and (resolution < 64 or resolution % 64):
+        raise UserError(f"--resolution {resolution} must be a multiple of 64, at least 64 (e.g. 512, 768, 1024)")
+    result = TrainManyResult()
+    runs: dict[str, tuple[IdentityJob, PersonalizeRun]] = {}
+    for job in jobs:
+        if (job.output / CONCEPT_FILENAME).is_file():
+            result.skipped.append(job.name)
+            continue
+        try:
+            if job.mask not in MASK_METHODS and not Path(job.mask).is_file():
+                raise UserError(f"--mask {job.mask!r} is not {', '.join(MASK_METHODS)}, nor an existing mask file")
+            check_output_folder(job.output, overwrite=False, resume=_has_checkpoint(job.output))
+            for photo in job.photos:
+                load_photo(photo)  # fail on an unreadable photo before the model loads
+        except UserError as err:
+            _failed(result, job.name, err)
+            continue
+        run = PersonalizeRun(job.photos, job.output, job.config, model, job.mask, image_encoder, identity_model)
+        run.resolution, run.vae = resolution, vae
+        runs[job.name] = (job, run)
+    if not runs:
+        result.timings["total_s"] = time.perf_counter() - started
+        return result
+    assets = [a for _, run in runs.values() for a in run.assets(model_config)]
+    assets += [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
+    check_assets(list(dict.fromkeys(assets)), local_files_only=local_files_only)
+
+    device_ = resolve_device(device)
+    dtype_ = resolve_dtype(dtype, device_)
+    base = load_base_model(model, device=device_, dtype=dtype_, local_files_only=local_files_only, revision=revision,
+                           model_config=model_config, vae=vae)
+    models = PhotoModels()  # every identity's photos are read with the same models, loaded once
+    result.timings["load_s"] = time.perf_counter() - started
+    queues: dict[tuple, list] = {}
+    for job, run in runs.values():
+        queues.setdefault(group_key(run.config), []).append((job, run))
+    for queue in queues.values():
+        while queue:
+            _train_group(queue, identities_per_step, base, models, device_, dtype_, local_files_only, progress,
+                         result)
+    result.notes = list(dict.fromkeys(note for r in result.trained.values() for note in r.notes
+                                      if not note.startswith("resumed from")))
+    result.timings["total_s"] = time.perf_counter() - started
+    result.timings["train_s"] = result.timings["total_s"] - result.timings["load_s"]
+    return result
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return latest_checkpoint(folder / CHECKPOINT_DIR) is not None
+
+
+def _failed(result: TrainManyResult, name: str, err: Exception) -> None:
+    message = str(err)
+    message = message[len(name) + 2:] if message.startswith(f"{name}: ") else message
+    logger.warning("%s failed: %s", name, message)
+    result.failed[name] = message
+
+
+class _Slot:
+    """One identity of a group being trained: its job, run, locked folder, data and trainer."""
+
+    def __init__(self, job: IdentityJob, run: PersonalizeRun):
+        self.job, self.run = job, run
+        self.folder = OutputFolder(job.output)
+        self.prepared = self.masks = self.trainer = self.facts = None
+
+
+def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtype, local_files_only: bool, progress,
+                 result: TrainManyResult) -> None:
+    """Take up to `size` identities off `queue` whose photos prepare, train them in one group, write
+    each concept; a failing identity is recorded in `result` and its place goes to the next in line."""
+    started = time.perf_counter()
+    slots: list[_Slot] = []
+    with ExitStack() as stack:
+        while queue and len(slots) < size:
+            slot = _Slot(*queue.pop(0))
+            resume = _has_checkpoint(slot.job.output)
+            try:
+                slot.folder.__enter__()
+            except UserError as err:
+                _failed(result, slot.job.name, err)
+                continue
+            stack.push(_release(slot))
+            try:
+                check_output_folder(slot.job.output, overwrite=False, resume=resume)  # again, now that it is ours
+                data, slot.prepared, slot.masks, _ = slot.run.prepare(base, device, dtype, local_files_only, None,
+                                                                      models)
+                slot.facts = slot.run.job_facts(base)
+                slot.trainer = Trainer(base, data, slot.run.config, slot.run.identity_encoder)
+                if resume:
+                    checkpoint = latest_checkpoint(slot.job.output / CHECKPOINT_DIR)
+                    slot.trainer.load_checkpoint(checkpoint, slot.facts)
+                    slot.run.notes.append(f"resumed from {checkpoint.name} (step {slot.trainer.step_count})")
+            except UserError as err:
+                _failed(result, slot.job.name, err)
+                slot.folder.__exit__(type(err), err, None)
+                slot.folder = None
+                continue
+            slots.append(slot)
+        if not slots:
+            return
+        names = [s.job.name for s in slots]
+        logger.info("training %s in one step", ", ".join(names) if len(names) > 1 else names[0])
+        report = None
+        if progress is not None:
+            def report(i, step, total, logs, phase):
+                progress(names[i], step, total, logs, phase)
+        t0 = time.perf_counter()
+        with GroupTrainer([s.trainer for s in slots], names) as group:
+            errors = group.train(report, [s.job.output / CHECKPOINT_DIR for s in slots], [s.facts for s in slots])
+        train_s = time.perf_counter() - t0
+        for i, slot in enumerate(slots):
+            if i in errors:
+                _failed(result, slot.job.name, errors[i])
+                slot.folder.__exit__(type(errors[i]), errors[i], None)
+                slot.folder = None
+                continue
+            trainer, run = slot.trainer, slot.run
+            if trainer.stages.get("method") == "auto":
+                logger.info("%s: %s", slot.job.name, describe_partition(trainer.stages))
+            extra = run.concept_extra(slot.facts, None, device, dtype)
+            concept = trainer.concept(base_model=base.name, image_encoder=run.encoder_name, extra=extra)
+            try:
+                path = _write_outputs(slot.job.output, concept, trainer, slot.prepared[0].image, slot.masks[0])
+            except UserError as err:  # a full disk: the checkpoints stay for a rerun
+                _failed(result, slot.job.name, err)
+                slot.folder.__exit__(type(err), err, None)
+                slot.folder = None
+                continue
+            slot.folder.__exit__(None, None, None)
+            slot.folder = None
+            group_s = time.perf_counter() - started
+            # this identity's share of its group's time (photos, training, writing)
+            run.timings.update({"train_s": train_s, "group_s": group_s, "identities_per_step": len(slots),
+                                "total_s": group_s / len(slots)})
+            result.trained[slot.job.name] = PersonalizeResult(path, concept, run.notes, run.timings)
+
+
+def _release(slot: _Slot):
+    """Exit callback: a slot's folder still locked when the group ends early (Ctrl-C, an error) is
+    released the way a failed `personalize` releases it (its checkpoints kept)."""
+
+    def release(exc_type, exc, tb):
+        if slot.folder is not None:
+            slot.folder.__exit__(exc_type or UserError, exc, tb)
+        return False
+
+    return release

@@ -1,0 +1,370 @@
+"""Several identities trained in one step: many identities per GPU at the cost of little more than one.
+
+At small batch the step waits on kernel launches, not arithmetic, so K identities sharing one UNet batch
+of 2K samples cost little more than one identity. Each identity stays a `Trainer` of its own: its mapper,
+AdamW state, photos (mask, CLIP embedding, identity reference), stage window, checkpoints and
+torch.Generator, from which it draws exactly the batches it would draw alone (its own `sample_batch`).
+
+1. The batch: the identities' batches concatenated, in order; their photos' `TrainingData` concatenated
+   too, each batch's image indices offset to its identity's first photo.
+2. The mappers: `GroupMapper` hands each identity's slice of timesteps and CLIP embeddings to its own
+   mapper and concatenates what they return.
+3. The losses: `Objective.group_losses` runs the text encoders, the UNet and the VAE decoder once on the
+   whole batch and takes each identity's terms as means over its own samples (each keeps its own face
+   patch size for the identity loss, so a patch never depends on the group).
+4. The step: backward of the SUM of the identities' mean losses, then every optimizer steps. The mappers
+   are disjoint and every network treats samples independently, so each mapper's gradient is the one it
+   gets alone: grouping changes the speed, never the result (up to the rounding of batched kernels).
+
+The stage partition: the warm-up is a grouped step like any other (each identity over [0, T)); then each
+identity captures S*'s attention and cuts its own IoU curve (`Trainer.partition_after_warmup`), one at a
+time with the group's hooks off and its own on, exactly as it does alone. Identities may be in different
+phases (one resumed past its partition, another warming up): each slice draws from its own window.
+Every identity reads back, checks and reports its own losses; one that diverges is named, dropped from
+the group, and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..method.stages import PartitionError
+from . import checkpoints
+from .config import TrainConfig
+from .data import Batch, TrainingData, split_batch
+from .graph import GraphedStep
+from .objective import Objective, StepLosses
+from .trainer import Trainer, TrainingDiverged
+
+logger = logging.getLogger(__name__)
+
+# TrainConfig fields the identities of a group share: those of the objective the group runs once (prompt,
+# losses and their weights, speed-ups) and the read-back interval. The others (seed, steps, batch, stage
+# window and partition, learning rate, mapper shape, supercategory...) each identity has its own.
+SHARED_FIELDS = (
+    "placeholder", "num_vectors", "train_prompt", "te_weight", "te_temperature", "te_encoder_weights", "id_weight",
+    "use_id_loss", "optimize", "cuda_graph", "id_face_patch", "id_patch_margin", "sync_every", "compile",
+    "compile_backend", "gradient_accumulation_steps", "gradient_checkpointing",
+)
+
+
+def group_key(config: TrainConfig) -> tuple:
+    """What identities must have in common to train in one group (`SHARED_FIELDS`), hashable."""
+    return tuple((name, getattr(config, name)) for name in SHARED_FIELDS)
+
+
+def concatenate_data(datas: list[TrainingData]) -> tuple[TrainingData, list[int]]:
+    """Several identities' photos as one `TrainingData`, and the index of each identity's first photo."""
+    values = {}
+    for f in fields(TrainingData):
+        parts = [getattr(d, f.name) for d in datas]
+        if all(p is None for p in parts):
+            values[f.name] = None
+            continue
+        if any(p is None for p in parts):
+            raise ValueError(f"identities of one group must all have {f.name} or none")
+        if len({tuple(p.shape[1:]) for p in parts}) > 1:
+            raise ValueError(f"identities of one group need {f.name} of one shape (the same model, resolution "
+                             f"and encoders), got {sorted({tuple(p.shape[1:]) for p in parts})}")
+        values[f.name] = torch.cat(parts)
+    sizes = [d.num_images for d in datas]
+    return TrainingData(**values), [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+class GroupMapper:
+    """Routes each identity's slice of a group batch to its own mapper: (B,) timesteps and (B, E) CLIP
+    embeddings -> ((B, V, D) embeddings, (B, V, C) residuals), slice i from mappers[i]."""
+
+    def __init__(self, mappers, slices: list[slice]):
+        self.mappers, self.slices = list(mappers), list(slices)
+
+    def __call__(self, timesteps: torch.Tensor, image_embeds: torch.Tensor):
+        outputs = [mapper(timesteps[s], image_embeds[s]) for mapper, s in zip(self.mappers, self.slices)]
+        return torch.cat([e for e, _ in outputs]), torch.cat([r for _, r in outputs])
+
+
+@dataclass
+class GroupStepLosses:
+    """The losses of one group step: `total` (what backward runs on) and each identity's."""
+
+    total: torch.Tensor  # Σ over identities of each one's total
+    members: list[StepLosses]
+
+
+@dataclass
+class _Member:
+    """One identity of the group and where it stands."""
+
+    index: int
+    trainer: Trainer
+    name: str
+    phase: str = "warm-up"  # warm-up, train, done, failed
+    warmup_done: int = 0  # warm-up steps taken (the trainer's step_count counts the training steps)
+    pending: list = field(default_factory=list)  # loss tensors not read back yet
+    checkpoint_dir: Path | None = None
+    job: dict | None = None
+
+    @property
+    def window(self) -> tuple[int, int]:
+        if self.phase == "warm-up":
+            return (0, self.trainer.num_train_timesteps)
+        return tuple(self.trainer.stage_window)
+
+
+class GroupTrainer:
+    """Trains several `Trainer`s (one per identity, on one base model) in shared steps. Use as a context
+    manager, like a Trainer (entering installs the group objective's hooks; leaving removes them):
+
+        trainers = [Trainer(base, data_i, config_i, identity_encoder) for ...]
+        with GroupTrainer(trainers, names) as group:
+            errors = group.train(progress=...)
+        concepts = [t.concept(...) for t in trainers]
+
+    Do not enter the member trainers: their own hooks go on only while each captures its attention.
+    """
+
+    def __init__(self, trainers: list[Trainer], names: list[str] | None = None):
+        if not trainers:
+            raise ValueError("a group needs at least one trainer")
+        first = trainers[0]
+        for trainer in trainers[1:]:
+            if trainer.base is not first.base:
+                raise ValueError("the trainers of a group must share one base model")
+            if group_key(trainer.config) != group_key(first.config):
+                differ = [n for n in SHARED_FIELDS if getattr(trainer.config, n) != getattr(first.config, n)]
+                raise ValueError(f"the trainers of a group must agree on {', '.join(differ)}")
+            if trainer.tokens.ids != first.tokens.ids:
+                raise ValueError("the trainers of a group must use the same placeholder tokens")
+            if trainer.identity_encoder is not first.identity_encoder:
+                raise ValueError("the trainers of a group must share one identity encoder")
+            if trainer.objective.photomaker is not first.objective.photomaker:
+                raise ValueError("the trainers of a group must share one PhotoMaker")
+        self.trainers = list(trainers)
+        self.names = list(names) if names is not None else [f"identity {i}" for i in range(len(trainers))]
+        self.base, self.device, self.config = first.base, first.device, first.config
+        self.data, self.first_images = concatenate_data([t.data for t in trainers])
+        self.objective = Objective(self.base, self.data, first.config, first.tokens.ids, first.identity_encoder,
+                                   first.objective.photomaker)
+        self.id_patches = [self._global_patches(t, start) for t, start in zip(trainers, self.first_images)]
+        self.use_graph = first.use_graph
+        self.graphed: GraphedStep | None = None
+        self._graph_key: tuple | None = None
+        self._members: list[_Member] | None = None
+
+    def _global_patches(self, trainer: Trainer, start: int):
+        """The trainer's own face patches with rows at its photos' places in the group's photos."""
+        if trainer.objective.id_patches is None:
+            return None
+        indices, size, thetas = trainer.objective.id_patches
+        n, total = indices.shape[0], self.data.num_images
+        full_indices = indices.new_zeros(total, indices.shape[1])
+        full_indices[start : start + n] = indices
+        full_thetas = thetas.new_zeros(total, *thetas.shape[1:])
+        full_thetas[start : start + n] = thetas
+        return full_indices, size, full_thetas
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> "GroupTrainer":
+        self.objective.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._drop_graph()
+        self.objective.__exit__(*exc)
+
+    @property
+    def sync_interval(self) -> int:
+        return self.trainers[0].sync_interval
+
+    # -- one group step ----------------------------------------------------------------------------
+
+    def losses(self, members: list[_Member], batch: Batch, slices: list[slice]) -> GroupStepLosses:
+        """Every member's loss terms on its slice of `batch` (differentiable w.r.t. the mappers)."""
+        mapper = GroupMapper([m.trainer.mapper for m in members], slices)
+        outs = self.objective.group_losses(mapper, batch, slices, [self.id_patches[m.index] for m in members])
+        return GroupStepLosses(sum(out.total for out in outs), outs)
+
+    def _concatenate(self, members: list[_Member], batches: list[Batch]) -> tuple[Batch, list[slice]]:
+        """One batch of the members' batches, image indices offset into the group's photos."""
+        joined = {f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)}
+        offsets = [self.first_images[m.index] for m in members]
+        joined["image_index"] = torch.cat([b.image_index + offset for b, offset in zip(batches, offsets)])
+        ends = [sum(b.size for b in batches[: i + 1]) for i in range(len(batches))]
+        return Batch(**joined), [slice(end - b.size, end) for end, b in zip(ends, batches)]
+
+    def _optimize_step(self, members: list[_Member]) -> list[dict[str, torch.Tensor]]:
+        """Each member draws its batch from its own generator in its own window, then one shared forward
+        and backward, then each optimizer steps; returns each member's loss tensors (not read back)."""
+        batches = [m.trainer.sample_batch(m.window) for m in members]
+        key = tuple(m.index for m in members)
+        if self.use_graph and self._graph_key != key:
+            self._capture_graph(members, key)
+        if self.use_graph:
+            batch, _ = self._concatenate(members, batches)
+            outs = self.graphed.step(batch).members
+        else:
+            for m in members:
+                m.trainer.optimizer.zero_grad(set_to_none=True)
+            accumulation = self.config.gradient_accumulation_steps
+            sums = [(0.0, {}) for _ in members]
+            parts = [split_batch(b, accumulation) for b in batches]
+            for micro in zip(*parts):  # micro-batch j of every member
+                batch, slices = self._concatenate(members, list(micro))
+                out = self.losses(members, batch, slices)
+                (out.total / accumulation).backward()
+                for i, member_out in enumerate(out.members):
+                    total, terms = sums[i]
+                    for k, v in member_out.terms.items():
+                        terms[k] = terms.get(k, 0.0) + v.detach() / accumulation
+                    sums[i] = (total + member_out.total.detach() / accumulation, terms)
+            outs = [StepLosses(total, terms) for total, terms in sums]
+        for m in members:
+            m.trainer.optimizer.step()
+        # Copies: a graph replay overwrites its outputs, and these are read back steps later.
+        return [{"loss": o.total.detach().clone(), **{k: v.detach().clone() for k, v in o.terms.items()}}
+                for o in outs]
+
+    def _capture_graph(self, members: list[_Member], key: tuple) -> None:
+        # As `Trainer._capture_graph`: on batches from generators of their own, so the training draws
+        # stay the same sequence whichever path trains.
+        self._drop_graph()
+        example = [m.trainer.sample_batch(m.window, torch.Generator(self.device).manual_seed(0)) for m in members]
+        batch, slices = self._concatenate(members, example)
+        parameters = [p for m in members for p in m.trainer.mapper.parameters()]
+        try:
+            self.graphed = GraphedStep(lambda b: self.losses(members, b, slices), batch, parameters)
+            self._graph_key = key
+        except RuntimeError as err:  # a capture-unsafe op in some library version: run eagerly
+            logger.warning("CUDA graph capture failed (%s); training without it", str(err).splitlines()[0])
+            self.use_graph = False
+            self._drop_graph()
+
+    def _drop_graph(self) -> None:
+        """Forget the captured step (its members changed); the gradients it owned go with it."""
+        if self.graphed is not None:
+            for p in self.graphed.parameters:
+                p.grad = None
+        self.graphed, self._graph_key = None, None
+
+    def step(self) -> list[dict[str, float]]:
+        """One group step of every member in its dynamic stage (all need a stage window); returns each
+        member's loss terms as floats, checked."""
+        members = self._member_list()
+        for m in members:
+            m.phase = "train"
+            m.trainer.step_count += 1
+        values = []
+        for m, logs in zip(members, self._optimize_step(members)):
+            try:
+                values.append(m.trainer.check(logs, f"step {m.trainer.step_count}"))
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"{m.name}: {err}") from None
+        return values
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def train(self, progress=None, checkpoint_dirs: list[Path | None] | None = None,
+              jobs: list[dict | None] | None = None) -> dict[int, UserError]:
+        """Run every member as `Trainer.find_stage_window` + `Trainer.train` would alone: the warm-up and
+        partition if it has no stage window yet, then training until its `max_train_steps`, with a
+        checkpoint (recording jobs[i]) in checkpoint_dirs[i] every `checkpoint_every` steps.
+
+        progress(i, step, total, logs, phase) is called for every step of member i, phase "warm-up" or
+        "train" (in bursts of `sync_every` on the optimised path). Returns the members that failed (their
+        loss diverged, their partition failed) as {index: UserError naming the member}; the others finish.
+        """
+        members = self._member_list(checkpoint_dirs, jobs)
+        errors: dict[int, UserError] = {}
+        while True:
+            self._partition_ready(members, errors)
+            active = [m for m in members if m.phase in ("warm-up", "train")]
+            if not active:
+                return errors
+            for m in active:
+                if m.phase == "train":
+                    m.trainer.step_count += 1
+                else:
+                    m.warmup_done += 1
+            for m, logs in zip(active, self._optimize_step(active)):
+                m.pending.append(logs)
+                try:
+                    self._after_step(m, progress)
+                except UserError as err:
+                    self._fail(m, err, errors)
+
+    def _member_list(self, checkpoint_dirs=None, jobs=None) -> list[_Member]:
+        if self._members is None:
+            self._members = [_Member(i, t, name) for i, (t, name) in enumerate(zip(self.trainers, self.names))]
+        for m in self._members:
+            m.checkpoint_dir = checkpoint_dirs[m.index] if checkpoint_dirs else None
+            m.job = jobs[m.index] if jobs else None
+            if m.phase in ("done", "failed"):
+                continue
+            if m.trainer.stage_window is None:
+                m.phase = "warm-up"
+            else:
+                done = m.trainer.step_count >= m.trainer.config.max_train_steps
+                m.phase = "done" if done else "train"
+        return self._members
+
+    def _after_step(self, m: _Member, progress) -> None:
+        """Read back, check and report as the member's own loop would; checkpoint; end its phase."""
+        trainer, every = m.trainer, m.trainer.config.checkpoint_every
+        report = None if progress is None else (lambda j, n, logs: progress(m.index, j, n, logs, m.phase))
+        if m.phase == "warm-up":
+            k, total = m.warmup_done, trainer.config.warmup_steps
+            if k % self.sync_interval == 0 or k == total:
+                self._read_back(m, k, total, "warm-up step", report)
+            return
+        step, total = trainer.step_count, trainer.config.max_train_steps
+        checkpoint_due = m.checkpoint_dir is not None and every and step % every == 0 and step < total
+        if step % self.sync_interval == 0 or step == total or checkpoint_due:
+            self._read_back(m, step, total, "step", report)
+        if checkpoint_due:
+            trainer.save_checkpoint(m.checkpoint_dir / checkpoints.checkpoint_name(step), m.job)
+            checkpoints.remove_older_checkpoints(m.checkpoint_dir, keep=step)
+        if step >= total:
+            m.phase = "done"
+
+    def _read_back(self, m: _Member, last: int, total: int, label: str, report) -> None:
+        pending, m.pending = m.pending, []
+        try:
+            m.trainer.read_back(pending, last, total, label, report)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{m.name}: {err}") from None
+
+    def _partition_ready(self, members: list[_Member], errors: dict) -> None:
+        """Capture and partition every member whose warm-up just ended, each with its own hooks on."""
+        ready = [m for m in members if m.phase == "warm-up" and m.warmup_done >= m.trainer.config.warmup_steps]
+        if not ready:
+            return
+        self._drop_graph()  # the group's hooks come off: capture the step again afterwards
+        self.objective.__exit__(None, None, None)
+        try:
+            for m in ready:
+                try:
+                    with m.trainer:
+                        m.trainer.partition_after_warmup()
+                except UserError as err:
+                    self._fail(m, err, errors)
+                    continue
+                except PartitionError as err:  # e.g. NaN attention maps: this identity's alone
+                    self._fail(m, UserError(f"the stage partition failed ({err})"), errors)
+                    continue
+                m.phase = "done" if m.trainer.step_count >= m.trainer.config.max_train_steps else "train"
+        finally:
+            self.objective.__enter__()
+
+    def _fail(self, m: _Member, err: UserError, errors: dict) -> None:
+        message = str(err) if str(err).startswith(f"{m.name}: ") else f"{m.name}: {err}"
+        logger.warning("%s; the other identities go on", message)
+        errors[m.index] = type(err)(message)
+        m.phase, m.pending = "failed", []
+        for p in m.trainer.mapper.parameters():
+            p.grad = None

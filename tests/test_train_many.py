@@ -1,0 +1,353 @@
+"""Many identities per step (`training.group`, `personamagic train-many`): a concept trained in a group
+is the concept trained alone; the command end to end (layouts, rerun, bad photos, shards, resume); the
+evaluation study training through it."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from personamagic.cli import main
+from personamagic.concept import Concept
+from personamagic.errors import UserError
+from personamagic.faces import prepare_photo
+from personamagic.faces.masks import landmark_mask
+from personamagic.identity import alignment_theta, build_tiny_identity_model
+from personamagic.jobs.personalize import personalize, pil_to_tensor
+from personamagic.jobs.train_many import discover_identities, safe_name, train_many
+from personamagic.training import TrainConfig, Trainer, prepare_training_data
+from personamagic.training.group import GroupTrainer
+
+DATA = Path(__file__).parent / "data"
+LR = TrainConfig().learning_rate
+
+
+@pytest.fixture(scope="module")
+def mirrored(tmp_path_factory) -> Path:
+    """A third face: the astronaut, mirrored."""
+    path = tmp_path_factory.mktemp("mirrored") / "mirrored.png"
+    with Image.open(DATA / "astronaut.png") as image:
+        ImageOps.mirror(image.convert("RGB")).save(path)
+    return path
+
+
+class Lab:
+    """The tiny model at one precision, the three identities' data, and their lone runs, each made once."""
+
+    def __init__(self, double: bool, mirrored: Path):
+        from personamagic.models import build_tiny_components
+
+        self.base, self.encoder = build_tiny_components(), build_tiny_identity_model()
+        if double:
+            for module in (self.base.unet, self.base.vae, *self.base.text_encoders, self.encoder):
+                module.double()
+        self.mirrored = mirrored
+        self._data, self._alone = {}, {}
+
+    def identity(self, i: int, optimize: bool):
+        """(data, config) of identity i: three unlike each other in photos (the third has two), seed, batch
+        and stage window (automatic, fixed, automatic with a restart after the warm-up)."""
+        short = TrainConfig(max_train_steps=3, partition_warmup_steps=2, partition_timesteps=6, optimize=optimize,
+                            sync_every=2)
+        photos, config = [
+            ([DATA / "astronaut.png"], replace(short, seed=3)),
+            ([DATA / "grace_hopper.jpg"], replace(short, seed=5, stage_window=(200, 600), train_batch_size=1)),
+            ([DATA / "grace_hopper.jpg", self.mirrored], replace(short, seed=7, restart_after_partition=True)),
+        ][i]
+        if i not in self._data:
+            self._data[i] = make_data(self.base, photos, self.encoder, seed=i)
+        data = self._data[i]
+        return replace(data, latent_mean=data.latent_mean.clone()), config  # a copy: a test may spoil it
+
+    def alone(self, i: int, optimize: bool):
+        """Identity i trained by itself: (trainer, [(phase, step, logs)])."""
+        if (i, optimize) not in self._alone:
+            data, config = self.identity(i, optimize)
+            logs = []
+            with Trainer(self.base, data, config, self.encoder) as trainer:
+                if trainer.stage_window is None:
+                    trainer.find_stage_window(progress=lambda step, total, out: logs.append(("warm-up", step, out)))
+                trainer.train(progress=lambda step, total, out: logs.append(("train", step, out)))
+            self._alone[i, optimize] = trainer, logs
+        return self._alone[i, optimize]
+
+    def grouped(self, members: list, optimize: bool, spoil=None):
+        """The identities `members` trained in one group: (trainers, logs per member, errors)."""
+        datas, configs = zip(*(self.identity(i, optimize) for i in members))
+        if spoil is not None:
+            spoil(datas)
+        trainers = [Trainer(self.base, d, c, self.encoder) for d, c in zip(datas, configs)]
+        logs = [[] for _ in trainers]
+        with GroupTrainer(trainers, [f"id{i}" for i in members]) as group:
+            errors = group.train(progress=lambda i, step, total, out, phase: logs[i].append((phase, step, out)))
+        return trainers, logs, errors
+
+
+@pytest.fixture(scope="module")
+def lab64(mirrored):
+    """In float64 batched kernels round alike whatever the batch, so a grouped run must equal the lone runs
+    to the last digits: any difference would be the grouping's fault, not rounding."""
+    return Lab(double=True, mirrored=mirrored)
+
+
+@pytest.fixture(scope="module")
+def lab32(mirrored):
+    return Lab(double=False, mirrored=mirrored)
+
+
+def make_data(base, paths, encoder, seed):
+    photos = [prepare_photo(p, base.resolution) for p in paths]
+    size = (base.resolution, base.resolution)
+    return prepare_training_data(
+        base.vae,
+        torch.stack([pil_to_tensor(p.image) for p in photos]),
+        torch.stack([torch.from_numpy(landmark_mask(p.face, base.resolution))[None] for p in photos]),
+        torch.randn(len(photos), 16, generator=torch.Generator().manual_seed(seed)),
+        torch.stack([alignment_theta(p.face.landmarks, size, landmarks_order="yunet") for p in photos]),
+        encoder,
+    )
+
+
+def assert_same_training(alone, grouped, logs_alone, logs_grouped, rtol, atol):
+    assert grouped.step_count == alone.step_count
+    assert tuple(grouped.stage_window) == tuple(alone.stage_window)
+    if alone.stages["method"] == "auto":
+        assert grouped.stages["window"] == alone.stages["window"]
+        assert grouped.stages["iou"] == pytest.approx(alone.stages["iou"], rel=rtol, abs=1e-12)
+    assert torch.equal(grouped.generator.get_state(), alone.generator.get_state())  # the same draws
+    a, g = alone.mapper.state_dict(), grouped.mapper.state_dict()
+    for name in a:
+        assert torch.allclose(g[name], a[name], rtol=rtol, atol=atol), name
+    assert [(phase, step) for phase, step, _ in logs_grouped] == [(phase, step) for phase, step, _ in logs_alone]
+    for (_, _, mine), (_, _, theirs) in zip(logs_grouped, logs_alone):
+        assert mine == pytest.approx(theirs, rel=rtol, abs=1e-9)
+
+
+@pytest.mark.parametrize("members, optimize", [([0, 1], True), ([0, 1, 2], False), ([2, 1, 0], True)])
+def test_a_concept_trained_in_a_group_is_the_concept_trained_alone(lab64, members, optimize):
+    grouped, logs, errors = lab64.grouped(members, optimize)
+    assert errors == {}
+    for i, trainer, member_logs in zip(members, grouped, logs):
+        alone, logs_alone = lab64.alone(i, optimize)
+        assert_same_training(alone, trainer, logs_alone, member_logs, rtol=1e-9, atol=1e-12)
+
+
+def test_in_float32_the_group_differs_by_rounding_only(lab32):
+    grouped, logs, errors = lab32.grouped([0, 1], optimize=True)
+    assert errors == {}
+    for i, trainer, member_logs in zip([0, 1], grouped, logs):
+        alone, logs_alone = lab32.alone(i, optimize=True)
+        # Batched float32 kernels round differently per batch size (~1e-7), and AdamW's first steps move a
+        # weight by about lr whatever the size of its gradient, so a near-zero gradient whose rounding
+        # differs can move an element of the zero-initialised heads by up to 2 lr: hence atol = 2 lr.
+        assert_same_training(alone, trainer, logs_alone, member_logs, rtol=1e-4, atol=2 * LR)
+
+
+def test_a_diverged_identity_is_named_and_the_others_finish(lab64):
+    def spoil(datas):
+        datas[0].latent_mean.fill_(float("nan"))
+
+    grouped, logs, errors = lab64.grouped([0, 1], optimize=True, spoil=spoil)
+    assert list(errors) == [0] and str(errors[0]).startswith("id0: training diverged at warm-up step 1")
+    alone, logs_alone = lab64.alone(1, optimize=True)
+    assert_same_training(alone, grouped[1], logs_alone, logs[1], rtol=1e-9, atol=1e-12)
+
+
+def test_a_group_refuses_identities_that_cannot_share_a_step(lab32):
+    data, config = lab32.identity(0, optimize=True)
+    base, encoder = lab32.base, lab32.encoder
+    with pytest.raises(ValueError, match="te_weight"):
+        GroupTrainer([Trainer(base, data, config, encoder),
+                      Trainer(base, data, replace(config, te_weight=0.0), encoder)])
+
+
+# --------------------------------------------------------------------------------------------------
+# identities of a folder
+
+
+def touch_images(folder: Path, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+
+
+def test_each_loose_image_or_each_sub_folder_is_an_identity(tmp_path):
+    loose = tmp_path / "loose"
+    touch_images(loose, "Ada Lovelace.jpg", "b.png", ".hidden.png")
+    (loose / "notes.txt").write_text("not a photo")
+    assert [name for name, _ in discover_identities(loose)] == ["Ada-Lovelace", "b"]
+    folders = tmp_path / "folders"
+    touch_images(folders / "ada", "1.jpg", "2.jpg")
+    touch_images(folders / "bob", "1.png")
+    touch_images(folders / "concepts" / "ada", "mask.png")  # the output folder, inside: ignored
+    found = discover_identities(folders, exclude=folders / "concepts")
+    assert [(name, [p.name for p in photos]) for name, photos in found] == [("ada", ["1.jpg", "2.jpg"]),
+                                                                             ("bob", ["1.png"])]
+    assert safe_name("../x y") == "x-y" and safe_name("...") == "identity"
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"a.jpg": None, "b": ["1.jpg"]}, "holds both images"),
+    ({"a b.jpg": None, "a-b.png": None}, "would share the concept folder 'a-b'"),
+    ({"notes.txt": None}, "no images"),
+])
+def test_ambiguous_folders_are_one_clear_error(tmp_path, layout, message):
+    for name, inner in layout.items():
+        if inner is None:
+            (tmp_path / name).write_bytes(b"")
+        else:
+            touch_images(tmp_path / name, *inner)
+    with pytest.raises(UserError, match=message):
+        discover_identities(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the command
+
+
+FAST = ["--model", "tiny", "--device", "cpu", "--steps", "2", "--stage-window", "400:800"]
+
+
+def photos_folder(path: Path, *photos: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for photo in photos:
+        (path / photo.name).write_bytes(photo.read_bytes())
+    return path
+
+
+def mapper_state(folder: Path) -> dict:
+    return Concept.load(folder / "concept.safetensors").mapper_state
+
+
+def test_train_many_writes_a_concept_per_photo_and_a_rerun_skips_them(tmp_path, capsys):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg")
+    out = tmp_path / "concepts"
+    argv = ["train-many", str(photos), "--output", str(out), "--identities-per-step", "2", *FAST]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "astronaut: concept written to" in printed and "grace_hopper: concept written to" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut", "grace_hopper"]
+    for name in ("astronaut", "grace_hopper"):
+        assert {p.name for p in (out / name).iterdir()} == {"concept.safetensors", "mask.png"}
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert main(argv) == 0
+    assert "2 already trained, skipped: astronaut, grace_hopper" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
+    # the concept `personamagic train` writes for that photo alone, with the same flags
+    alone = tmp_path / "alone"
+    personalize([str(DATA / "astronaut.png")], alone, TrainConfig(max_train_steps=2, stage_window=(400, 800)),
+                model="tiny", device="cpu")
+    grouped, single = mapper_state(out / "astronaut"), mapper_state(alone)
+    assert all(torch.allclose(grouped[k], single[k], rtol=1e-4, atol=2 * LR) for k in single)
+    assert Concept.load(out / "astronaut" / "concept.safetensors").extra["photos"] == ["astronaut.png"]
+
+
+def test_sub_folders_are_few_shot_identities(tmp_path, mirrored, capsys):
+    photos = tmp_path / "people"
+    photos_folder(photos / "ada", DATA / "astronaut.png", mirrored)
+    photos_folder(photos / "grace", DATA / "grace_hopper.jpg")
+    out = photos / "concepts"  # inside the photos folder: not taken for an identity on the rerun
+    argv = ["train-many", str(photos), "-o", str(out), "--identities-per-step", "2", "--steps", "1", *FAST[:-2],
+            "--stage-window", "400:800"]
+    assert main(argv) == 0
+    assert Concept.load(out / "ada" / "concept.safetensors").extra["photos"] == ["astronaut.png", "mirrored.png"]
+    assert Concept.load(out / "grace" / "concept.safetensors").extra["photos"] == ["grace_hopper.jpg"]
+    assert main(argv) == 0
+    assert "2 already trained" in capsys.readouterr().out
+    (photos / "loose.jpg").write_bytes((DATA / "astronaut.png").read_bytes())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds both images" in err and err.count("\n") == 1
+
+
+def test_a_bad_photo_is_reported_and_the_others_are_trained(tmp_path, capsys):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg")
+    (photos / "broken.jpg").write_text("not an image")
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(photos / "noface.png")
+    out = tmp_path / "concepts"
+    assert main(["train-many", str(photos), "-o", str(out), "--identities-per-step", "3", *FAST]) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert [line.split(":")[1].strip() for line in errors] == ["broken", "noface"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut", "grace_hopper"]  # no folder left for the others
+    assert (out / "astronaut" / "concept.safetensors").is_file()
+
+
+def test_two_shards_share_the_identities_out(tmp_path, mirrored, monkeypatch, capsys):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg", mirrored)
+    out = tmp_path / "concepts"
+    config = TrainConfig(max_train_steps=1, stage_window=(400, 800))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = []
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)  # as accelerate launch sets them
+        result = train_many(photos, out, config, identities_per_step=2, model="tiny", device="cpu")
+        assert result.shard == (int(rank), 2) and result.identities == 3 and not result.failed
+        shares.append(set(result.trained))
+    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == {"astronaut", "grace_hopper", "mirrored"}
+    assert main(["train-many", str(photos), "-o", str(out), "--shard", "1/2", *FAST[:-2]]) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert main(["train-many", str(photos), "-o", str(out), "--shard", "2/2", *FAST]) == 2
+
+
+def test_an_identity_cut_mid_run_resumes_from_its_own_checkpoints(tmp_path, mirrored):
+    """The first run is cut after grace's step 3 (checkpoint at step 2); the rerun groups grace (resumed,
+    past its partition) with a newcomer still warming up, and grace's concept is the uninterrupted one."""
+    config = TrainConfig(max_train_steps=4, partition_warmup_steps=1, partition_timesteps=3, checkpoint_every=2,
+                         sync_every=1)
+    options = {"model": "tiny", "device": "cpu", "identities_per_step": 2}
+    photos = photos_folder(tmp_path / "photos", DATA / "grace_hopper.jpg")
+    out = tmp_path / "concepts"
+
+    def cut(name, step, total, logs, phase):
+        if phase == "train" and step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_many(photos, out, config, progress=cut, **options)
+    assert [p.name for p in (out / "grace_hopper" / "checkpoints").iterdir()] == ["step-000002.safetensors"]
+    photos_folder(photos, mirrored)
+    result = train_many(photos, out, config, **options)
+    assert sorted(result.trained) == ["grace_hopper", "mirrored"] and not result.failed
+    assert "resumed from step-000002.safetensors (step 2)" in result.trained["grace_hopper"].notes
+    assert not (out / "grace_hopper" / "checkpoints").exists()
+    straight = train_many(photos_folder(tmp_path / "straight", DATA / "grace_hopper.jpg"), tmp_path / "straight-out",
+                          config, **options)
+    resumed = mapper_state(out / "grace_hopper")
+    uninterrupted = mapper_state(tmp_path / "straight-out" / "grace_hopper")
+    assert all(torch.allclose(resumed[k], uninterrupted[k], rtol=1e-4, atol=2 * LR) for k in resumed)
+    windows = [r.trained["grace_hopper"].concept.stages["window"] for r in (straight, result)]
+    assert windows[0] == windows[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# the evaluation study
+
+
+def test_a_study_trains_its_units_in_groups(tmp_path):
+    from test_evaluation_study import write_config
+
+    from personamagic.evaluation.config import load_study_config
+    from personamagic.evaluation.ledger import read_records
+    from personamagic.evaluation.plan import Shard
+    from personamagic.evaluation.study import RESULTS_DIR, run_study
+    from personamagic.prompts import EVALUATION_PROMPTS
+
+    path = write_config(tmp_path / "study.json", methods=["personamagic"], prompts=EVALUATION_PROMPTS[:1],
+                        identities_per_step=2)
+    run = run_study(load_study_config(str(path)), Shard())
+    assert run.complete and (run.trained, run.failed) == (2, 0)
+    trained = [r for r in read_records(tmp_path / "study" / RESULTS_DIR) if r["type"] == "train"]
+    assert len(trained) == 2 and all(r["identities_per_step"] == 2 for r in trained)
+    for record in trained:  # each unit's concept is the one `personalize` trains alone
+        unit_photos = [str(tmp_path / "identities" / name) for name in record["photos"]]
+        concept = Concept.load(tmp_path / "study" / record["concept"])
+        alone = tmp_path / "alone" / record["unit"]
+        config = TrainConfig(**{k: v for k, v in concept.training.items() if k != "steps_done"})
+        personalize(unit_photos, alone, config, model="tiny", device="cpu")
+        single = mapper_state(alone)
+        assert all(torch.allclose(concept.mapper_state[k], single[k], rtol=1e-4, atol=2 * LR) for k in single)
+    assert json.loads((tmp_path / "study" / "summary.json").read_text())["complete"]
