@@ -364,3 +364,34 @@ def test_two_processes_under_accelerate_launch_split_the_work(tmp_path):
 
 def read_records_file(path: Path):
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_plug_in_study_of_table_3_runs_on_tiny_sdxl(tmp_path):
+    from test_ip_adapter import WEIGHTS, make_tiny_ip_adapter
+
+    from personamagic.adapters.photomaker import build_tiny_photomaker, save_tiny_photomaker_weights
+    from personamagic.models import build_tiny_sdxl_components
+
+    base = build_tiny_sdxl_components()
+    ip = make_tiny_ip_adapter(tmp_path / "ip", base.unet)
+    encoder, _ = build_tiny_photomaker(text_width=base.cross_attention_dim)
+    photomaker = save_tiny_photomaker_weights(tmp_path / "photomaker-v1.bin", encoder, base.unet)
+    table3 = load_study_config("table3", data_root=str(tmp_path))
+    assert table3.model == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert [m.paper_row for m in table3.methods] == [("table3", "PhotoMaker"), ("table3", "PhotoMaker w/ ours"),
+                                                    ("table3", "IP-Adapter"), ("table3", "IP-Adapter w/ ours")]
+    plugins = {"photomaker": {"photomaker": str(photomaker)}, "ip-adapter": {"ip_adapter": str(ip), "scale": 1.0}}
+    methods = [{"name": name, "preset": name, "plugin": plugins[name.split("+")[0]]} for name in
+               ("photomaker", "photomaker+ours", "ip-adapter", "ip-adapter+ours")]
+    path = write_config(tmp_path / "study.json", model="tiny-sdxl", methods=methods, prompts=EVALUATION_PROMPTS[:1],
+                        datasets=[{"name": "non-celebrities", "identities": "identities", "layout": "files",
+                                   "max_identities": 1}])
+    assert evaluation_cli.main(["run", str(path)]) == 0
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert summary["complete"] and sorted(rows) == sorted(plugins.keys() | {"photomaker+ours", "ip-adapter+ours"})
+    assert rows["photomaker"]["paper"]["t_sim"] == 0.775 and rows["ip-adapter+ours"]["paper"]["i_pre"] == 0.359
+    trained = [r for r in read_records(tmp_path / "study" / RESULTS_DIR) if r["type"] == "train"]
+    zero_shot = [r for r in trained if r["method"] in ("photomaker", "ip-adapter")]
+    assert {tuple(r["stage_window"]) for r in zero_shot} == {(0, 1000)}
+    assert (tmp_path / "study").is_dir() and WEIGHTS

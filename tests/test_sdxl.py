@@ -159,7 +159,7 @@ def test_an_untrained_concept_samples_as_diffusers_sdxl_does(offline_hub, astron
     pipe.load_concept(untrained_concept(base, astronaut))
     ours = pipe("a photo of S*", num_inference_steps=4, guidance_scale=8.0, generator=torch.Generator().manual_seed(2),
                 output_type="np").images[0]
-    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(SDXL, add_watermarker=False, torch_dtype=torch.float32)
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(SDXL, add_watermarker=False, dtype=torch.float32)
     reference.scheduler = getattr(diffusers, reference_class).from_config(reference.scheduler.config)
     reference.set_progress_bar_config(disable=True)
     theirs = reference("a photo of face", num_inference_steps=4, guidance_scale=8.0,

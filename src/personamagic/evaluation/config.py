@@ -73,6 +73,9 @@ class MethodConfig:
     train: dict = field(default_factory=dict)  # TrainConfig overrides on top of the preset
     mask: str | None = None  # mask of the denoising loss; None = the preset's (auto if it has none)
     paper: tuple | None = None  # (table, row) of the paper's numbers for it; None = the preset's
+    # a plug-in for training and sampling ({"ip_adapter": weights, "scale": x} or {"photomaker": weights});
+    # None = the preset's
+    plugin: dict | None = None
 
     def __post_init__(self):
         if self.preset not in METHOD_PRESETS:
@@ -102,6 +105,14 @@ class MethodConfig:
     @property
     def effective_mask(self) -> str:
         return self.mask or METHOD_PRESETS[self.preset].mask or "auto"
+
+    @property
+    def effective_plugin(self) -> dict | None:
+        plugin = self.plugin if self.plugin is not None else METHOD_PRESETS[self.preset].plugin
+        if plugin is not None and not (isinstance(plugin, dict) and len({"ip_adapter", "photomaker"} & set(plugin)) == 1):
+            raise ValueError(f"method {self.name!r}: plugin must be {{'ip_adapter': ..., 'scale': ...}} or "
+                             f"{{'photomaker': ...}}, got {plugin!r}")
+        return plugin
 
     @property
     def paper_row(self) -> tuple | None:

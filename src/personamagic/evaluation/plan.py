@@ -40,6 +40,7 @@ class Unit:
     photos: tuple[str, ...]  # absolute paths of the training photos (also the I-Pre references)
     train: dict = field(hash=False, compare=False)  # TrainConfig.to_dict()
     mask: str = "auto"  # personalize(mask=...)
+    plugin: dict | None = field(default=None, hash=False, compare=False)  # MethodConfig.effective_plugin
 
     @property
     def folder(self) -> Path:
@@ -114,10 +115,11 @@ def _unit(config: StudyConfig, dataset: str, identity: str, repeat: int, method:
         "model": config.model,
         "image_encoder": config.image_encoder,
         "identity_model": _identity_model(config) if train["use_id_loss"] else None,
+        **({"plugin": method.effective_plugin} if method.effective_plugin else {}),
     }
     unit_id = f"{slug(identity)[:40]}-r{repeat}-{digest(key)[:10]}"
     return Unit(unit_id, dataset, identity, repeat, method.name, tuple(str(p) for p in photos), train,
-                method.effective_mask)
+                method.effective_mask, method.effective_plugin)
 
 
 def _identity_model(config: StudyConfig) -> str:

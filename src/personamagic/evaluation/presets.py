@@ -35,6 +35,8 @@ class MethodPreset:
     train: dict = field(default_factory=dict)  # TrainConfig overrides that define the method
     mask: str | None = None  # personalize(mask=...): None = its default (CLIPSeg, landmarks on tiny)
     paper: tuple[str, str] | None = None  # (table, row) of the paper's published numbers for it
+    # a plug-in for training and sampling: {"ip_adapter": weights, "scale": x} or {"photomaker": weights}
+    plugin: dict | None = None
 
 
 METHOD_PRESETS: dict[str, MethodPreset] = {
@@ -67,6 +69,24 @@ METHOD_PRESETS: dict[str, MethodPreset] = {
     ),
 }
 
+# Table 3: PersonaMagic as a plug-in of two zero-shot tools, on SDXL. The zero-shot rows use the untrained
+# concept (S* is exactly the supercategory word, no training), so they are each tool alone with that class
+# word; the "w/ ours" rows train the full method with the tool plugged in, as the paper did.
+IP_ADAPTER_SDXL = {"ip_adapter": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors", "scale": 1.0}
+PHOTOMAKER = {"photomaker": "TencentARC/PhotoMaker"}
+_UNTRAINED = {"max_train_steps": 0, "stage_window": WHOLE_SCHEDULE, "te_weight": 0.0, "use_id_loss": False}
+METHOD_PRESETS.update({
+    "photomaker": MethodPreset("PhotoMaker v1 alone: its ID fused into the supercategory word (no training)",
+                               dict(_UNTRAINED), mask="none", paper=("table3", "PhotoMaker"), plugin=PHOTOMAKER),
+    "photomaker+ours": MethodPreset("full method trained with PhotoMaker plugged in, S* as its class word",
+                                    {"stage_window": None}, paper=("table3", "PhotoMaker w/ ours"), plugin=PHOTOMAKER),
+    "ip-adapter": MethodPreset("IP-Adapter (SDXL) alone, the prompt's S* the supercategory word (no training)",
+                               dict(_UNTRAINED), mask="none", paper=("table3", "IP-Adapter"), plugin=IP_ADAPTER_SDXL),
+    "ip-adapter+ours": MethodPreset("full method trained with the IP-Adapter plugged in",
+                                    {"stage_window": None}, paper=("table3", "IP-Adapter w/ ours"),
+                                    plugin=IP_ADAPTER_SDXL),
+})
+
 # Table 2's (lambda1, lambda2) grid, as method entries on top of the full method.
 TABLE2_METHODS = [
     {"name": f"l1={l1}-l2={l2}", "preset": "personamagic", "train": {"lambda1": l1, "lambda2": l2},
@@ -82,6 +102,9 @@ FFHQ = {"name": "FFHQ", "identities": "ffhq", "layout": "files", "mode": "one-sh
 LFW = {"name": "LFW", "identities": "lfw", "layout": "folders", "mode": "few-shot",
        "max_identities": 100, "min_photos": 2, "max_photos": 5, "repeats": 1}
 
+NON_CELEBRITIES = {"name": "non-celebrities", "identities": "non-celebrities", "layout": "files", "mode": "one-shot",
+                   "max_identities": 25, "repeats": 1}
+
 _PAPER_SETTINGS = {
     "model": "CompVis/stable-diffusion-v1-4",
     "prompts": list(EVALUATION_PROMPTS),
@@ -96,6 +119,11 @@ STUDY_PRESETS: dict[str, dict] = {
     "table1": {**_PAPER_SETTINGS, "datasets": [CELEBA_HQ, LFW],
                "methods": ["vanilla", "+stage", "+te", "personamagic"]},
     "table2": {**_PAPER_SETTINGS, "datasets": [CELEBA_HQ], "methods": TABLE2_METHODS},
+    # 25 people unseen by PhotoMaker and IP-Adapter (the paper's own collection is not published: bring
+    # yours, one photo each, under non-celebrities/); SDXL, as PhotoMaker needs
+    "table3": {**_PAPER_SETTINGS, "model": "stabilityai/stable-diffusion-xl-base-1.0",
+               "datasets": [NON_CELEBRITIES],
+               "methods": ["photomaker", "photomaker+ours", "ip-adapter", "ip-adapter+ours"]},
     # The harness end to end on the offline tiny model in about a minute on a CPU (noise images: no faces).
     "tiny-demo": {
         "model": "tiny",

@@ -80,22 +80,60 @@ class _Sampler:
         self.config = config
         self.device = device
         self._base = None
+        self._plugin = None  # the plug-in loaded into `_base` (a plug-in changes the model for good)
 
-    def pipeline(self, concept_path: Path):
+    def pipeline(self, concept_path: Path, plugin: dict | None = None):
         from ..concept import Concept
         from ..models import load_base_model, resolve_dtype
         from ..pipeline.pipeline import PersonaMagicPipeline
 
-        if self._base is None:
+        if self._base is None or plugin != self._plugin:
+            self._base = None  # let the old model go before the next one loads
             self._base = load_base_model(self.config.model, device=self.device,
                                          dtype=resolve_dtype(self.config.dtype, self.device),
                                          local_files_only=self.config.local_files_only)
+            self._plugin, self._loaded = plugin, False
         settings = self.config.generate_config("-")
         pipe = PersonaMagicPipeline.from_base(self._base, scheduler=settings.scheduler)
         pipe.set_progress_bar_config(disable=True)
+        if plugin is not None:
+            load_plugin(pipe, plugin, self.config.local_files_only, first=not self._loaded)
+            self._loaded = True
         concept = Concept.load(concept_path)
         pipe.load_concept(concept)
         return pipe, concept
+
+
+def plugin_arguments(plugin: dict | None) -> dict:
+    """`personalize`'s arguments for a method's plug-in (`MethodConfig.plugin`)."""
+    if not plugin:
+        return {}
+    if "photomaker" in plugin:
+        from ..adapters.photomaker_plugin import PhotoMakerSpec
+
+        return {"photomaker": PhotoMakerSpec(weights=plugin["photomaker"])}
+    from ..adapters.ip_adapter import IPAdapterSpec
+
+    return {"ip_adapter": IPAdapterSpec.parse(plugin["ip_adapter"], scale=plugin.get("scale", 1.0))}
+
+
+def load_plugin(pipe, plugin: dict, local_files_only: bool, first: bool) -> None:
+    """A method's plug-in on a pipeline; its weights go into the UNet once (`first`), then are shared."""
+    from ..adapters.ip_adapter import load_ip_adapter
+
+    spec = plugin_arguments(plugin)
+    if "photomaker" in spec:
+        if first:
+            pipe.load_photomaker(spec["photomaker"], local_files_only=local_files_only)
+        else:  # the LoRA is in the shared UNet already: attach the encoder only
+            from ..adapters.photomaker import id_image_processor, load_photomaker
+            from ..adapters.photomaker_plugin import PhotoMaker
+
+            encoder, _ = load_photomaker(spec["photomaker"].weights, device=pipe.device, dtype=pipe.unet.dtype,
+                                         local_files_only=local_files_only)
+            pipe.photomaker = PhotoMaker(encoder, id_image_processor(encoder.config), spec["photomaker"])
+    else:
+        load_ip_adapter(pipe, spec["ip_adapter"], local_files_only=local_files_only)
 
 
 def _identity_loss_line(config: StudyConfig, units: list[Unit]) -> str:
@@ -206,6 +244,7 @@ class _Worker:
             list(unit.photos), folder, TrainConfig(**unit.train), model=config.model, device=self.device_name,
             dtype=config.dtype, mask=unit.mask, image_encoder=config.image_encoder,
             identity_model=config.identity_model, resume=resume, local_files_only=config.local_files_only,
+            **plugin_arguments(unit.plugin),
         )
         self.record("train", unit, photos=[Path(p).name for p in unit.photos],
                     concept=str(result.concept_path.relative_to(self.output)),
@@ -223,7 +262,8 @@ class _Worker:
         from ..training import TrainConfig
 
         concepts = self.output / CONCEPTS_DIR
-        units = {u.unit_id: u for u in units if not (concepts / u.folder / CONCEPT_FILENAME).is_file()}
+        # plug-ins change the model they train on, so their units train alone (in `ensure_concept`)
+        units = {u.unit_id: u for u in units if not (concepts / u.folder / CONCEPT_FILENAME).is_file() and not u.plugin}
         if not units:
             return set()
         config = self.config
@@ -270,9 +310,9 @@ class _Worker:
             missing = [item for item in batch if item.item_id not in images]
             if missing:
                 if pipe is None:
-                    pipe, concept = self.sampler.pipeline(concept_path)
+                    pipe, concept = self.sampler.pipeline(concept_path, unit.plugin)
                 t0 = time.perf_counter()
-                for item, image in zip(missing, self._generate(pipe, missing)):
+                for item, image in zip(missing, self._generate(pipe, missing, unit)):
                     self._save(folder / item.filename(), image, item, concept, concept_path)
                     images[item.item_id] = image
                 per_image = (time.perf_counter() - t0) / len(missing)
@@ -295,17 +335,32 @@ class _Worker:
                 )
             self.run.scored += len(batch)
 
-    def _generate(self, pipe, items: list[Item]) -> list:
-        """One batch through the pipeline; image i uses torch.Generator(seed_i), as `personamagic generate`."""
+    def _generate(self, pipe, items: list[Item], unit: Unit) -> list:
+        """One batch through the pipeline; image i uses torch.Generator(seed_i), as `personamagic generate`.
+        With a plug-in its image input is the unit's photos, and a PhotoMaker prompt gets its trigger
+        after the placeholder (scored without it)."""
         import torch
 
+        from ..faces import load_photo
+
         settings = self.config.generate_config("-")
+        prompts, kwargs = [item.prompt for item in items], {}
+        if unit.plugin:
+            photos = [load_photo(p) for p in unit.photos]
+            if "photomaker" in unit.plugin:
+                trigger = pipe.photomaker.spec.trigger
+                placeholder = unit.train["placeholder"]
+                prompts = [p.replace(placeholder, f"{placeholder} {trigger}", 1) for p in prompts]
+                kwargs["photomaker_images"] = photos
+            else:
+                kwargs["ip_adapter_image"] = photos
         return pipe(
-            [item.prompt for item in items],
+            prompts,
             negative_prompt=settings.negative_prompt,
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             generator=[torch.Generator(self.sampler.device).manual_seed(item.seed) for item in items],
+            **kwargs,
         ).images
 
     def _save(self, path: Path, image, item: Item, concept, concept_path: Path) -> None:

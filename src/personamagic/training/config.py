@@ -19,7 +19,9 @@ class TrainConfig:
     supercategory: str = "face"  # single-token word: static stage 1 uses it, the mapper starts from it
     num_vectors: int = 1  # token positions S* expands to (SPEC §1; paper: 1, authors' code: 4)
     train_prompt: str = "a photo of {}"  # training prompt, {} = placeholder (paper, Fig. 2)
-    max_train_steps: int = 1000  # optimizer steps (paper: 1000 iterations)
+    # optimizer steps (paper: 1000 iterations); 0 with a stage_window: the untrained concept, exactly the
+    # supercategory word (the zero-shot baselines of the plug-in study)
+    max_train_steps: int = 1000
     train_batch_size: int = 2  # samples per step (paper: 2)
     learning_rate: float = 5e-5  # AdamW learning rate (paper: 5e-5)
     weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
@@ -67,7 +69,11 @@ class TrainConfig:
             self.stage_window = tuple(self.stage_window)
         if isinstance(self.te_encoder_weights, list):
             self.te_encoder_weights = tuple(self.te_encoder_weights)
-        positive = ("num_vectors", "max_train_steps", "train_batch_size", "mapper_hidden_dim", "time_frequencies",
+        if self.max_train_steps == 0 and self.stage_window is None:
+            raise ValueError("max_train_steps 0 (an untrained concept: the supercategory word) needs a stage_window")
+        if not isinstance(self.max_train_steps, int) or self.max_train_steps < 0:
+            raise ValueError(f"max_train_steps must be >= 0, got {self.max_train_steps}")
+        positive = ("num_vectors", "train_batch_size", "mapper_hidden_dim", "time_frequencies",
                     "partition_timesteps", "partition_resolution", "sync_every", "gradient_accumulation_steps")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
