@@ -15,7 +15,8 @@ REQUIRED = ("device", "plain_step_ms", "step_ms", "train_loop_s", "personalize_s
 def test_benchmark_writes_every_required_figure(tmp_path):
     output = tmp_path / "bench.json"
     result = run_benchmark("cpu", steps=2, warmup_steps=1, photo=PHOTO, generation_batches=[1], output=output,
-                           sections=("steps", "personalize", "generation", "throughput"), identities_per_step=(2,))
+                           sections=("steps", "personalize", "generation", "throughput", "sdxl"),
+                           identities_per_step=(2,))
     saved = json.loads(output.read_text())
     assert saved["errors"] == {} and all(key in saved for key in REQUIRED)
     for key in set(REQUIRED) - {"device", "peak_gib"}:
@@ -33,9 +34,12 @@ def test_benchmark_writes_every_required_figure(tmp_path):
                                                        / throughput["per_k"]["1"]["identities_per_hour"])
     assert saved["identities_per_hour"] == max(v["identities_per_hour"] for v in throughput["per_k"].values())
     assert str(saved["identities_per_step_best"]) in throughput["per_k"]
+    sdxl = saved["sdxl"]  # tiny-sdxl on a CPU, SDXL-base sizes with random weights on a GPU
+    assert sdxl["model"] == "tiny-sdxl" and sdxl["step_ms"] > 0 and sdxl["gen_single_image_s"] > 0
     table = format_table(result)
     assert "plain step (batch 2, ID loss)" in table and "whole personalize job, fresh process" in table
     assert "grouped step, 2 identities" in table and "identities per hour, best K" in table
+    assert "SDXL (tiny-sdxl, 128²): step, batch 2" in table
 
 
 def test_unknown_section_is_a_one_line_error(capsys):

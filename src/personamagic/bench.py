@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, load_base_model, resolve_device
+from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, TINY_MODELS, TINY_SDXL, load_base_model, resolve_device
+from .models.tiny import RANDOM_SDXL
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +71,17 @@ class Setup:
         from .faces.alignment import alignment_theta
         from .identity.loading import load_identity_model
         from .faces.masks import landmark_mask
-        from .jobs.personalize import pil_to_tensor
+        from .jobs.personalize import pil_to_tensor, training_time_ids
         from .training.data import prepare_training_data
 
         self.device, self.dtype, self.model = device, dtype, model
         self.base = load_base_model(model, device=device, dtype=dtype)
         size = self.base.resolution
         photo = prepare_photo(photo, size)
-        self.identity_spec = "tiny" if model == TINY else "random-iresnet100"
+        self.identity_spec = "tiny" if model in TINY_MODELS else "random-iresnet100"
         self.encoder = load_identity_model(self.identity_spec, device=device, dtype=dtype)
         theta = alignment_theta(photo.face.landmarks, (size, size), landmarks_order="yunet")[None]
-        embed_dim = 16 if model == TINY else 512
+        embed_dim = 16 if model in TINY_MODELS else 512
         self.data = prepare_training_data(
             self.base.vae,
             pil_to_tensor(photo.image)[None],
@@ -89,6 +90,7 @@ class Setup:
             theta,
             self.encoder,
         )
+        self.data.time_ids = training_time_ids(self.base.family, [photo.crop], device)  # SDXL's size ids
 
     def trainer(self, config):
         from .training.trainer import Trainer
@@ -324,7 +326,7 @@ def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> 
     return parts
 
 
-SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile", "throughput")
+SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile", "throughput", "sdxl")
 
 
 def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: int | None = None,
@@ -332,149 +334,195 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
                   sections=SECTIONS, identities_per_step=IDENTITIES_PER_STEP) -> dict:
     """Measure the chosen `sections` (the plain step always); returns the result dict, also written
     as JSON to `output` (default benchmarks/results/<device>-<date>.json) after every section."""
-    from .training.config import TrainConfig
-
     if not Path(photo).is_file():
         from .errors import UserError
 
         raise UserError(f"benchmark photo {photo} not found; pass --photo FACE.jpg")
-    started = time.perf_counter()
-    device_ = resolve_device(device)
-    gpu = device_.type == "cuda"
-    model = RANDOM_SD1 if gpu else TINY
-    dtype_name = "bf16" if gpu else "fp32"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    steps = steps or (1000 if gpu else 20)
-    warmup_steps = warmup_steps if warmup_steps is not None else (100 if gpu else 10)
-    batches = generation_batches or ([1, 4, 8, 16] if gpu else [1, 2])
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-    result: dict = {
-        "device": torch.cuda.get_device_name(device_) if gpu else f"CPU ({platform.processor() or platform.machine()}, "
-                                                                     f"{torch.get_num_threads()} threads)",
-        "model": model,
-        "dtype": dtype_name,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "versions": _versions(),
-        "steps": steps,
-        "partition_warmup_steps": warmup_steps,
-        "sections": list(sections),
-        "errors": {},
-    }
-    if output is None:
-        name = re.sub(r"[^a-z0-9]+", "-", result["device"].lower()).strip("-")[:40]
-        output = Path("benchmarks") / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M')}.json"
-    result["output"] = str(output)
-    setup = Setup(device_, dtype, model, photo)
-    config = TrainConfig(stage_window=(400, 800), max_train_steps=10**6, seed=0)
-    repeats = 20 if gpu else 5
+    bench = _Bench(resolve_device(device), steps, warmup_steps, photo, generation_batches, output, sections)
+    bench.plain_step()
+    if "steps" in sections:
+        bench.optimized_step()
+    if "throughput" in sections:
+        bench.throughput(identities_per_step)
+    if "personalize" in sections:
+        bench.personalize()
+    bench.generation()
+    bench.variants()
+    if "equivalence" in sections:
+        bench.attempt("equivalence", lambda: check_equivalence(bench.setup, replace(bench.config, id_face_patch=False)),
+                      key="equivalence")
+    if "sdxl" in sections:
+        bench.sdxl()
+    return bench.finish()
 
-    def save() -> None:  # after every section, so a run cut short still leaves its figures
-        result["wall_s"] = time.perf_counter() - started
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2, default=str))
 
-    def attempt(name, fn):
+class _Bench:
+    """One benchmark run: the setup, the result dict and its JSON file (written after every section,
+    so a run cut short still leaves its figures), one method per section."""
+
+    def __init__(self, device, steps, warmup_steps, photo, generation_batches, output, sections):
+        from .training.config import TrainConfig
+
+        self.started = time.perf_counter()
+        self.device, self.photo, self.sections = device, photo, sections
+        self.gpu = gpu = device.type == "cuda"
+        self.model = RANDOM_SD1 if gpu else TINY
+        self.dtype_name = "bf16" if gpu else "fp32"
+        self.dtype = torch.bfloat16 if gpu else torch.float32
+        self.steps = steps or (1000 if gpu else 20)
+        self.warmup_steps = warmup_steps if warmup_steps is not None else (100 if gpu else 10)
+        self.batches = generation_batches or ([1, 4, 8, 16] if gpu else [1, 2])
+        if gpu:
+            torch.backends.cudnn.benchmark = True
+        name = torch.cuda.get_device_name(device) if gpu else \
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        self.result: dict = {
+            "device": name, "model": self.model, "dtype": self.dtype_name, "date": time.strftime("%Y-%m-%d %H:%M"),
+            "versions": _versions(), "steps": self.steps, "partition_warmup_steps": self.warmup_steps,
+            "sections": list(sections), "errors": {}, "variants": {},
+        }
+        if output is None:
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
+            output = Path("benchmarks") / "results" / f"{slug}-{time.strftime('%Y%m%d-%H%M')}.json"
+        self.output = Path(output)
+        self.result["output"] = str(self.output)
+        self.setup = Setup(device, self.dtype, self.model, photo)
+        self.config = TrainConfig(stage_window=(400, 800), max_train_steps=10**6, seed=0)
+        self.repeats = 20 if gpu else 5
+        self.concept = None
+
+    def save(self) -> None:
+        self.result["wall_s"] = time.perf_counter() - self.started
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.output.write_text(json.dumps(self.result, indent=2, default=str))
+
+    def attempt(self, name, fn, key=None):
+        """fn() with its failure recorded instead of raised (a failing section must not cost the other
+        figures); the value goes to result[key] when a key is given."""
         try:
-            return fn()
-        except Exception as err:  # a failing section must not cost the other figures
-            result["errors"][name] = f"{type(err).__name__}: {err}"
+            value = fn()
+            if key is not None and value is not None:
+                self.result[key] = value
+            return value
+        except Exception as err:  # noqa: BLE001 - any failure of one section
+            self.result["errors"][name] = f"{type(err).__name__}: {err}"
             logger.exception("%s failed", name)
             return None
         finally:
-            save()
+            self.save()
 
-    plain = time_steps(setup, replace(config, optimize=False), repeats if "steps" in sections else 5, warmup=3)
-    result["plain_step_ms"], result["plain_peak_gib"] = plain["ms"], plain["peak_gib"]
-    result["variants"] = {}
-    if "steps" in sections:
-        optimized = attempt("optimized", lambda: time_steps(setup, config, repeats, warmup=3))
+    def plain_step(self) -> None:
+        repeats = self.repeats if "steps" in self.sections else 5
+        plain = time_steps(self.setup, replace(self.config, optimize=False), repeats, warmup=3)
+        self.result["plain_step_ms"], self.result["plain_peak_gib"] = plain["ms"], plain["peak_gib"]
+
+    def optimized_step(self) -> None:
+        optimized = self.attempt("optimized", lambda: time_steps(self.setup, self.config, self.repeats, warmup=3))
         if optimized is not None:
-            result["variants"]["optimized"] = optimized
-            result["step_ms"] = optimized["ms"]
-            result["graph_capture_s"] = optimized["first_step_s"]
-    if "throughput" in sections:
-        throughput = attempt("throughput", lambda: time_throughput(setup, config, identities_per_step, steps, repeats,
-                                                                   warmup=3))
-        if throughput is not None:
-            result["throughput"] = throughput
-            result["identities_per_hour"] = throughput["best_identities_per_hour"]
-            result["identities_per_step_best"] = throughput["best_k"]
+            self.result["variants"]["optimized"] = optimized
+            self.result["step_ms"] = optimized["ms"]
+            self.result["graph_capture_s"] = optimized["first_step_s"]
 
-    concept = None
-    if "personalize" in sections:
-        job = attempt("personalize", lambda: time_personalize(model, device_, dtype_name, steps, warmup_steps, photo))
+    def throughput(self, identities_per_step) -> None:
+        throughput = self.attempt("throughput", lambda: time_throughput(
+            self.setup, self.config, identities_per_step, self.steps, self.repeats, warmup=3), key="throughput")
+        if throughput is not None:
+            self.result["identities_per_hour"] = throughput["best_identities_per_hour"]
+            self.result["identities_per_step_best"] = throughput["best_k"]
+
+    def personalize(self) -> None:
+        job = self.attempt("personalize", lambda: time_personalize(
+            self.model, self.device, self.dtype_name, self.steps, self.warmup_steps, self.photo))
         if job is not None:
-            concept = job.pop("concept")
-            result["personalize_s"] = job["personalize_s"]
-            result["train_loop_s"] = job["timings"]["train_s"]
-            result["peak_gib"] = job["peak_gib"]
-            result["personalize"] = job
-    modes = {}  # generation figures: result key -> time_generation options
-    if "generation" in sections:
-        modes["generation"] = {}
-        if gpu:
-            modes["generation_cuda_graph"] = {"cuda_graph": True}
-    if "compile" in sections:
-        modes["generation_compile"] = {"cuda_graph": gpu, "compile": True}
-    if modes:
-        if concept is None:  # sampling time does not depend on what the mapper learned
-            with setup.trainer(config) as trainer:
-                concept = trainer.concept(model)
-        if "generation" in sections:
-            conditioning = attempt("conditioning", lambda: time_conditioning(setup, concept, batches, 50))
+            self.concept = job.pop("concept")
+            self.result.update(personalize_s=job["personalize_s"], train_loop_s=job["timings"]["train_s"],
+                               peak_gib=job["peak_gib"], personalize=job)
+
+    def generation(self) -> None:
+        """Sampling figures per mode (eager, CUDA graph, compiled) and the fastest of them."""
+        modes = {}  # result key -> time_generation options
+        if "generation" in self.sections:
+            modes["generation"] = {}
+            if self.gpu:
+                modes["generation_cuda_graph"] = {"cuda_graph": True}
+        if "compile" in self.sections:
+            modes["generation_compile"] = {"cuda_graph": self.gpu, "compile": True}
+        if not modes:
+            return
+        if self.concept is None:  # sampling time does not depend on what the mapper learned
+            with self.setup.trainer(self.config) as trainer:
+                self.concept = trainer.concept(self.model)
+        setup, concept = self.setup, self.concept
+        if "generation" in self.sections:
+            conditioning = self.attempt("conditioning", lambda: time_conditioning(setup, concept, self.batches, 50))
             if conditioning is not None:
-                result["conditioning"] = {str(k): v for k, v in conditioning.items()}
-            parts = attempt("sampling_parts", lambda: time_sampling_parts(setup, concept, 50, cuda_graph=gpu))
-            if parts is not None:
-                result["sampling_parts"] = parts
+                self.result["conditioning"] = {str(k): v for k, v in conditioning.items()}
+            self.attempt("sampling_parts", lambda: time_sampling_parts(setup, concept, 50, cuda_graph=self.gpu),
+                         key="sampling_parts")
         for key, options in modes.items():
             # Compiling costs about a minute per batch shape: only the smallest and the largest batch.
-            sizes = sorted({batches[0], batches[-1]}) if options.get("compile") else batches
-            gen = attempt(key, lambda sizes=sizes, options=options:
-                          time_generation(setup, concept, sizes, 50, 8.0, **options))
+            sizes = sorted({self.batches[0], self.batches[-1]}) if options.get("compile") else self.batches
+            gen = self.attempt(key, lambda sizes=sizes, options=options:
+                               time_generation(setup, concept, sizes, 50, 8.0, **options))
             if gen is not None:
-                result[key] = {str(k): v for k, v in gen.items()}
+                self.result[key] = {str(k): v for k, v in gen.items()}
         fastest = {}
         for key in modes:
-            for batch, figures in result.get(key, {}).items():
+            for batch, figures in self.result.get(key, {}).items():
                 if batch not in fastest or figures["seconds"] < fastest[batch]["seconds"]:
                     fastest[batch] = {**figures, "mode": key}
         if fastest:
-            result["gen_single_image_s"] = fastest["1"]["seconds"] if "1" in fastest else None
+            self.result["gen_single_image_s"] = fastest["1"]["seconds"] if "1" in fastest else None
             best = max(fastest, key=lambda k: fastest[k]["images_per_s"])
-            result["gen_images_per_s_best"] = fastest[best]["images_per_s"]
-            result["gen_best_batch"] = f"{best} ({fastest[best]['mode']})"
+            self.result["gen_images_per_s_best"] = fastest[best]["images_per_s"]
+            self.result["gen_best_batch"] = f"{best} ({fastest[best]['mode']})"
 
-    variants = {
-        "optimized_no_graph": replace(config, cuda_graph=False),
-        "optimized_full_decode": replace(config, id_face_patch=False),
-        # what each loss branch costs in the optimised step (not variants of the method)
-        "optimized_without_id_loss": replace(config, use_id_loss=False),
-        "optimized_without_te_loss": replace(config, te_weight=0.0),
-        "low_memory": replace(config, gradient_checkpointing=True, gradient_accumulation_steps=2, cuda_graph=False),
-    }
-    variants = {name: cfg for name, cfg in variants.items() if "variants" in sections}
-    if "compile" in sections:
-        variants["optimized_compile"] = replace(config, compile=True)
-    for name, cfg in variants.items():
-        if name == "optimized_no_graph" and not gpu:
-            continue
-        timing = attempt(name, lambda cfg=cfg: time_steps(setup, cfg, repeats, warmup=3))
-        if timing is not None:
-            result["variants"][name] = timing
-    if "equivalence" in sections:
-        equivalence = attempt("equivalence", lambda: check_equivalence(setup, replace(config, id_face_patch=False)))
-        if equivalence is not None:
-            result["equivalence"] = equivalence
+    def variants(self) -> None:
+        config = self.config
+        variants = {}
+        if "variants" in self.sections:
+            variants = {
+                "optimized_no_graph": replace(config, cuda_graph=False),
+                "optimized_full_decode": replace(config, id_face_patch=False),
+                # what each loss branch costs in the optimised step (not variants of the method)
+                "optimized_without_id_loss": replace(config, use_id_loss=False),
+                "optimized_without_te_loss": replace(config, te_weight=0.0),
+                "low_memory": replace(config, gradient_checkpointing=True, gradient_accumulation_steps=2,
+                                      cuda_graph=False),
+            }
+        if "compile" in self.sections:
+            variants["optimized_compile"] = replace(config, compile=True)
+        for name, cfg in variants.items():
+            if name == "optimized_no_graph" and not self.gpu:
+                continue
+            timing = self.attempt(name, lambda cfg=cfg: time_steps(self.setup, cfg, self.repeats, warmup=3))
+            if timing is not None:
+                self.result["variants"][name] = timing
 
-    result["ratios_to_plain_step"] = {
-        name: result["plain_step_ms"] / v["ms"] for name, v in result["variants"].items()
-    }
-    if "train_loop_s" in result:
-        result["ratios_to_plain_step"]["train_loop"] = result["plain_step_ms"] * steps / 1000 / result["train_loop_s"]
-    save()
-    return result
+    def sdxl(self) -> None:
+        """SDXL at its own resolution (1024² on a GPU with random SDXL-base weights; tiny-sdxl on a CPU):
+        the optimised training step at batch 2 with its peak memory, and one image's sampling time."""
+        def measure():
+            setup = Setup(self.device, self.dtype, RANDOM_SDXL if self.gpu else TINY_SDXL, self.photo)
+            step = time_steps(setup, self.config, self.repeats, warmup=3)
+            with setup.trainer(self.config) as trainer:
+                concept = trainer.concept(setup.model)
+            image = time_generation(setup, concept, [1], 50, 8.0, cuda_graph=self.gpu)[1]
+            return {"model": setup.model, "resolution": setup.base.resolution, "step_ms": step["ms"],
+                    "step_peak_gib": step["peak_gib"], "cuda_graph": step["cuda_graph"],
+                    "gen_single_image_s": image["seconds"], "gen_peak_gib": image["peak_gib"]}
+
+        self.attempt("sdxl", measure, key="sdxl")
+
+    def finish(self) -> dict:
+        result = self.result
+        result["ratios_to_plain_step"] = {
+            name: result["plain_step_ms"] / v["ms"] for name, v in result["variants"].items()
+        }
+        if "train_loop_s" in result:
+            result["ratios_to_plain_step"]["train_loop"] = result["plain_step_ms"] * self.steps / 1000 / result["train_loop_s"]
+        self.save()
+        return result
 
 
 def _versions() -> dict:
@@ -533,6 +581,11 @@ def format_table(result: dict) -> str:
     if result.get("gen_single_image_s") is not None:
         rows.append(("generate 1 image (50 DDIM, CFG 8)", f"{result['gen_single_image_s']:.2f} s", ""))
         rows.append((f"generate, best batch ({result['gen_best_batch']})", f"{result['gen_images_per_s_best']:.2f} img/s", ""))
+    if "sdxl" in result:
+        x = result["sdxl"]
+        peak = f", peak {x['step_peak_gib']:.1f} GiB" if x.get("step_peak_gib") is not None else ""
+        rows.append((f"SDXL ({x['model']}, {x['resolution']}²): step, batch 2", f"{x['step_ms']:.1f} ms{peak}", ""))
+        rows.append((f"SDXL ({x['model']}): 1 image, 50 DDIM, CFG 8", f"{x['gen_single_image_s']:.2f} s", ""))
     for name, error in result.get("errors", {}).items():
         rows.append((f"FAILED {name}", error[:80], ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(3)]

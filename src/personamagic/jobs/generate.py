@@ -798,41 +798,14 @@ def regenerate(
     image = Path(image)
     meta = read_image_metadata(image)
     paths = _find_concepts(meta["concepts"], concept_paths)
-    inputs = {name: _find_file(meta[name], name) for name in ("background", "region") if name in meta}
-    ip = meta.get("ip_adapter")
-    pm = meta.get("photomaker")
+    config = _config_of(meta, image)
     batch = meta.get("batch") or {"jobs": [[meta["prompt"], meta["seed"]]], "index": 0}
     jobs = [(prompt, seed) for prompt, seed in batch["jobs"]]
     index = batch["index"]
-    try:
-        config = GenerateConfig(
-            prompts=[meta["prompt"]],
-            negative_prompt=meta.get("negative_prompt", ""),
-            num_images=1,
-            seed=meta["seed"],
-            num_inference_steps=meta["steps"],
-            guidance_scale=meta["guidance_scale"],
-            scheduler=meta["scheduler"],
-            grid=False,
-            width=meta.get("width"),
-            height=meta.get("height"),
-            placeholders=[c["placeholder"] for c in meta["concepts"]],
-            background=inputs.get("background"),
-            region=inputs.get("region"),
-            ip_adapter=ip["weights"] if ip else None,
-            ip_adapter_images=[_find_file(r, "IP-Adapter image") for r in ip["images"]] if ip else [],
-            ip_adapter_scale=ip["scale"] if ip else 1.0,
-            photomaker=pm["weights"] if pm else None,
-            photomaker_images=[_find_file(r, "PhotoMaker image") for r in pm["images"]] if pm else [],
-            photomaker_merge_step=pm.get("merge_step") if pm else None,
-            photomaker_lora_scale=pm.get("lora_scale", 1.0) if pm else 1.0,
-            vae=meta.get("vae"),
-        )
-        for _, seed in jobs:  # the other images' seeds are sampled again too
-            if not 0 <= seed < MAX_SEED:
-                raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED - 1}, got {seed}")
-    except ValueError as err:
-        raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
+    for _, seed in jobs:  # the other images' seeds are sampled again too
+        if not 0 <= seed < MAX_SEED:
+            raise UserError(f"{image}: its personamagic metadata asks for settings out of range (seed must be a "
+                            f"whole number from 0 to {MAX_SEED - 1}, got {seed})")
 
     output = Path(output)
     result = GenerateResult()
@@ -859,6 +832,38 @@ def regenerate(
             raise
         raise stopped from err
     return result
+
+
+def _config_of(meta: dict, image: Path) -> GenerateConfig:
+    """The `GenerateConfig` an image's metadata records (its input files found and checked again)."""
+    inputs = {name: _find_file(meta[name], name) for name in ("background", "region") if name in meta}
+    ip, pm = meta.get("ip_adapter"), meta.get("photomaker")
+    try:
+        return GenerateConfig(
+            prompts=[meta["prompt"]],
+            negative_prompt=meta.get("negative_prompt", ""),
+            num_images=1,
+            seed=meta["seed"],
+            num_inference_steps=meta["steps"],
+            guidance_scale=meta["guidance_scale"],
+            scheduler=meta["scheduler"],
+            grid=False,
+            width=meta.get("width"),
+            height=meta.get("height"),
+            placeholders=[c["placeholder"] for c in meta["concepts"]],
+            background=inputs.get("background"),
+            region=inputs.get("region"),
+            ip_adapter=ip["weights"] if ip else None,
+            ip_adapter_images=[_find_file(r, "IP-Adapter image") for r in ip["images"]] if ip else [],
+            ip_adapter_scale=ip["scale"] if ip else 1.0,
+            photomaker=pm["weights"] if pm else None,
+            photomaker_images=[_find_file(r, "PhotoMaker image") for r in pm["images"]] if pm else [],
+            photomaker_merge_step=pm.get("merge_step") if pm else None,
+            photomaker_lora_scale=pm.get("lora_scale", 1.0) if pm else 1.0,
+            vae=meta.get("vae"),
+        )
+    except ValueError as err:
+        raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
 
 
 def _find_concepts(entries: list[dict], given: list[str] | None) -> list[str]:

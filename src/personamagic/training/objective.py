@@ -196,17 +196,30 @@ class Objective:
 
     def __call__(self, mapper, batch: Batch) -> StepLosses:
         """All loss terms of one batch (differentiable w.r.t. the mapper)."""
+        noisy, embeddings, model_pred, target, te_attention = self._forward(mapper, batch)
+        terms = {"mse": masked_mse(model_pred, target, self.data.masks[batch.image_index])}
+        total = terms["mse"]
+        if self.config.te_weight > 0:
+            terms["te"] = self._tandem_equilibrium(embeddings, batch, te_attention)
+            total = total + self.config.te_weight * terms["te"]
+        if self.identity_encoder is not None:
+            terms["id"] = self._identity(noisy, model_pred, batch)
+            total = total + self.config.id_weight * terms["id"]
+        return StepLosses(total, terms)
+
+    def _forward(self, mapper, batch: Batch):
+        """The shared forward of a batch: noisy latents, S*'s embeddings (B, V, D), the UNet's prediction
+        and its target, and the TE layers' attention on each sample's TE prompt (None without the TE loss)."""
         B = batch.size
         noisy = self.add_noise(batch.latents, batch.noise, batch.timesteps)
         embeddings, residuals = mapper(batch.timesteps, self.data.image_embeds[batch.image_index])
         residuals = residuals * batch.keep_residual[:, None, None]  # (B, V, C) * (B, 1, 1)
         train_ids = [ids.expand(B, -1) for ids in self.train_ids]
+        te_ids = [te[batch.te_prompt_index] for te in self.te_ids]
         te_attention = None
         if self.static_text is not None:
             # Training prompt and TE prompt through the text encoders as one batch of 2B.
-            ids = train_ids
-            if self.config.te_weight > 0:
-                ids = [torch.cat([t, te[batch.te_prompt_index]]) for t, te in zip(train_ids, self.te_ids)]
+            ids = [torch.cat([t, te]) for t, te in zip(train_ids, te_ids)] if self.config.te_weight > 0 else train_ids
             repeat = ids[0].shape[0] // B
             hidden, pooled = self.conditioner.encode(
                 ids, self.per_token(embeddings.repeat(repeat, 1, 1)), check=False, forward=self.static_text
@@ -218,24 +231,15 @@ class Objective:
                 te_attention = [layer.take()[B:] for layer in self._te_layers]
         else:
             conditioning = self.conditioning(train_ids, embeddings, residuals, batch.image_index)
+            if self.config.te_weight > 0:
+                self.conditioner.encode(te_ids, self.per_token(embeddings), check=False)
+                te_attention = [layer.take() for layer in self._te_layers]
         model_pred = self.denoise(noisy, batch.timesteps, conditioning)
         target = denoising_target(self.prediction_type, batch.latents, batch.noise, self.alphas_cumprod, batch.timesteps)
-        terms = {"mse": masked_mse(model_pred, target, self.data.masks[batch.image_index])}
-        total = terms["mse"]
-        if self.config.te_weight > 0:
-            terms["te"] = self._tandem_equilibrium(embeddings, batch, te_attention)
-            total = total + self.config.te_weight * terms["te"]
-        if self.identity_encoder is not None:
-            terms["id"] = self._identity(noisy, model_pred, batch)
-            total = total + self.config.id_weight * terms["id"]
-        return StepLosses(total, terms)
+        return noisy, embeddings, model_pred, target, te_attention
 
-    def _tandem_equilibrium(self, embeddings, batch: Batch, te_attention) -> torch.Tensor:
+    def _tandem_equilibrium(self, embeddings, batch: Batch, te_attention: list) -> torch.Tensor:
         """Σ_i w_i · L_te of text encoder i on each sample's TE prompt (Eq. 1)."""
-        if te_attention is None:
-            ids = [te[batch.te_prompt_index] for te in self.te_ids]
-            self.conditioner.encode(ids, self.per_token(embeddings), check=False)
-            te_attention = [layer.take() for layer in self._te_layers]
         index = batch.te_prompt_index
         loss = 0.0
         for weight, attention, mask, eos in zip(self.te_weights, te_attention, self.te_placeholder_mask, self.te_eos):
@@ -266,62 +270,11 @@ class Objective:
         per slice, that identity's face patches (indices (N, ph*pw), (ph, pw), thetas (N, 2, 3), rows
         indexed like this objective's photos), since identities' patch sizes differ; None: the objective's.
         """
-        B = batch.size
-        noisy = self.add_noise(batch.latents, batch.noise, batch.timesteps)
-        embeddings, residuals = mapper(batch.timesteps, self.data.image_embeds[batch.image_index])
-        residuals = residuals * batch.keep_residual[:, None, None]  # (B, V, C) * (B, 1, 1)
-        train_ids = [ids.expand(B, -1) for ids in self.train_ids]
-        te_attention = None
-        if self.static_text is not None:
-            ids = train_ids
-            if self.config.te_weight > 0:
-                ids = [torch.cat([t, te[batch.te_prompt_index]]) for t, te in zip(train_ids, self.te_ids)]
-            repeat = ids[0].shape[0] // B
-            hidden, pooled = self.conditioner.encode(
-                ids, self.per_token(embeddings.repeat(repeat, 1, 1)), check=False, forward=self.static_text
-            )
-            conditioning = self._unet_conditioning(
-                hidden[:B], None if pooled is None else pooled[:B], train_ids[0], residuals, batch.image_index
-            )
-            if self.config.te_weight > 0:
-                te_attention = [layer.take()[B:] for layer in self._te_layers]
-        else:
-            conditioning = self.conditioning(train_ids, embeddings, residuals, batch.image_index)
-            if self.config.te_weight > 0:
-                self.conditioner.encode([te[batch.te_prompt_index] for te in self.te_ids], self.per_token(embeddings),
-                                        check=False)
-                te_attention = [layer.take() for layer in self._te_layers]
-        model_pred = self.denoise(noisy, batch.timesteps, conditioning)
-        target = denoising_target(self.prediction_type, batch.latents, batch.noise, self.alphas_cumprod,
-                                  batch.timesteps)
+        noisy, embeddings, model_pred, target, te_attention = self._forward(mapper, batch)
         masks = self.data.masks[batch.image_index]
         identity = [None] * len(slices)
         if self.identity_encoder is not None:
-            # One decode per patch size (identities with equal sizes share it), one identity-network call.
-            x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
-            patches = id_patches or [self.id_patches] * len(slices)
-            by_size: dict = {}
-            for i, patch in enumerate(patches):
-                by_size.setdefault(None if patch is None else patch[1], []).append(i)
-            order = [i for members in by_size.values() for i in members]
-            faces = []
-            for size, members in by_size.items():
-                index = [batch.image_index[slices[i]] for i in members]
-                part = torch.cat([x0[slices[i]] for i in members])
-                if size is None:
-                    theta = self.data.face_theta[torch.cat(index)]
-                else:
-                    part = gather_patches(part, torch.cat([patches[i][0][j] for i, j in zip(members, index)]), size)
-                    theta = torch.cat([patches[i][2][j] for i, j in zip(members, index)])
-                images = self.vae_decode((part / self.scaling_factor).to(self.base.vae.dtype)).sample
-                faces.append(warp_faces(images.float(), theta, self.identity_encoder.input_size))
-            image_index = torch.cat([batch.image_index[slices[i]] for i in order])
-            timesteps = torch.cat([batch.timesteps[slices[i]] for i in order])
-            reference = self.data.identity_reference[image_index]
-            per_sample = identity_loss(self.identity_encoder(torch.cat(faces)), reference)
-            weighted = identity_weight(timesteps, self.num_train_timesteps) * per_sample
-            for i, share in zip(order, weighted.split([batch.timesteps[slices[i]].shape[0] for i in order])):
-                identity[i] = share.mean()
+            identity = self._group_identity(noisy, model_pred, batch, slices, id_patches)
         losses = []
         for i, s in enumerate(slices):
             terms = {"mse": masked_mse(model_pred[s], target[s], masks[s])}
@@ -334,6 +287,35 @@ class Objective:
                 total = total + self.config.id_weight * terms["id"]
             losses.append(StepLosses(total, terms))
         return losses
+
+    def _group_identity(self, noisy, model_pred, batch: Batch, slices: list[slice], id_patches) -> list:
+        """Each identity's λ_id-weighted identity term: one VAE decode per face-patch size (identities with
+        equal sizes share it), one identity-network call for all."""
+        x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
+        patches = id_patches or [self.id_patches] * len(slices)
+        by_size: dict = {}
+        for i, patch in enumerate(patches):
+            by_size.setdefault(None if patch is None else patch[1], []).append(i)
+        order = [i for members in by_size.values() for i in members]
+        faces = []
+        for size, members in by_size.items():
+            index = [batch.image_index[slices[i]] for i in members]
+            part = torch.cat([x0[slices[i]] for i in members])
+            if size is None:
+                theta = self.data.face_theta[torch.cat(index)]
+            else:
+                part = gather_patches(part, torch.cat([patches[i][0][j] for i, j in zip(members, index)]), size)
+                theta = torch.cat([patches[i][2][j] for i, j in zip(members, index)])
+            images = self.vae_decode((part / self.scaling_factor).to(self.base.vae.dtype)).sample
+            faces.append(warp_faces(images.float(), theta, self.identity_encoder.input_size))
+        image_index = torch.cat([batch.image_index[slices[i]] for i in order])
+        timesteps = torch.cat([batch.timesteps[slices[i]] for i in order])
+        per_sample = identity_loss(self.identity_encoder(torch.cat(faces)), self.data.identity_reference[image_index])
+        weighted = identity_weight(timesteps, self.num_train_timesteps) * per_sample
+        identity = [None] * len(slices)
+        for i, share in zip(order, weighted.split([batch.timesteps[slices[i]].shape[0] for i in order])):
+            identity[i] = share.mean()
+        return identity
 
     # -- evaluation --------------------------------------------------------------------------------
 
