@@ -281,3 +281,13 @@ def test_evaluate_images_offline_names_its_clip_model(offline_hub, astronaut, tm
     Image.open(astronaut).save(tmp_path / "images" / "a.png")
     code, _, err = run_cli(capsys, "evaluate", "images", tmp_path / "images", "--reference", astronaut)
     assert code == 2 and CLIP_B32 in err and "--clip-model" in err and err.count("\n") == 1
+
+
+def test_the_arcface_identity_model_loads_by_name_from_the_hub_cache(offline_hub):
+    from personamagic.identity import IResNet, load_identity_model
+
+    encoder = load_identity_model("arcface-r100")  # the community re-upload, by its short name
+    assert isinstance(encoder.backbone, IResNet) and encoder.embedding_dim == 16  # the fixture's tiny width
+    faces = torch.rand(2, 3, 112, 112) * 2 - 1
+    embeddings = encoder(faces)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2))

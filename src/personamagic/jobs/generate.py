@@ -16,6 +16,7 @@ of images; a run that fails on the way keeps the images written before and names
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -720,8 +721,7 @@ def generate(
     """
     output = Path(output)
     result = GenerateResult()
-    created = prepare_output_folder(output)
-    try:
+    with _stopping(output, result):
         session = _Session(concept_paths, config, model, device, dtype, local_files_only, result, resident)
         total = config.num_jobs
         digits = max(3, len(str(total - 1)))
@@ -748,13 +748,22 @@ def generate(
             except OSError as err:
                 raise disk_error(path, err) from None
             result.grid = path
+    return result
+
+
+@contextlib.contextmanager
+def _stopping(output: Path, result: GenerateResult):
+    """The output folder made ready; on any failure inside, the folders this run created are removed
+    if they stayed empty, and a fault that stops the run becomes a `GenerateStopped` listing what was kept."""
+    created = prepare_output_folder(output)
+    try:
+        yield
     except BaseException as err:
         remove_empty_folders(created)
         stopped = stopped_error(err, result, output)
         if stopped is None:
             raise
         raise stopped from err
-    return result
 
 
 def stopped_error(err: BaseException, result: GenerateResult, output: Path) -> GenerateStopped | None:
@@ -809,8 +818,7 @@ def regenerate(
 
     output = Path(output)
     result = GenerateResult()
-    created = prepare_output_folder(output)
-    try:
+    with _stopping(output, result):
         dtype = dtype or meta.get("dtype", "auto")
         session = _Session(paths, config, model or meta.get("base_model"), device, dtype, local_files_only, result,
                            resident)
@@ -825,12 +833,6 @@ def regenerate(
         path = output / safe_filename(0, meta["prompt"], meta["seed"])
         session.save(new_image, path, jobs, index)
         result.images.append(GeneratedImage(path, meta["prompt"], meta["seed"]))
-    except BaseException as err:
-        remove_empty_folders(created)
-        stopped = stopped_error(err, result, output)
-        if stopped is None:
-            raise
-        raise stopped from err
     return result
 
 
