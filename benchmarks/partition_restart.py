@@ -21,9 +21,9 @@ import torch
 
 from personamagic.faces import prepare_photo
 from personamagic.identity import alignment_theta, build_tiny_identity_model
-from personamagic.masks import landmark_mask
+from personamagic.faces.masks import landmark_mask
 from personamagic.models import build_tiny_components
-from personamagic.personalize import pil_to_tensor
+from personamagic.jobs.personalize import pil_to_tensor
 from personamagic.training import Trainer, TrainConfig, prepare_training_data
 
 PHOTO = Path(__file__).parent.parent / "tests" / "data" / "astronaut.png"

@@ -11,7 +11,7 @@ import sys
 
 from .argtypes import positive_int
 from .common import add_device_flags
-from .train import add_training_arguments
+from .train import add_training_arguments, model_options
 
 EXIT_SOME_FAILED = 1
 
@@ -30,7 +30,7 @@ def add_parser(commands) -> None:
     many.add_argument("--shard", default=None, metavar="K/N",
                       help="train the K-th of N shares of the identities (0-based); default: RANK/WORLD_SIZE from "
                            "accelerate launch or torchrun, else all")
-    add_training_arguments(many)
+    add_training_arguments(many, mask_file=False)
     add_device_flags(many)
 
 
@@ -67,39 +67,21 @@ def run(args) -> int:
     from .train import train_config
 
     quiet_libraries(args.verbose)
-    shard = None
-    if args.shard is not None:
-        from ..evaluation.plan import Shard
+    from ..shards import Shard
 
-        shard = Shard.parse(args.shard)
+    try:  # a shard K/N out of range, from the flag or the launcher's environment
+        shard = Shard.parse(args.shard) if args.shard is not None else Shard.from_environment()
+    except ValueError as err:
+        raise UserError(str(err)) from None
     config = train_config(args)
     progress = IdentityProgress()
     try:
-        result = train_many(
-            args.photos_dir,
-            args.output,
-            config,
-            identities_per_step=args.identities_per_step,
-            shard=shard,
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            mask=args.mask,
-            image_encoder=args.image_encoder,
-            identity_model=args.identity_model,
-            local_files_only=args.local_files_only,
-            progress=progress,
-            revision=args.revision,
-            model_config=args.model_config,
-            vae=args.vae,
-            resolution=args.resolution,
-        )
+        result = train_many(args.photos_dir, args.output, config, identities_per_step=args.identities_per_step,
+                            shard=shard, progress=progress, **model_options(args))
     except KeyboardInterrupt:
         progress.close()
         raise Interrupted("interrupted; finished concepts and checkpoints are kept: run the same command again to "
                           "continue") from None
-    except ValueError as err:  # a shard K/N out of range
-        raise UserError(str(err)) from None
     finally:
         progress.close()
     for note in result.notes:

@@ -139,7 +139,7 @@ def evaluate_images(
 
     Placeholders are replaced by `supercategory` before CLIP tokenises the prompt.
     """
-    from ..models.assets import Asset, check_assets
+    from ..jobs.assets import Asset, check_assets
     from ..models.devices import resolve_device
     from .identity_preservation import IdentityPreservation, load_face_embedder
     from .text_similarity import TextSimilarity

@@ -15,12 +15,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..shards import Shard, process_device  # noqa: F401 (re-exported: the study's shards)
 from .config import GENERATE_KEYS, MethodConfig, StudyConfig
 from .datasets import discover_identities, select_identities, training_photos
 
@@ -143,60 +142,5 @@ def _items(config: StudyConfig, unit: Unit) -> list[Item]:
     return items
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Which process this is, among how many."""
-
-    index: int = 0  # RANK
-    count: int = 1  # WORLD_SIZE
-    local_index: int = 0  # LOCAL_RANK: picks the GPU on a multi-GPU machine
-
-    def __post_init__(self):
-        if not 0 <= self.index < self.count:
-            raise ValueError(f"process index {self.index} out of range for {self.count} processes")
-
-    @classmethod
-    def from_environment(cls) -> Shard:
-        """From the variables `accelerate launch`/`torchrun` (RANK, WORLD_SIZE, LOCAL_RANK) or MPI set."""
-
-        def first(*names, default):
-            for name in names:
-                if os.environ.get(name, "").strip():
-                    return int(os.environ[name])
-            return default
-
-        return cls(
-            index=first("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", default=0),
-            count=first("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", default=1),
-            local_index=first("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
-        )
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """`K/N`: process K of N (0-based), e.g. for job arrays without a launcher."""
-        try:
-            index, count = (int(part) for part in text.split("/"))
-            return cls(index, count)
-        except ValueError:
-            raise UserError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4), got {text!r}") from None
-
-    def take(self, units: list[Unit]) -> list[Unit]:
-        """This process's share: the units, ordered by a hash of their ids, dealt round-robin.
-
-        Counts differ by at most one between processes, and the hash order mixes methods, whose costs
-        differ a lot (a plain round-robin over the planned order would give process k every k-th
-        method when there are as many methods as processes).
-        """
-        order = sorted(units, key=lambda unit: digest(unit.unit_id))
-        return order[self.index :: self.count]
-
-
-def process_device(device: str, shard: Shard) -> str:
-    """`auto`/`cuda` with several processes -> this process's GPU (LOCAL_RANK); anything else as given."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available() and shard.count > 1:
-        return f"cuda:{shard.local_index % torch.cuda.device_count()}"
-    return device
 
 

@@ -92,13 +92,12 @@ class _Sampler:
             self._base = load_base_model(self.config.model, device=self.device,
                                          dtype=resolve_dtype(self.config.dtype, self.device),
                                          local_files_only=self.config.local_files_only)
-            self._plugin, self._loaded = plugin, False
+            self._plugin, self._loaded = plugin, {}
         settings = self.config.generate_config("-")
         pipe = PersonaMagicPipeline.from_base(self._base, scheduler=settings.scheduler)
         pipe.set_progress_bar_config(disable=True)
         if plugin is not None:
-            load_plugin(pipe, plugin, self.config.local_files_only, first=not self._loaded)
-            self._loaded = True
+            load_plugin(pipe, plugin, self.config.local_files_only, self._loaded)
         concept = Concept.load(concept_path)
         pipe.load_concept(concept)
         return pipe, concept
@@ -117,23 +116,23 @@ def plugin_arguments(plugin: dict | None) -> dict:
     return {"ip_adapter": IPAdapterSpec.parse(plugin["ip_adapter"], scale=plugin.get("scale", 1.0))}
 
 
-def load_plugin(pipe, plugin: dict, local_files_only: bool, first: bool) -> None:
-    """A method's plug-in on a pipeline; its weights go into the UNet once (`first`), then are shared."""
+def load_plugin(pipe, plugin: dict, local_files_only: bool, loaded: dict) -> None:
+    """A method's plug-in on a pipeline. Its weights go into the shared UNet with the first pipeline;
+    `loaded` (empty the first time) keeps what the next pipelines attach instead of loading again."""
     from ..adapters.ip_adapter import load_ip_adapter
 
     spec = plugin_arguments(plugin)
-    if "photomaker" in spec:
-        if first:
-            pipe.load_photomaker(spec["photomaker"], local_files_only=local_files_only)
-        else:  # the LoRA is in the shared UNet already: attach the encoder only
-            from ..adapters.photomaker import id_image_processor, load_photomaker
-            from ..adapters.photomaker_plugin import PhotoMaker
-
-            encoder, _ = load_photomaker(spec["photomaker"].weights, device=pipe.device, dtype=pipe.unet.dtype,
-                                         local_files_only=local_files_only)
-            pipe.photomaker = PhotoMaker(encoder, id_image_processor(encoder.config), spec["photomaker"])
-    else:
-        load_ip_adapter(pipe, spec["ip_adapter"], local_files_only=local_files_only)
+    if not loaded:
+        if "photomaker" in spec:
+            loaded["photomaker"] = pipe.load_photomaker(spec["photomaker"], local_files_only=local_files_only)
+        else:
+            load_ip_adapter(pipe, spec["ip_adapter"], local_files_only=local_files_only)
+            loaded.update(image_encoder=pipe.image_encoder, feature_extractor=pipe.feature_extractor)
+    elif "photomaker" in spec:
+        pipe.photomaker = loaded["photomaker"]  # its LoRA is in the shared UNet already
+    else:  # the adapter's projections are in the shared UNet already: attach its image encoder
+        pipe.register_modules(image_encoder=loaded["image_encoder"], feature_extractor=loaded["feature_extractor"])
+        pipe.set_ip_adapter_scale(spec["ip_adapter"].scale)
 
 
 def _identity_loss_line(config: StudyConfig, units: list[Unit]) -> str:
@@ -313,7 +312,7 @@ class _Worker:
                     pipe, concept = self.sampler.pipeline(concept_path, unit.plugin)
                 t0 = time.perf_counter()
                 for item, image in zip(missing, self._generate(pipe, missing, unit)):
-                    self._save(folder / item.filename(), image, item, concept, concept_path)
+                    self._save(folder / item.filename(), image, item, concept, concept_path, unit)
                     images[item.item_id] = image
                 per_image = (time.perf_counter() - t0) / len(missing)
                 seconds = {item.item_id: per_image for item in missing}
@@ -344,16 +343,10 @@ class _Worker:
         from ..faces import load_photo
 
         settings = self.config.generate_config("-")
-        prompts, kwargs = [item.prompt for item in items], {}
+        prompts, kwargs = [sampling_prompt(unit, item.prompt) for item in items], {}
         if unit.plugin:
             photos = [load_photo(p) for p in unit.photos]
-            if "photomaker" in unit.plugin:
-                trigger = pipe.photomaker.spec.trigger
-                placeholder = unit.train["placeholder"]
-                prompts = [p.replace(placeholder, f"{placeholder} {trigger}", 1) for p in prompts]
-                kwargs["photomaker_images"] = photos
-            else:
-                kwargs["ip_adapter_image"] = photos
+            kwargs["photomaker_images" if "photomaker" in unit.plugin else "ip_adapter_image"] = photos
         return pipe(
             prompts,
             negative_prompt=settings.negative_prompt,
@@ -363,12 +356,33 @@ class _Worker:
             **kwargs,
         ).images
 
-    def _save(self, path: Path, image, item: Item, concept, concept_path: Path) -> None:
-        """The PNG with the metadata `personamagic generate` writes (so it can be regenerated), atomically."""
+    def _save(self, path: Path, image, item: Item, concept, concept_path: Path, unit: Unit) -> None:
+        """The PNG with the metadata `personamagic generate` writes (so it can be regenerated, plug-in
+        included), atomically."""
         from ..files import write_atomic
-        from ..jobs.generate import image_metadata, png_info
+        from ..jobs.generate import file_record, image_metadata, png_info
 
-        config = self.config.generate_config(item.prompt, item.seed)
-        meta = image_metadata(item.prompt, item.seed, config, [concept], self.config.model, image.size,
-                              concept_paths=[str(concept_path)], extra={"study_item": item.item_id})
+        prompt = sampling_prompt(unit, item.prompt)
+        config = self.config.generate_config(prompt, item.seed)
+        extra = {"study_item": item.item_id}
+        images = [file_record(p) for p in unit.photos]
+        if unit.plugin and "photomaker" in unit.plugin:
+            extra["photomaker"] = {"weights": unit.plugin["photomaker"], "merge_step": None, "lora_scale": 1.0,
+                                   "images": images}
+        elif unit.plugin:
+            extra["ip_adapter"] = {"weights": unit.plugin["ip_adapter"], "scale": unit.plugin.get("scale", 1.0),
+                                   "images": images}
+        meta = image_metadata(prompt, item.seed, config, [concept], self.config.model, image.size,
+                              concept_paths=[str(concept_path)], extra=extra)
         write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
+
+
+def sampling_prompt(unit: Unit, prompt: str) -> str:
+    """The prompt a unit's images are sampled with: a PhotoMaker unit's placeholder is followed by the
+    trigger word (its items keep the plain prompt, which T-Sim scores)."""
+    if unit.plugin and "photomaker" in unit.plugin:
+        from ..adapters.photomaker import TRIGGER_WORD
+
+        placeholder = unit.train["placeholder"]
+        return prompt.replace(placeholder, f"{placeholder} {TRIGGER_WORD}", 1)
+    return prompt

@@ -142,7 +142,9 @@ def load_identity_model(
 
 def default_identity_model(base_model: str) -> str:
     """What ``identity_model="auto"`` means: ``"tiny"`` on the tiny base model, else the default."""
-    return "tiny" if base_model in ("tiny", "tiny-sdxl") else DEFAULT_IDENTITY_MODEL
+    from ..models.tiny import TINY_MODELS
+
+    return "tiny" if base_model in TINY_MODELS else DEFAULT_IDENTITY_MODEL
 
 
 def identity_model_licence(spec: str) -> str:
@@ -372,5 +374,5 @@ def _image_inputs(model_proto) -> list:
 
 def identity_file_reference(spec: str) -> str:
     """The file or hub reference a `--identity-model` value reads (a short name resolved), for the
-    offline check of `personamagic.models.assets`."""
+    offline check of `personamagic.jobs.assets`."""
     return IDENTITY_MODEL_NAMES.get(spec, spec)

@@ -39,9 +39,8 @@ from ..concept import Concept, resolve_concept_path
 from ..errors import Interrupted, UserError
 from ..files import disk_error, make_folders, remove_empty_folders, write_atomic
 from ..models import TINY_MODELS, load_base_model, resolve_device, resolve_dtype
-from ..models.assets import Asset, base_model_asset, check_assets
+from .assets import check_assets, model_assets
 from ..models.devices import DTYPE_NAMES, check_compile_backend
-from ..models.loading import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -321,8 +320,9 @@ def image_metadata_fault(meta) -> str | None:
             fault = fault or _fields_fault(record, _FILE_RECORD, f"photomaker.images[{i}].")
         if fault:
             return fault
-    if "vae" in meta and not isinstance(meta["vae"], str):
-        return f"vae must be text, got {meta['vae']!r}"
+    for key in ("vae", "model_config"):
+        if key in meta and not isinstance(meta[key], str):
+            return f"{key} must be text, got {meta[key]!r}"
     if "batch" in meta:
         batch = meta["batch"]
         jobs, index = batch.get("jobs"), batch.get("index")
@@ -475,6 +475,7 @@ class _Session:
         self.config, self.result = config, result
         self.concept_paths = [str(p) for p in concept_paths]
         self.concepts = [Concept.load(path) for path in self.concept_paths]
+        self.ip_adapter = None  # its IPAdapterSpec, parsed by _check_inputs
         self._check_placeholders()
         # Check the settings and input files before the (possibly multi-GB) model load.
         inputs = self._check_inputs()
@@ -483,8 +484,10 @@ class _Session:
             result.notes.append("tiny model: its images are noise-like by nature; use a real model for faces")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        if resident is None:
-            check_assets(self._assets(), local_files_only=local_files_only)
+        assets = self._assets()
+        if resident is not None:  # the base model may be loaded already; the rest is checked all the same
+            assets = [a for a in assets if a.what != "the base model"]
+        check_assets(assets, local_files_only=local_files_only)
         base = self._load_base(resident, local_files_only)
         self._load_pipeline(base)
         self._attach_concepts()
@@ -526,19 +529,15 @@ class _Session:
                                     "images": [file_record(p) for p in config.photomaker_images]}
         if config.vae is not None:
             inputs["vae"] = config.vae
+        if config.model_config is not None:
+            inputs["model_config"] = config.model_config
         return inputs
 
     def _assets(self) -> list:
-        """What the run downloads (`models.assets`), for the offline check."""
-        config, found = self.config, []
-        if is_hub_id(self.model):
-            found.append(base_model_asset(self.model))
-        if config.vae is not None and is_hub_id(config.vae):
-            found.append(Asset("the VAE", config.vae, "the model's own VAE (no --vae)"))
-        if config.photomaker is not None and is_hub_id(config.photomaker):
-            found.append(Asset("PhotoMaker's weights", f"{config.photomaker}/photomaker-v1.bin",
-                               "a local photomaker-v1.bin"))
-        return found
+        """What the run downloads (`jobs.assets`), for the offline check."""
+        config = self.config
+        return model_assets(self.model, model_config=config.model_config, vae=config.vae,
+                            photomaker=config.photomaker, ip_adapter=self.ip_adapter)
 
     def _load_base(self, resident, local_files_only: bool):
         config = self.config
@@ -795,6 +794,7 @@ def regenerate(
     dtype: str | None = None,
     local_files_only: bool = False,
     resident=None,
+    model_config: str | None = None,
 ) -> GenerateResult:
     """Make a generated image again from its metadata; write it to the folder `output`.
 
@@ -802,12 +802,15 @@ def regenerate(
     the first time) and only this image is kept: on the same device type and dtype the result is the
     same image, pixel for pixel. Concepts are found at the recorded paths (as given, then absolute)
     unless `concept_paths` says where they are now; each must match its recorded fingerprint.
-    `dtype` defaults to the recorded one. `resident`: as in `generate`.
+    `dtype` defaults to the recorded one. `resident`: as in `generate`. `model_config`: the config
+    folder of a single-file model, when not where the image's metadata says.
     """
     image = Path(image)
     meta = read_image_metadata(image)
     paths = _find_concepts(meta["concepts"], concept_paths)
     config = _config_of(meta, image)
+    if model_config is not None:  # the single file's configs are elsewhere now
+        config.model_config = model_config
     batch = meta.get("batch") or {"jobs": [[meta["prompt"], meta["seed"]]], "index": 0}
     jobs = [(prompt, seed) for prompt, seed in batch["jobs"]]
     index = batch["index"]
@@ -863,6 +866,7 @@ def _config_of(meta: dict, image: Path) -> GenerateConfig:
             photomaker_merge_step=pm.get("merge_step") if pm else None,
             photomaker_lora_scale=pm.get("lora_scale", 1.0) if pm else 1.0,
             vae=meta.get("vae"),
+            model_config=meta.get("model_config"),
         )
     except ValueError as err:
         raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None

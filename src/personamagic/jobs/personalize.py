@@ -27,9 +27,10 @@ from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_cli
 from ..files import FolderLock, disk_error, write_atomic
 from ..identity.loading import default_identity_model, identity_file_reference, load_identity_model
 from ..models import BUILT_MODELS, DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder, resolve_device, resolve_dtype
-from ..models.assets import Asset, base_model_asset, check_assets
+from ..adapters.ip_adapter import IPAdapterSpec
+from .assets import Asset, check_assets, model_assets
 from ..models.devices import DTYPE_NAMES
-from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint, is_hub_id
+from ..models.loading import is_hub_id
 from ..training import TrainConfig, Trainer, latest_checkpoint, prepare_training_data
 from .plots import attention_figure, stages_figure
 
@@ -149,7 +150,7 @@ def personalize(
     image, for styles), or a mask image file (one photo only). image_encoder / identity_model: "auto"
     or a hub id / local path ("tiny" for the tiny stand-ins). `progress(step, total, logs, phase)` is
     called for every step, phase "warm-up" (before the automatic stage partition) or "train".
-    ip_adapter: an `ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file` text) to train with
+    ip_adapter: an `adapters.ip_adapter.IPAdapterSpec` (or its `owner/repo/subfolder/file` text) to train with
     that IP-Adapter plugged into the UNet (paper, Table 3); each photo is its input.
     resident: a `models.ResidentModels` to take the base model from (not with an IP-Adapter).
     revision / model_config: the hub revision of `model`, the config folder of a single-file model.
@@ -171,12 +172,12 @@ def personalize(
     if not (model in BUILT_MODELS or Path(model).expanduser().exists() or is_hub_id(model)):
         raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
                         f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}")
-    if resident is None:
-        extra = [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
-        weights = getattr(photomaker, "weights", photomaker)
-        if weights is not None and is_hub_id(str(weights)):
-            extra.append(Asset("PhotoMaker's weights", f"{weights}/photomaker-v1.bin", "a local photomaker-v1.bin"))
-        check_assets(run.assets(model_config) + extra, local_files_only=local_files_only)
+    spec = ip_adapter if ip_adapter is None or not isinstance(ip_adapter, str) else IPAdapterSpec.parse(ip_adapter)
+    assets = run.assets() + model_assets(model, model_config=model_config, vae=vae, photomaker=photomaker,
+                                         ip_adapter=spec)
+    if resident is not None:  # the base model may be loaded already; the rest is checked all the same
+        assets = [a for a in assets if a.what != "the base model"]
+    check_assets(assets, local_files_only=local_files_only)
     for photo in photos:
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
     with OutputFolder(output):
@@ -210,6 +211,7 @@ class _Run:
         self.resolution: int | None = None  # the training crop's side (None: the model's)
         self.vae: str | None = None  # another VAE than the model's
         self.photomaker = None  # PhotoMaker plugged in (`plug_in_photomaker`)
+        self.ip_adapter = None  # the IP-Adapter plugged in (`prepare`)
         self.is_face = config.supercategory in FACE_SUPERCATEGORIES
         if config.use_id_loss and not self.is_face:
             self.notes.append(f"identity loss off: supercategory {config.supercategory!r} is not a face")
@@ -225,15 +227,10 @@ class _Run:
         if config.use_id_loss:
             self.identity_spec = identity_model if identity_model != "auto" else default_identity_model(model)
 
-    def assets(self, model_config: str | None) -> list[Asset]:
-        """What this run reads from the hub (`models.assets`), to check before anything loads."""
+    def assets(self) -> list[Asset]:
+        """What this run reads from the hub besides the model (`jobs.assets`), to check before
+        anything loads."""
         found = []
-        if is_hub_id(self.model):
-            found.append(base_model_asset(self.model))
-        elif Path(self.model).is_file() and model_config is None:
-            family = family_of_checkpoint(Path(self.model), checkpoint_tensor_shapes(Path(self.model)))
-            found.append(Asset(f"the {family.title} configs of {self.model}", family.checkpoint_config_repo,
-                               "--model-config FOLDER", filename="model_index.json"))
         if self.mask_method == "clipseg":
             found.append(Asset("CLIPSeg (the face mask)", DEFAULT_CLIPSEG, "--mask landmarks"))
         found.append(Asset("the CLIP image encoder", self.encoder_name, "--image-encoder PATH, or tiny"))
@@ -252,6 +249,9 @@ class _Run:
             "identity_model": self.identity_spec,
             "resolution": self.resolution or base.resolution,
             "photomaker": self.photomaker.spec.to_dict() if self.photomaker else None,
+            "ip_adapter": self.ip_adapter.to_dict() if self.ip_adapter else None,
+            "vae": self.vae,
+            "revision": base.revision,
         }
 
     def prepare(self, base, device, dtype, local_files_only: bool, ip_adapter, models: PhotoModels | None = None):
@@ -285,6 +285,7 @@ class _Run:
         data.time_ids = training_time_ids(base.family, [p.crop for p in prepared], device)
         if ip_adapter is not None:
             ip_adapter = _plug_in_ip_adapter(base, ip_adapter, data, [p.image for p in prepared], local_files_only)
+            self.ip_adapter = ip_adapter
         self.timings["encode_s"] = time.perf_counter() - t0
         return data, prepared, masks, ip_adapter
 

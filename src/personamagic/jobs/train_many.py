@@ -30,8 +30,7 @@ from ..concept import CONCEPT_FILENAME
 from ..errors import UserError
 from ..faces import load_photo
 from ..models import load_base_model, resolve_device, resolve_dtype
-from ..models.assets import Asset, check_assets
-from ..models.loading import is_hub_id
+from .assets import check_assets, model_assets
 from ..training import TrainConfig, Trainer, latest_checkpoint
 from ..training.group import GroupTrainer, group_key
 from .personalize import (
@@ -123,10 +122,10 @@ def train_many(
     **options,
 ) -> TrainManyResult:
     """One concept per identity of `photos_dir` (module docstring) into `output`/<name>, trained
-    `identities_per_step` at a time. shard: an `evaluation.plan.Shard` (default: from the launcher's
+    `identities_per_step` at a time. shard: a `shards.Shard` (default: from the launcher's
     environment, else the whole folder). options: those of `train_identities` (model, dtype, image_encoder,
     identity_model, local_files_only, revision, model_config, vae, resolution, progress)."""
-    from ..evaluation.plan import Shard, process_device
+    from ..shards import Shard, process_device
 
     output = Path(output)
     if mask not in MASK_METHODS:
@@ -192,8 +191,8 @@ def train_identities(
     if not runs:
         result.timings["total_s"] = time.perf_counter() - started
         return result
-    assets = [a for _, run in runs.values() for a in run.assets(model_config)]
-    assets += [Asset("the VAE", vae, "the model's own VAE (no --vae)")] if vae and is_hub_id(vae) else []
+    assets = model_assets(model, model_config=model_config, vae=vae)
+    assets += [a for _, run in runs.values() for a in run.assets()]
     check_assets(list(dict.fromkeys(assets)), local_files_only=local_files_only)
 
     device_ = resolve_device(device)

@@ -16,8 +16,12 @@ from urllib.parse import urlparse
 
 from ..errors import UserError
 
-# names of models built in code (never downloaded)
-BUILT = ("tiny", "tiny-sdxl", "random-sd1", "random-sdxl", "random-clip-vit-b32", "random-iresnet100", "sface")
+def built_names() -> tuple[str, ...]:
+    """Names of models built in code or shipped with the package (never downloaded)."""
+    from ..identity.loading import RANDOM_IRESNET100, SFACE
+    from ..models.tiny import BUILT_MODELS, RANDOM_IMAGE_ENCODER
+
+    return (*BUILT_MODELS, RANDOM_IMAGE_ENCODER, RANDOM_IRESNET100, SFACE)
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Asset:
 
 
 def is_local_or_built(spec: str) -> bool:
-    return spec in BUILT or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~"))
+    return spec in built_names() or Path(spec).expanduser().exists() or spec.startswith((".", "/", "~"))
 
 
 def cached(asset: Asset) -> bool:
@@ -76,3 +80,32 @@ def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None
 def base_model_asset(model: str) -> Asset:
     return Asset("the base model", model, "--model tiny (an offline toy) or a local folder or file",
                  filename="model_index.json")
+
+
+def model_assets(model: str, *, model_config: str | None = None, vae: str | None = None, photomaker=None,
+                 ip_adapter=None) -> list[Asset]:
+    """What loading `model` with these options downloads: the model (or, for a single file without
+    `model_config`, its family's config repo), another VAE, PhotoMaker's weights, an IP-Adapter's
+    weights and image encoder."""
+    from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint, is_hub_id
+
+    found = []
+    if is_hub_id(model):
+        found.append(base_model_asset(model))
+    elif Path(model).expanduser().is_file() and model_config is None:
+        path = Path(model).expanduser()
+        family = family_of_checkpoint(path, checkpoint_tensor_shapes(path))
+        found.append(Asset(f"the {family.title} configs of {model}", family.checkpoint_config_repo,
+                           "--model-config FOLDER", filename="model_index.json"))
+    if vae is not None and is_hub_id(vae):
+        found.append(Asset("the VAE", vae, "the model's own VAE (no --vae)"))
+    weights = getattr(photomaker, "weights", photomaker)
+    if weights is not None and is_hub_id(str(weights)):
+        found.append(Asset("PhotoMaker's weights", f"{weights}/photomaker-v1.bin", "a local photomaker-v1.bin"))
+    if ip_adapter is not None and is_hub_id(ip_adapter.model):
+        folder = "/".join(part for part in (ip_adapter.model, ip_adapter.subfolder) if part)
+        found.append(Asset("the IP-Adapter", f"{folder}/{ip_adapter.weight_name}", "a local IP-Adapter file"))
+        if "/" not in ip_adapter.image_encoder_folder:
+            found.append(Asset("the IP-Adapter's image encoder", f"{folder}/{ip_adapter.image_encoder_folder}/config.json",
+                               "a local IP-Adapter file with its image_encoder/ folder"))
+    return found

@@ -1,0 +1,123 @@
+"""The package's import graph: no cycles between its parts, and dependencies pointing the documented way.
+
+The graph is read from the source (every `import`, including those inside functions, which is where the
+command modules import the heavy parts), so a cycle that only shows at run time is still caught here.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "src" / "personamagic"
+
+# parts that everything may use
+FOUNDATION = {"errors", "personamagic"}
+# the method and the family seam know nothing of the rest of the package
+SELF_CONTAINED = {"method", "families"}
+# what a user runs; nothing below them may import them
+FRONT_ENDS = {"cli", "ui", "evaluation"}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    name = _module_name(path)
+    # the package a relative import is resolved against
+    anchor = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                found.add(node.module)
+                continue
+            base = anchor[: len(anchor) - node.level + 1]
+            if node.module:
+                found.add(".".join([*base, node.module]))
+            else:  # `from . import x`: x may be a module
+                found.update(".".join([*base, alias.name]) for alias in node.names)
+    return {m for m in found if m == "personamagic" or m.startswith("personamagic.")}
+
+
+def _part(module: str) -> str:
+    """The top-level part of the package a module belongs to (`personamagic` for the root)."""
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] == "__version__":
+        return "personamagic"
+    return parts[1]
+
+
+def part_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        source = _part(_module_name(path))
+        targets = {_part(m) for m in _imported_modules(path)} - {source}
+        graph.setdefault(source, set()).update(targets)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as a path that ends where it starts, or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle_and_accepts_a_layering():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_is_read_from_the_real_package():
+    graph = part_graph()
+    # facts any reader can check in the source: the CLI runs the jobs, the trainer uses the method
+    assert "jobs" in graph["cli"]
+    assert "method" in graph["training"]
+    assert {"method", "families", "models", "training", "pipeline", "jobs"} <= set(graph)
+
+
+def test_the_package_has_no_import_cycles():
+    assert find_cycle(part_graph()) is None
+
+
+@pytest.mark.parametrize("part", sorted(SELF_CONTAINED))
+def test_the_method_and_the_family_seam_depend_only_on_errors(part):
+    assert part_graph()[part] <= FOUNDATION
+
+
+def test_models_faces_and_identity_do_not_reach_up_into_training_or_generation():
+    graph = part_graph()
+    upper = {"training", "pipeline", "jobs", *FRONT_ENDS}
+    for part in ("models", "faces", "identity"):
+        assert not graph[part] & upper, (part, graph[part] & upper)
+
+
+def test_only_front_ends_import_the_front_ends():
+    graph = part_graph()
+    for part, targets in graph.items():
+        if part in FRONT_ENDS or part == "bench":
+            continue
+        assert not targets & FRONT_ENDS, (part, targets & FRONT_ENDS)
