@@ -1,4 +1,4 @@
-"""Run the benchmark of PERF.md (same as `personamagic bench`); see personamagic/bench.py.
+"""Run the benchmark (same as `personamagic bench`, docs/performance.md); see personamagic/bench.py.
 
     python benchmarks/bench.py [--device cuda] [--steps 1000] [--output benchmarks/results/x.json]
 """

@@ -11,16 +11,11 @@ import zlib
 import pytest
 from PIL import Image
 
+from cli_helpers import run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
 
 TRAIN_FAST = ["--model", "tiny", "--steps", "3", "--checkpoint-every", "0", "--stage-window", "400:800"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +92,8 @@ def test_inspect_prints_stages_and_training(trained, capsys):
     assert code == 0 and f"dynamic {t_lo} <= t < {t_hi}" in out
     assert "partition: automatic, lambda1=0.7 lambda2=0.8" in out and "training: 3 steps" in out
     assert concept.fingerprint() in out and len(out.strip().splitlines()) <= 8
+    assert ", format 2, " in out and "(sd1, text width" in out
+
 
 
 def test_missing_placeholder_warns(trained, tmp_path, capsys):

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cli_helpers import run_cli
 from personamagic.concept import Concept
 from personamagic.errors import UserError
 from personamagic.method.mapper import MapperConfig, StageMapper
@@ -96,14 +97,25 @@ def test_failed_save_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
-def test_a_format_1_file_still_loads_as_an_sd1_concept(tmp_path):
-    # Version 1 (written before model families existed) had no family or base revision.
-    concept = make_concept()
+def write_format_1(concept, path):
+    """`concept` as a version-1 file (written before model families existed: no family, no base revision)."""
     meta = concept.metadata()
     meta["format_version"] = 1
     del meta["family"], meta["base_revision"]
-    path = tmp_path / "old.safetensors"
     save_file(concept.tensors(), str(path), metadata={"personamagic": json.dumps(meta)})
-    loaded = Concept.load(path)
-    assert loaded.family == "sd1" and loaded.base_revision is None
+    return path
+
+
+def test_a_format_1_file_still_loads_as_an_sd1_concept(tmp_path):
+    concept = make_concept()
+    loaded = Concept.load(write_format_1(concept, tmp_path / "old.safetensors"))
+    assert loaded.family == "sd1" and loaded.base_revision is None and loaded.file_format == 1
     assert loaded.stage_window == concept.stage_window and loaded.fingerprint() == concept.fingerprint()
+
+
+def test_inspect_names_the_format_of_the_file_it_read(tmp_path, capsys):
+    concept = make_concept()
+    code, out, _ = run_cli(capsys, "inspect", write_format_1(concept, tmp_path / "old.safetensors"))
+    assert code == 0 and ", format 1, " in out and "(sd1, text width" in out
+    code, out, _ = run_cli(capsys, "inspect", concept.save(tmp_path / "new"))
+    assert code == 0 and ", format 2, " in out

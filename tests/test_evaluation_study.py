@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from personamagic.errors import UserError
 from personamagic.evaluation import cli as evaluation_cli
+from personamagic.cli import main
 from personamagic.evaluation.config import MethodConfig, StudyConfig, load_study_config
 from personamagic.evaluation.datasets import discover_identities, select_identities, training_photos
 from personamagic.evaluation.ledger import Ledger, append_record, read_records
@@ -394,4 +396,11 @@ def test_the_plug_in_study_of_table_3_runs_on_tiny_sdxl(tmp_path):
     trained = [r for r in read_records(tmp_path / "study" / RESULTS_DIR) if r["type"] == "train"]
     zero_shot = [r for r in trained if r["method"] in ("photomaker", "ip-adapter")]
     assert {tuple(r["stage_window"]) for r in zero_shot} == {(0, 1000)}
-    assert (tmp_path / "study").is_dir() and WEIGHTS
+    for method in ("photomaker+ours", "ip-adapter+ours"):  # each image regenerates from itself, plug-in included
+        record = next(r for r in read_records(tmp_path / "study" / RESULTS_DIR)
+                      if r["type"] == "image" and r["method"] == method)
+        png = tmp_path / "study" / record["path"]
+        assert main(["generate", "--from-image", str(png), "-o", str(tmp_path / "again" / method)]) == 0
+        (again,) = (tmp_path / "again" / method).glob("*.png")
+        assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(png)))
+    assert WEIGHTS

@@ -6,17 +6,12 @@ import pytest
 from _concepts import random_concept
 from PIL import Image
 
+from cli_helpers import run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
 from personamagic.jobs.generate import GenerateConfig, localized_size, read_image_metadata, read_prompts_file
 
 FAST = ["--steps", "2", "--num-images", "1"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def pixels(path) -> np.ndarray:

@@ -268,7 +268,7 @@ def onnx_tools(monkeypatch):
     """onnx + onnx2torch, importable.
 
     onnx2torch imports torchvision at import time, for its NMS and RoiAlign converters only. The PyPI
-    torchvision does not load beside this machine's CPU torch (see /work/shared/OFFLINE.md), so when
+    torchvision wheel built for another torch may not load beside the installed CPU torch, so when
     torchvision is not importable a stub stands in for it during this test; a face recognition graph
     uses neither operator.
     """

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from hub_fixture import CLIP_B32, DREAMLIKE, SD14, SD15_INPAINTING, SD21, SDXL_REFINER
 
-from personamagic.cli import main
+from cli_helpers import run_cli
 from personamagic.concept import Concept
 from personamagic.errors import UserError
 from personamagic.faces import prepare_photo
@@ -19,12 +19,6 @@ from personamagic.method.losses import denoising_target
 from personamagic.models import load_base_model
 from personamagic.pipeline import PersonaMagicPipeline
 from personamagic.training import Trainer, TrainConfig, prepare_training_data
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def training_data(base, photo_path):

@@ -224,3 +224,10 @@ def test_package_root_exports_lazily():
     import personamagic
 
     assert personamagic.PersonaMagicPipeline is PersonaMagicPipeline and personamagic.attach_concepts is attach_concepts
+
+
+def test_every_lazy_export_resolves():
+    import personamagic
+
+    for name in personamagic.__all__:
+        assert getattr(personamagic, name) is not None, name

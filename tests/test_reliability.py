@@ -21,6 +21,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
 from personamagic.errors import UserError
@@ -30,12 +31,6 @@ GENERATE_FAST = ["--steps", "2", "--num-images", "1"]
 # a run with a checkpoint at step 2 of 4; TRAIN_AUTO finds its stage window after 1 warm-up step
 TRAIN_SHORT = ["--model", "tiny", "--steps", "4", "--checkpoint-every", "2", "--stage-window", "400:800"]
 TRAIN_AUTO = ["--model", "tiny", "--steps", "4", "--checkpoint-every", "2", "--partition-warmup-steps", "1"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line_error(code, err, *messages, exit_code=2, train=False):

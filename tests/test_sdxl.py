@@ -6,7 +6,7 @@ import pytest
 import torch
 from hub_fixture import SDXL
 
-from personamagic.cli import main
+from cli_helpers import run_cli
 from personamagic.concept import Concept
 from personamagic.errors import UserError
 from personamagic.faces import prepare_photo
@@ -19,12 +19,6 @@ from personamagic.pipeline import PersonaMagicPipeline
 from personamagic.training import Trainer, TrainConfig, prepare_training_data
 
 from _concepts import random_concept
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""PersonaMagic: stage-regulated face personalization of Stable Diffusion 1.x from one photo.
+"""PersonaMagic: stage-regulated face personalization of Stable Diffusion (1.x and XL) from one photo.
 
 `import personamagic` stays light (no torch, no diffusers); the public objects below load their
 modules on first use.
@@ -11,7 +11,8 @@ _LAZY = {
     "PersonaMagicPipeline": "personamagic.pipeline",
     "attach_concepts": "personamagic.pipeline",
     "export_textual_inversion": "personamagic.export",
-    "IPAdapterSpec": "personamagic.ip_adapter",
+    "IPAdapterSpec": "personamagic.adapters.ip_adapter",
+    "PhotoMakerSpec": "personamagic.adapters.photomaker_plugin",
 }
 
 __all__ = ["__version__", *_LAZY]

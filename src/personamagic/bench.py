@@ -1,7 +1,8 @@
-"""The benchmark of PERF.md: personalize and generate, the plain step beside the optimised one.
+"""The benchmark (docs/performance.md): personalize and generate, the plain step beside the optimised one.
 
 On a GPU it runs Stable Diffusion 1.x at its real sizes with random weights (timing does not depend on
-the weights' values) in bf16; on a CPU it runs the tiny model in fp32. Every figure is measured in the
+the weights' values) in bf16; on a CPU it runs the tiny model in fp32. The SDXL section does the same
+with SDXL-base sizes (tiny-sdxl on a CPU). Every figure is measured in the
 same run as the plain straightforward step, and printed as a ratio to it; the whole personalize job
 runs in a fresh process, as `personamagic train` would. The throughput section times K identities in
 one grouped step (`training.group`) and gives identities per hour, as a ratio to K = 1. Results: a

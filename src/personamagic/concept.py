@@ -56,6 +56,7 @@ class Concept:
     version: str = __version__  # package version that wrote the file
     family: str = "sd1"  # the base model's family (`personamagic.families`); version-1 files are SD-1.x
     base_revision: str | None = None  # hub commit of the base model's files, when loaded from the hub
+    file_format: int = field(default=FORMAT_VERSION, compare=False)  # the format of the file it was read from
 
     def build_mapper(self, device=None) -> StageMapper:
         config = MapperConfig(**self.mapper_config)
@@ -135,7 +136,7 @@ class Concept:
         stray = sorted(k for k in tensors if not k.startswith(MAPPER_PREFIX) and k != IMAGE_EMBEDS_KEY)
         if stray:
             raise ConceptFileError(f"tensor {stray[0]!r} belongs to no part of a concept")
-        concept = cls(mapper_state=mapper_state, image_embeds=image_embeds, **fields)
+        concept = cls(mapper_state=mapper_state, image_embeds=image_embeds, file_format=version, **fields)
         concept._check_tensors()
         return concept
 

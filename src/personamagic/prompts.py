@@ -1,6 +1,6 @@
 """Prompt lists: tandem-equilibrium training prompts (ours) and the paper's evaluation prompts.
 
-The TE loss needs "diverse person prompts containing S*" (SPEC §3); the paper generated 40 with
+The TE loss needs "diverse person prompts containing S*" (docs/method.md); the paper generated 40 with
 ChatGPT and did not publish them. These 48 are our own. They are kept disjoint from the evaluation
 prompts of the paper's Fig. 16 — no shared prompt and none of their themes (clothing, roles, places) —
 so that training never sees what evaluation measures (tests/test_prompts.py checks it).

@@ -70,6 +70,9 @@ WEIGHTS_NAME = "photomaker-v1.bin"  # the weights file in HUB_REPO
 LORA_ADAPTER_NAME = "photomaker"  # the adapter name the official pipeline loads its LoRA under
 TRIGGER_WORD = "img"  # the official pipeline's default trigger word (it follows the class word)
 CLIP_HEAD_DIM = 64  # width of one attention head in CLIP's vision towers
+# the fields PhotoMakerConfig shares with transformers' CLIPVisionConfig
+VISION_FIELDS = ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "hidden_act", "layer_norm_eps", "projection_dim")
 
 # diffusers' old attention-processor LoRA key, the format of `lora_weights`
 _LORA_KEY = re.compile(
@@ -101,19 +104,8 @@ class PhotoMakerConfig:
     fuse_hidden_dim: int = 2048  # hidden width of both fuse MLPs (v1: the prompt embedding width)
 
     def __post_init__(self):
-        for name in (
-            "image_size",
-            "patch_size",
-            "num_channels",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "projection_dim",
-            "projection_dim_2",
-            "prompt_embed_dim",
-            "fuse_hidden_dim",
-        ):
+        sizes = [n for n in VISION_FIELDS if n not in ("hidden_act", "layer_norm_eps")]
+        for name in (*sizes, "projection_dim_2", "prompt_embed_dim", "fuse_hidden_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PhotoMaker {name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
@@ -128,18 +120,7 @@ class PhotoMakerConfig:
 
     def vision_config(self) -> CLIPVisionConfig:
         """The transformers config of the vision tower (with its first projection)."""
-        return CLIPVisionConfig(
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_channels=self.num_channels,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-            projection_dim=self.projection_dim,
-        )
+        return CLIPVisionConfig(**{name: getattr(self, name) for name in VISION_FIELDS})
 
     @classmethod
     def from_vision_config(
@@ -147,16 +128,7 @@ class PhotoMakerConfig:
     ) -> PhotoMakerConfig:
         """Tower sizes read from a transformers `CLIPVisionConfig`, PhotoMaker's own widths given."""
         return cls(
-            image_size=vision_config.image_size,
-            patch_size=vision_config.patch_size,
-            num_channels=vision_config.num_channels,
-            hidden_size=vision_config.hidden_size,
-            intermediate_size=vision_config.intermediate_size,
-            num_hidden_layers=vision_config.num_hidden_layers,
-            num_attention_heads=vision_config.num_attention_heads,
-            hidden_act=vision_config.hidden_act,
-            layer_norm_eps=vision_config.layer_norm_eps,
-            projection_dim=vision_config.projection_dim,
+            **{name: getattr(vision_config, name) for name in VISION_FIELDS},
             projection_dim_2=projection_dim_2,
             prompt_embed_dim=prompt_embed_dim,
             fuse_hidden_dim=fuse_hidden_dim,

@@ -7,8 +7,8 @@ def add_parser(commands) -> None:
     export = commands.add_parser("export", help="write a concept in another tool's format")
     export.add_argument("concept", help="concept folder or concept.safetensors file")
     export.add_argument("--format", default="textual-inversion", choices=["textual-inversion"],
-                        help="textual-inversion: {token: [n, D]} safetensors for diffusers load_textual_inversion, "
-                             "A1111 and ComfyUI embeddings/ (default)")
+                        help="textual-inversion: safetensors for diffusers load_textual_inversion, A1111 and ComfyUI "
+                             "embeddings/: {token: [n, 768]} on SD 1.x, {clip_l, clip_g} on SDXL (default)")
     export.add_argument("--output", "-o", help="file to write (default: ./<concept folder name>.safetensors)")
     export.add_argument("--token", help="token the embedding is stored under (default: the placeholder if it "
                                         "looks like <name>, else <file name>)")

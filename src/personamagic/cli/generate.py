@@ -111,6 +111,7 @@ def _run(args):
             device=args.device,
             dtype=None if args.dtype == "auto" else args.dtype,
             local_files_only=args.local_files_only,
+            model_config=args.model_config,
         )
     else:
         prompts = list(args.prompt)

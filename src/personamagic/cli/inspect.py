@@ -19,15 +19,13 @@ def run(args) -> int:
 
 def describe_concept(concept, path) -> list[str]:
     """A few lines about a concept: file, token, stages, training."""
-    from ..concept import FORMAT_VERSION
-
     size = path.stat().st_size
     c, training, stages = concept, concept.training, concept.stages
     t_lo, t_hi = c.window
     lines = [
-        f"{path}  {size / 1e6:.2f} MB, format {FORMAT_VERSION}, written by personamagic {c.version}, fingerprint {c.fingerprint()}",
+        f"{path}  {size / 1e6:.2f} MB, format {c.file_format}, written by personamagic {c.version}, fingerprint {c.fingerprint()}",
         f"placeholder {c.placeholder!r} ({c.mapper_config.get('num_vectors', 1)} vector(s)), supercategory "
-        f"{c.supercategory!r}, base model {c.base_model} (text width {c.text_encoder_hidden_size})",
+        f"{c.supercategory!r}, base model {c.base_model} ({c.family}, text width {c.text_encoder_hidden_size})",
         f"stages: static 1 t >= {t_hi} | dynamic {t_lo} <= t < {t_hi} | static 2 t < {t_lo}  (T = {c.num_train_timesteps})",
     ]
     iou, timesteps = stages.get("iou"), stages.get("timesteps")

@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
     add_device_flags(train)
 
 
-def add_training_arguments(parser) -> None:
+def add_training_arguments(parser, *, mask_file: bool = True) -> None:
     """The flags of the base model, the photos' encoders and the training that `train` shares with
     `train-many` (`train_config` reads them)."""
     parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
@@ -43,8 +43,8 @@ def add_training_arguments(parser) -> None:
     parser.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
     parser.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
     parser.add_argument("--num-vectors", type=positive_int, default=1, help="token positions per placeholder (1)")
-    parser.add_argument("--mask", default="auto",
-                        help="auto, clipseg, landmarks, none, or a mask image FILE the size of the photo")
+    mask_help = "auto, clipseg, landmarks, none" + (", or a mask image FILE the size of the photo" if mask_file else "")
+    parser.add_argument("--mask", default="auto", help=mask_help)
     parser.add_argument("--image-encoder", default="auto",
                         help="CLIP vision model for the photo's embedding: hub id or folder "
                              "(openai/clip-vit-base-patch32), or tiny (an offline toy)")
@@ -79,6 +79,13 @@ def add_training_arguments(parser) -> None:
                              "compiles; an experiment, see docs/performance.md)")
     parser.add_argument("--low-memory", action="store_true",
                         help="for 8 GB cards: gradient checkpointing and the batch as micro-batches of 1")
+
+
+def model_options(args) -> dict:
+    """The keyword arguments of the model and photo flags `personalize` and `train_many` share."""
+    names = ("model", "device", "dtype", "mask", "image_encoder", "identity_model", "local_files_only", "revision",
+             "model_config", "vae", "resolution")
+    return {name: getattr(args, name) for name in names}
 
 
 def train_config(args):
@@ -177,27 +184,8 @@ def run(args) -> int:
     config = train_config(args)
     progress = ProgressBars()
     try:
-        result = personalize(
-            args.photos,
-            args.output,
-            config,
-            model=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            mask=args.mask,
-            image_encoder=args.image_encoder,
-            identity_model=args.identity_model,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            local_files_only=args.local_files_only,
-            progress=progress,
-            ip_adapter=ip_adapter,
-            revision=args.revision,
-            model_config=args.model_config,
-            vae=args.vae,
-            resolution=args.resolution,
-            photomaker=photomaker,
-        )
+        result = personalize(args.photos, args.output, config, overwrite=args.overwrite, resume=args.resume,
+                             progress=progress, ip_adapter=ip_adapter, photomaker=photomaker, **model_options(args))
     except KeyboardInterrupt:
         progress.close()
         raise Interrupted(interrupted_message(args)) from None

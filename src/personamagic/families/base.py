@@ -57,10 +57,6 @@ class ModelFamily:
         """What makes loaded `components` unusable as this family (empty when they fit)."""
         raise NotImplementedError
 
-    @property
-    def component_names(self) -> tuple[str, ...]:
-        return tuple(n for e in self.encoders for n in (e.tokenizer, e.component)) + ("unet", "vae", "scheduler")
-
     def added_conditioning(self, pooled, time_ids) -> dict:
         """The UNet's `added_cond_kwargs` for (B, P) pooled text embeddings and (B, 6) size ids (SDXL);
         empty for families that have none."""

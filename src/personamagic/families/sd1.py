@@ -2,7 +2,7 @@
 
 One CLIP ViT-L/14 text encoder; the UNet reads its last hidden state (768 wide) through cross-attention
 and nothing else. 512x512 images, 64x64 latents; cross-attention at the 64², 32², 16² and 8² latent
-levels. The partition averages every cross-attention layer's map on a 16x16 grid (SPEC §2: the level
+levels. The partition averages every cross-attention layer's map on a 16x16 grid (docs/method.md: the level
 whose maps carry the layout without the 64² level's texture noise). The tandem-equilibrium loss reads the
 text encoder's last layer, whose output is what the UNet sees. Textual-inversion files are
 `{token: Tensor[n, 768]}`, diffusers' format, which A1111 and ComfyUI read too.

@@ -1,4 +1,4 @@
-"""UNet attention processors: residual-on-V cross-attention (SPEC §1), installed per layer by name.
+"""UNet attention processors: residual-on-V cross-attention (docs/method.md), installed per layer by name.
 
 `PersonaMagicAttnProcessor` is diffusers' scaled-dot-product attention with one change: on
 cross-attention layers the values may come from `value_hidden_states` (the text encoder output plus the

@@ -1,4 +1,4 @@
-"""Text conditioning (SPEC §1): S*'s vectors into the frozen text encoders, their outputs into the UNet.
+"""Text conditioning (docs/method.md): S*'s vectors into the frozen text encoders, their outputs into the UNet.
 
 * `EmbeddingOverride`: hooks on a text encoder's token embedding swap the placeholder ids for vectors
   supplied per call (the mapper's output, one per sample), so the encoder runs its own, unmodified forward.
@@ -86,7 +86,7 @@ class EmbeddingOverride:
 def add_residuals(
     encoder_hidden_states: torch.Tensor, input_ids: torch.Tensor, residuals: dict[int, torch.Tensor]
 ) -> torch.Tensor:
-    """Text encoder output + mapper residuals at the placeholder positions: the V input (SPEC §1).
+    """Text encoder output + mapper residuals at the placeholder positions: the V input (docs/method.md).
 
     encoder_hidden_states: (B, L, C); input_ids: (B, L); residuals: {token_id: (B, C) or (C,)}.
     """
@@ -114,7 +114,7 @@ def text_layers(text_encoder: nn.Module):
 
 class LayerAttention:
     """Keeps the attention probabilities (B, H, L, L) of one CLIP text-encoder layer (`layer`, an index
-    into its layers: -1 the last, -2 the penultimate), which the tandem-equilibrium loss needs (SPEC §3).
+    into its layers: -1 the last, -2 the penultimate), which the tandem-equilibrium loss needs (docs/method.md).
     Only that layer runs eager attention, through its own copy of the config; every other layer keeps the
     model's fused kernel. `remove()` restores it.
 
@@ -244,7 +244,7 @@ class TextConditioner:
                forward=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states (B, L, C) the UNet reads, and the pooled embedding (B, P) or None (see class).
 
-        `forward(text_encoder, ids, hidden_layer, eos)`: another way to run an encoder (the capture-safe
+        `forward(text_encoder, ids, hidden_layer)`: another way to run an encoder (the capture-safe
         `StaticTextEncoder`); by default transformers' own forward."""
         if not self.overrides:
             raise RuntimeError("TextConditioner.encode outside `with conditioner:` (no overrides installed)")

@@ -1,4 +1,4 @@
-"""Losses of PersonaMagic (paper Eq. 1-4, SPEC §3): pure functions over tensors. Their sum for a batch,
+"""Losses of PersonaMagic (paper Eq. 1-4, docs/method.md): pure functions over tensors. Their sum for a batch,
 Eq. 5, is assembled on the model by `personamagic.training.objective`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The stage mapper: timestep (+ photo) -> dynamic embedding of S* and its value residual (SPEC §1).
+"""The stage mapper: timestep (+ photo) -> dynamic embedding of S* and its value residual (docs/method.md).
 
 The only trained network of PersonaMagic. Two small MLP branches share a fixed sinusoidal encoding of
 the timestep:

@@ -1,4 +1,4 @@
-"""Stage regulation (SPEC §2, paper Fig. 2): find the dynamic stage from where S*'s attention lands.
+"""Stage regulation (docs/method.md, paper Fig. 2): find the dynamic stage from where S*'s attention lands.
 
 After a short warm-up over the whole schedule, the UNet is run once per timestep of the sampling grid
 on the noised training latent with the prompt "a photo of S*"; the cross-attention probabilities of
@@ -10,8 +10,8 @@ thresholds scanning from large t down:
     dynamic:  then while r_t <= λ2 -> S* = mapper(t), trained
     static 2: the rest          -> S* = mapper(t_lo), frozen
 
-The pure functions (`attention_iou`, `partition_from_iou`) take plain arrays; `capture_attention_maps`
-runs the UNet with probability-recording processors that know their layer by name.
+The pure functions (`attention_iou`, `partition_from_iou`) take plain arrays;
+`training.partition.capture_attention` runs the UNet with probability-recording processors that know their layer by name.
 """
 
 from __future__ import annotations
@@ -34,11 +34,8 @@ class PartitionError(ValueError):
     """The IoU curve or the maps cannot be partitioned (NaN values, empty mask)."""
 
 
-STAGE_NAMES = ("static1", "dynamic", "static2")
-
-
 class StageWindow(tuple):
-    """The dynamic stage t_lo <= t < t_hi of a schedule of T training timesteps (SPEC §2), as the pair
+    """The dynamic stage t_lo <= t < t_hi of a schedule of T training timesteps (docs/method.md), as the pair
     (t_lo, t_hi), with the stage table every part of PersonaMagic reads:
 
     | stage    | t range          | S*                        |
@@ -132,7 +129,7 @@ def smooth(values: np.ndarray, width: int = 3) -> np.ndarray:
 
 @dataclass
 class StagePartition:
-    """The result of SPEC §2 steps 4-5 on one IoU curve (arrays ordered from large t to small t)."""
+    """The result of the partition's steps 4-5 (docs/method.md) on one IoU curve (arrays ordered from large t to small t)."""
 
     timesteps: list[int]  # the probed timesteps, descending
     iou: list[float]  # IoU_t
@@ -159,7 +156,7 @@ def partition_stages(
     min_dynamic_fraction: float = 0.2,
     num_train_timesteps: int = 1000,
 ) -> StagePartition:
-    """Partition the schedule from an IoU curve (SPEC §2, steps 4-5). See `partition_from_iou`."""
+    """Partition the schedule from an IoU curve (docs/method.md). See `partition_from_iou`."""
     t = np.asarray(timesteps, dtype=np.int64).reshape(-1)
     values = np.asarray(iou, dtype=np.float64).reshape(-1)
     if t.shape != values.shape or len(t) == 0:
@@ -220,7 +217,7 @@ def partition_from_iou(
     min_dynamic_fraction: float = 0.2,
     num_train_timesteps: int = 1000,
 ) -> tuple[int, int]:
-    """Dynamic stage (t_lo, t_hi) from an IoU curve (SPEC §2 steps 4-5).
+    """Dynamic stage (t_lo, t_hi) from an IoU curve (docs/method.md).
 
     timesteps: (K,) in any order; iou: (K,) IoU_t at those timesteps. r_t = IoU_t / max IoU, smoothed
     with a width-3 moving average along t. Scanning from the largest t down, static 1 lasts while

@@ -9,8 +9,22 @@ import torch
 from ..families import ModelFamily
 
 
+class TextEncoderWidths:
+    """`encoder_widths` and `hidden_size` of anything that has a `text_encoders` list."""
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        """Token-embedding width of each text encoder (768 on SD-1.x; 768 and 1280 on SDXL)."""
+        return [encoder.get_input_embeddings().embedding_dim for encoder in self.text_encoders]
+
+    @property
+    def hidden_size(self) -> int:
+        """The encoders' token-embedding widths summed: the width of S*'s embedding."""
+        return sum(self.encoder_widths)
+
+
 @dataclass
-class BaseComponents:
+class BaseComponents(TextEncoderWidths):
     """A loaded base model. Everything is frozen (`requires_grad_(False)`, eval mode): PersonaMagic
     trains only its stage mapper."""
 
@@ -32,16 +46,6 @@ class BaseComponents:
     def text_encoder(self) -> torch.nn.Module:
         """The first text encoder (the only one on SD-1.x)."""
         return self.text_encoders[0]
-
-    @property
-    def encoder_widths(self) -> list[int]:
-        """Token-embedding width of each text encoder (768 on SD-1.x; 768 and 1280 on SDXL)."""
-        return [encoder.get_input_embeddings().embedding_dim for encoder in self.text_encoders]
-
-    @property
-    def hidden_size(self) -> int:
-        """The encoders' token-embedding widths summed: the width of S*'s embedding."""
-        return sum(self.encoder_widths)
 
     @property
     def cross_attention_dim(self) -> int:

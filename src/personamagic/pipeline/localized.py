@@ -1,4 +1,4 @@
-"""Localized customization: Blended Latent Diffusion (Avrahami, Fried and Lischinski 2023; SPEC §4).
+"""Localized customization: Blended Latent Diffusion (Avrahami, Fried and Lischinski 2023; docs/method.md).
 
 The user gives a background image and a region mask (white = where the concept is painted). At every
 denoising step the latent outside the region is replaced by the background's latent noised to the

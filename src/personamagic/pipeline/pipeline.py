@@ -1,4 +1,4 @@
-"""PersonaMagicPipeline: sampling with stage-regulated concepts on a base model of any family (SPEC §4).
+"""PersonaMagicPipeline: sampling with stage-regulated concepts on a base model of any family (docs/method.md).
 
 A diffusers `DiffusionPipeline` over the usual Stable Diffusion components. At every denoising step each
 loaded concept's S* follows its stages (`StageWindow`):
@@ -47,6 +47,7 @@ from ..method.conditioning import (
     stage_key,
 )
 from ..method.tokens import PlaceholderTokens
+from ..models.components import TextEncoderWidths
 from .concepts import LoadedConcept
 from .graph import GraphedUNet
 from .localized import blend_latents, noised_background, prepare_localized
@@ -55,7 +56,7 @@ from .schedulers import make_scheduler
 logger = logging.getLogger(__name__)
 
 
-class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
+class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths):
     """Text-to-image with PersonaMagic concepts; the base model stays untouched."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
@@ -105,14 +106,6 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin):
     @property
     def text_encoders(self) -> list:
         return [getattr(self, spec.component) for spec in self.family.encoders]
-
-    @property
-    def encoder_widths(self) -> list[int]:
-        return [encoder.get_input_embeddings().embedding_dim for encoder in self.text_encoders]
-
-    @property
-    def hidden_size(self) -> int:
-        return sum(self.encoder_widths)
 
     def set_scheduler(self, name: str) -> None:
         self.scheduler = make_scheduler(name, dict(self.scheduler.config))

@@ -109,7 +109,9 @@ SETTING_NAMES = {
     "seed": "--seed", "stage_window": "--stage-window", "lambda1": "--lambda1", "lambda2": "--lambda2",
     "partition_warmup_steps": "--partition-warmup-steps", "te_weight": "--te-weight", "id_weight": "--id-weight",
     "use_id_loss": "identity loss (--no-id-loss)", "base_model": "--model", "mask": "--mask",
-    "image_encoder": "--image-encoder", "identity_model": "--identity-model",
+    "image_encoder": "--image-encoder", "identity_model": "--identity-model", "resolution": "--resolution",
+    "photomaker": "--photomaker", "ip_adapter": "--ip-adapter/--ip-adapter-scale", "vae": "--vae",
+    "revision": "the base model's revision (--revision)",
 }
 
 

@@ -8,16 +8,16 @@ from dataclasses import asdict, dataclass
 
 from ..models.devices import check_compile_backend
 
-DEFAULT_PARTITION_WARMUP_STEPS = 100  # SPEC §2.1
+DEFAULT_PARTITION_WARMUP_STEPS = 100  # docs/method.md
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one concept's training. Defaults follow the paper (appendix) and SPEC.md."""
+    """Hyper-parameters of one concept's training. Defaults follow the paper (appendix) and docs/method.md."""
 
     placeholder: str = "S*"  # text standing for the concept in prompts
     supercategory: str = "face"  # single-token word: static stage 1 uses it, the mapper starts from it
-    num_vectors: int = 1  # token positions S* expands to (SPEC §1; paper: 1, authors' code: 4)
+    num_vectors: int = 1  # token positions S* expands to (docs/method.md; paper: 1, authors' code: 4)
     train_prompt: str = "a photo of {}"  # training prompt, {} = placeholder (paper, Fig. 2)
     # optimizer steps (paper: 1000 iterations); 0 with a stage_window: the untrained concept, exactly the
     # supercategory word (the zero-shot baselines of the plug-in study)
@@ -29,10 +29,10 @@ class TrainConfig:
     adam_beta2: float = 0.999  # AdamW β2 (paper)
     adam_epsilon: float = 1e-8  # AdamW ε (PyTorch default)
     seed: int = 0  # seeds the training generator: same seed, same device -> same concept
-    stage_window: tuple[int, int] | None = None  # (t_lo, t_hi) dynamic stage; None = find it (SPEC §2)
+    stage_window: tuple[int, int] | None = None  # (t_lo, t_hi) dynamic stage; None = find it (docs/method.md)
     lambda1: float = 0.7  # relative-IoU threshold that ends static stage 1 (paper, Table 2)
     lambda2: float = 0.8  # relative-IoU threshold above which static stage 2 begins (paper, Table 2)
-    # full-schedule steps before the attention capture (SPEC §2.1: 100); None: 100, or max_train_steps
+    # full-schedule steps before the attention capture (docs/method.md: 100); None: 100, or max_train_steps
     # if fewer, so that a short run is not mostly warm-up
     partition_warmup_steps: int | None = None
     partition_timesteps: int = 50  # sampling-grid timesteps probed by the capture (50 DDIM steps)
@@ -46,15 +46,15 @@ class TrainConfig:
     # with several text encoders (SDXL): the weight of each encoder's TE term, in the encoders' order;
     # None: equal weights summing to 1, so w_te keeps its meaning
     te_encoder_weights: tuple[float, ...] | None = None
-    id_weight: float = 1.0  # w_id, weight of the identity loss (SPEC §3)
+    id_weight: float = 1.0  # w_id, weight of the identity loss (docs/method.md)
     use_id_loss: bool = True  # identity loss on (needs an identity encoder; off for non-face concepts)
-    bypass_drop: float = 0.5  # probability of zeroing the value residual per sample (NeTI, SPEC §1)
+    bypass_drop: float = 0.5  # probability of zeroing the value residual per sample (NeTI, docs/method.md)
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0 = never)
     mapper_hidden_dim: int = 128  # width of the mapper's MLPs (authors' code: 128)
     time_frequencies: int = 64  # sinusoid frequencies of the mapper's timestep encoding
     mapper_time_dependent: bool = True  # False: one embedding for all t (textual-inversion ablation)
     mapper_residual: bool = True  # False: no value residual (ablation)
-    optimize: bool = True  # speed-ups (fast.py); False = the plain reference step, every speed-up off
+    optimize: bool = True  # speed-ups (training/graph.py, face_patches.py); False = the plain reference step, every speed-up off
     cuda_graph: bool = True  # with optimize on CUDA: replay each step from a captured CUDA graph
     id_face_patch: bool = True  # with optimize: decode only the latent patch under the face for L_id
     id_patch_margin: int = 2  # latent pixels added around the aligned face crop's footprint

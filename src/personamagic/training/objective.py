@@ -1,4 +1,4 @@
-"""The training objective of one batch (paper Eq. 5, SPEC §3) on a frozen base model of any family:
+"""The training objective of one batch (paper Eq. 5, docs/method.md) on a frozen base model of any family:
 
     x_t = √ᾱ·z + √(1−ᾱ)·ε                                z drawn from the photo's cached VAE posterior
     e, r = mapper(t, clip_image_embed)                   S* embedding and its value residual

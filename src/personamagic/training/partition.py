@@ -1,4 +1,4 @@
-"""The automatic stage partition's driver (SPEC §2): warm up, capture S*'s attention, cut the IoU curve.
+"""The automatic stage partition's driver (docs/method.md): warm up, capture S*'s attention, cut the IoU curve.
 
 1. Warm-up: the mapper trains over the whole schedule [0, T) for `warmup_steps`.
 2. Capture: photo 0's latent is noised to each timestep of a DDIM grid with one fixed-seed noise draw,

@@ -1,4 +1,4 @@
-"""Training one concept's stage mapper (SPEC §2-3): the optimizer loop around the Eq. 5 objective.
+"""Training one concept's stage mapper (docs/method.md): the optimizer loop around the Eq. 5 objective.
 
 Everything but the mapper is frozen. All randomness comes from one torch.Generator on the training
 device, whose state is saved in checkpoints, so a resumed run repeats an uninterrupted one exactly.
@@ -128,7 +128,7 @@ class Trainer:
         )
 
     def restart_mapper(self) -> None:
-        """Back to the initial weights with a fresh optimizer (after the partition warm-up, SPEC §2.6)."""
+        """Back to the initial weights with a fresh optimizer (after the partition warm-up, docs/method.md)."""
         with torch.no_grad():  # in place: a captured CUDA graph keeps pointing at these tensors
             for name, value in self.mapper.state_dict().items():
                 value.copy_(self.initial_mapper_state[name])
@@ -219,7 +219,7 @@ class Trainer:
             if progress is not None:
                 progress(j, total, values)
 
-    # -- stage partition (SPEC §2) -----------------------------------------------------------------
+    # -- stage partition (docs/method.md) -----------------------------------------------------------------
 
     def find_stage_window(self, progress=None) -> StagePartition:
         """Warm up over the whole schedule, capture S*'s attention, partition, set `stage_window`.

@@ -164,7 +164,7 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
         timer = gr.Timer(POLL_SECONDS, active=False)
         gr.Markdown(
             "# PersonaMagic\n"
-            "Personalize Stable Diffusion 1.x to one person from a photo: **1.** upload the photo and "
+            "Personalize Stable Diffusion (1.x or SDXL) to one person from a photo: **1.** upload the photo and "
             "check the face and mask, **2.** personalize (a concept is saved in the library), "
             "**3.** generate with prompts that contain the concept's placeholder (`S*`). "
             f"Library: `{studio.library.root}`. The `tiny` and `tiny-sdxl` models are offline toys whose images are noise."
