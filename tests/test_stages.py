@@ -202,3 +202,42 @@ def test_trainer_finds_a_window_and_records_the_curve(tiny_base, astronaut):
     with Trainer(tiny_base, data, replace(config, restart_after_partition=True)) as trainer:
         trainer.find_stage_window()
         assert all(torch.equal(initial[k], v) for k, v in trainer.mapper.state_dict().items())
+
+
+# -- what the user is shown of a partition -------------------------------------------------------------
+
+
+def _shown_stages(curve, lambda1=0.7, lambda2=0.8):
+    """The stages dict a concept stores for this curve (as the trainer builds it)."""
+    from personamagic.method.stages import StageWindow
+
+    partition = partition_stages(GRID10, curve, lambda1, lambda2)
+    return {"method": "auto", **partition.to_dict(), "window": StageWindow.from_partition(partition, 1000, 0.2).to_list()}
+
+
+def _legend_and_label(stages, supercategory):
+    from personamagic.jobs.plots import stages_plot
+
+    (ax,) = stages_plot(stages, 1000, supercategory).axes
+    return ax.get_legend_handles_labels()[1], ax.get_ylabel()
+
+
+def test_the_stage_plot_names_the_supercategory_and_draws_no_empty_stage():
+    # small lambda1: the dynamic stage reaches T, so there is no static-1 band to draw
+    top = _shown_stages(MONOTONE, lambda1=0.05)
+    assert top["window"][1] == 1000
+    labels, ylabel = _legend_and_label(top, "painting")
+    assert not any(label.startswith("static 1") for label in labels)
+    assert "static 2 (frozen)" in labels and "painting" in ylabel and "face" not in ylabel
+    # a window strictly inside the schedule shows all three stages, static 1 as the supercategory word
+    labels, _ = _legend_and_label(_shown_stages(MONOTONE), "face")
+    assert {"static 1 ('face')", "dynamic (mapper, trained)", "static 2 (frozen)"} <= set(labels)
+
+
+def test_the_partition_line_states_the_minimum_width_it_used():
+    from personamagic.jobs.personalize import describe_partition
+
+    widened = _shown_stages([0.1] * 4 + [0.75] + [1.0] * 5)
+    assert widened["widened"]
+    assert "35% of the schedule" in describe_partition(widened, 0.35)
+    assert "widened" not in describe_partition(_shown_stages(MONOTONE, lambda1=0.05) | {"widened": False}, 0.2)

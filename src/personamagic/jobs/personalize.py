@@ -316,7 +316,7 @@ class _Run:
             if trainer.stage_window is None:
                 trainer.find_stage_window(progress=_with_phase(progress, "warm-up"))
                 self.timings["partition_s"] = time.perf_counter() - t0
-                logger.info(describe_partition(trainer.stages))
+                logger.info(describe_partition(trainer.stages, trainer.config.min_dynamic_fraction))
             t1 = time.perf_counter()
             trainer.train(progress=_with_phase(progress, "train"), checkpoint_dir=checkpoint_dir, job=job)
             self.timings["train_s"] = time.perf_counter() - t1
@@ -394,7 +394,7 @@ def _write_outputs(output: Path, concept: Concept, trainer, photo, mask) -> Path
         concept_path = concept.save(output)
         pictures = {MASK_PREVIEW: mask_overlay(photo, mask)}
         if concept.stages.get("method") == "auto":
-            pictures[STAGES_PLOT] = stages_figure(concept.stages, concept.num_train_timesteps)
+            pictures[STAGES_PLOT] = stages_figure(concept.stages, concept.num_train_timesteps, concept.supercategory)
             if trainer.attention_maps is not None:
                 pictures[ATTENTION_PLOT] = attention_figure(photo, trainer.attention_maps, concept.stages)
         for name, picture in pictures.items():
@@ -428,14 +428,14 @@ def _with_phase(progress, phase: str):
     return lambda step, total, logs: progress(step, total, logs, phase)
 
 
-def describe_partition(stages: dict) -> str:
+def describe_partition(stages: dict, min_dynamic_fraction: float = 0.2) -> str:
     """One line on the automatic partition's result, with the final window."""
     t_lo, t_hi = stages["window"]
     text = f"stage partition: dynamic stage {t_lo} <= t < {t_hi}"
     if stages.get("flat"):
         text += " (flat IoU curve: no stage structure found, whole schedule used)"
     elif stages.get("widened"):
-        text += " (widened to the minimum width, 20% of the schedule)"
+        text += f" (widened to the minimum width, {min_dynamic_fraction:.0%} of the schedule)"
     return text
 
 

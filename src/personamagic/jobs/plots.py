@@ -17,17 +17,26 @@ def _figure_to_image(figure) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-def stages_figure(stages: dict, num_train_timesteps: int = 1000) -> Image.Image:
-    """IoU (raw and relative, smoothed) against t, the λ lines, and the three stages shaded."""
+def stages_figure(stages: dict, num_train_timesteps: int = 1000, supercategory: str = "face") -> Image.Image:
+    """The picture of `stages_plot`."""
+    return _figure_to_image(stages_plot(stages, num_train_timesteps, supercategory))
+
+
+def stages_plot(stages: dict, num_train_timesteps: int = 1000, supercategory: str = "face"):
+    """IoU (raw and relative, smoothed) against t, the λ lines, and the stages the window has shaded
+    (a static stage of zero width is neither drawn nor named in the legend); a matplotlib Figure."""
     from matplotlib.figure import Figure  # the Figure API renders with Agg, no global backend switch
 
     t = np.asarray(stages["timesteps"])
     t_lo, t_hi = stages["window"]
     figure = Figure(figsize=(7.5, 3.6))
     ax = figure.add_subplot(1, 1, 1)
-    ax.axvspan(t_hi, num_train_timesteps, color=STAGE_COLORS["static 1"], alpha=0.6, label="static 1 (supercategory)")
-    ax.axvspan(t_lo, t_hi, color=STAGE_COLORS["dynamic"], alpha=0.6, label="dynamic (mapper, trained)")
-    ax.axvspan(0, t_lo, color=STAGE_COLORS["static 2"], alpha=0.6, label="static 2 (frozen)")
+    bands = [(t_hi, num_train_timesteps, "static 1", f"static 1 ('{supercategory}')"),
+             (t_lo, t_hi, "dynamic", "dynamic (mapper, trained)"),
+             (0, t_lo, "static 2", "static 2 (frozen)")]
+    for start, end, stage, label in bands:
+        if end > start:
+            ax.axvspan(start, end, color=STAGE_COLORS[stage], alpha=0.6, label=label)
     ax.plot(t, stages["iou"], "o-", color="#636363", markersize=3, label="IoU")
     ax.plot(t, stages["relative_iou"], "-", color="#d94801", linewidth=2, label="relative IoU (smoothed)")
     ax.axhline(stages["lambda1"], color="#08519c", linestyle="--", linewidth=1, label=f"λ1 = {stages['lambda1']}")
@@ -35,10 +44,10 @@ def stages_figure(stages: dict, num_train_timesteps: int = 1000) -> Image.Image:
     ax.set_xlim(num_train_timesteps, 0)  # the reverse process runs from T down to 0
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("timestep t (denoising runs right to left)")
-    ax.set_ylabel("IoU of S* attention with the face")
+    ax.set_ylabel(f"IoU of S* attention with the {supercategory} mask")
     ax.set_title(f"stage partition: dynamic stage {t_lo} ≤ t < {t_hi}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _figure_to_image(figure)
+    return figure
 
 
 def attention_figure(photo: Image.Image, maps, stages: dict, count: int = 6) -> Image.Image:

@@ -287,7 +287,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
                 continue
             trainer, run = slot.trainer, slot.run
             if trainer.stages.get("method") == "auto":
-                logger.info("%s: %s", slot.job.name, describe_partition(trainer.stages))
+                logger.info("%s: %s", slot.job.name, describe_partition(trainer.stages, trainer.config.min_dynamic_fraction))
             extra = run.concept_extra(slot.facts, None, device, dtype)
             concept = trainer.concept(base_model=base.name, image_encoder=run.encoder_name, extra=extra)
             try:
