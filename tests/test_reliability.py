@@ -247,10 +247,11 @@ def rewrite_concept(source, target, meta=None, tensors=None):
     with safe_open(str(source / "concept.safetensors"), framework="pt") as f:
         header = json.loads(f.metadata()["personamagic"])
     data = load_file(str(source / "concept.safetensors"))
-    header = meta(header) if meta else header
+    header = meta(header) if meta else header  # a str is written as it is (JSON no encoder writes)
     data = tensors(data) if tensors else data
     target.mkdir(parents=True, exist_ok=True)
-    save_file(data, str(target / "concept.safetensors"), metadata={"personamagic": json.dumps(header)})
+    text = header if isinstance(header, str) else json.dumps(header)
+    save_file(data, str(target / "concept.safetensors"), metadata={"personamagic": text})
     return target / "concept.safetensors"
 
 
@@ -287,8 +288,17 @@ def with_value(value, at=0):
     return change
 
 
+def with_huge_number(meta):
+    """The metadata's JSON with one more key whose number has more digits than Python converts."""
+    return json.dumps(meta)[:-1] + ', "extra": ' + "9" * 5000 + "}"
+
+
+NESTED_TOO_DEEP = "[" * 100_000 + "]" * 100_000  # deeper than the JSON parser recurses
+
 BAD_CONCEPTS = {
     "metadata is a list": (lambda meta: [meta], None, "metadata is a JSON list, not an object"),
+    "metadata with a 5000-digit number": (with_huge_number, None, "without readable concept metadata"),
+    "metadata nested too deep": (lambda meta: NESTED_TOO_DEEP, None, "without readable concept metadata"),
     "no placeholder": (without("placeholder"), None, "no 'placeholder'"),
     "empty placeholder": (edit("placeholder", ""), None, "'placeholder' must be non-empty text"),
     "numeric placeholder": (edit("placeholder", 7), None, "'placeholder' must be text"),
@@ -375,6 +385,8 @@ def with_metadata(source, target, text):
 BAD_IMAGE_METADATA = {
     "garbled JSON": ("{\"prompt\": \"a photo", "not valid JSON"),
     "a list": ("[]", "a JSON list, not an object"),
+    "a 5000-digit number": (with_huge_number, "not valid JSON"),
+    "nested too deep": (NESTED_TOO_DEEP, "not valid JSON"),
     "no prompt": (lambda m: json.dumps({k: v for k, v in m.items() if k != "prompt"}), "no 'prompt'"),
     "no seed": (lambda m: json.dumps({k: v for k, v in m.items() if k != "seed"}), "no 'seed'"),
     "seed as text": (lambda m: json.dumps({**m, "seed": "0"}), "seed must be a whole number"),

@@ -3,7 +3,7 @@
 On a GPU it runs Stable Diffusion 1.x at its real sizes with random weights (timing does not depend on
 the weights' values) in bf16; on a CPU it runs the tiny model in fp32. The SDXL section does the same
 with SDXL-base sizes (tiny-sdxl on a CPU). Every figure is measured in the
-same run as the plain straightforward step, and printed as a ratio to it; the whole personalize job
+same run as the plain step (optimisations off), and printed as a ratio to it; the whole personalize job
 runs in a fresh process, as `personamagic train` would. The throughput section times K identities in
 one grouped step (`training.group`) and gives identities per hour, as a ratio to K = 1. Results: a
 table and a JSON file (device, versions, date, every figure) under benchmarks/results/.

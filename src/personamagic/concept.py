@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import UserError
+from .errors import BAD_JSON, UserError
 from .files import load_safetensors, save_safetensors_atomic
 from .method.mapper import MapperConfig, StageMapper
 from .method.stages import StageWindow
@@ -110,7 +110,7 @@ class Concept:
         tensors, header = load_safetensors(path)
         try:
             meta = json.loads(header[METADATA_KEY])
-        except (KeyError, json.JSONDecodeError, RecursionError):
+        except (KeyError, *BAD_JSON):
             raise UserError(f"{path}: not a PersonaMagic concept (a safetensors file without readable concept "
                             "metadata)") from None
         try:

@@ -11,3 +11,9 @@ class Interrupted(UserError):
     """The user stopped a run (Ctrl-C); the message says what was kept and how to go on."""
 
     exit_code = 130
+
+
+# What `json.loads` raises on text that is damaged or hostile: a syntax error (JSONDecodeError is a
+# ValueError), an integer of more digits than Python converts (ValueError), nesting deeper than the
+# parser recurses (RecursionError). Every read of JSON from a file catches all of them.
+BAD_JSON = (ValueError, RecursionError)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import BAD_JSON, UserError
 from ..models.loading import DEFAULT_BASE_MODEL
 from ..prompts import EVALUATION_PROMPTS
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
@@ -288,7 +288,7 @@ def _read_config_file(path: Path) -> dict:
             raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as err:
+    except BAD_JSON as err:
         raise UserError(f"{path} is not valid JSON ({err}); fix it or use a .yaml file") from None
 
 

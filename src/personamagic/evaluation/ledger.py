@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import BAD_JSON
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ def read_records(folder: Path) -> Iterator[dict]:
                     continue
                 try:
                     record = json.loads(raw)
-                except json.JSONDecodeError:
+                except BAD_JSON:
                     logger.warning("%s:%d: skipping a line that is not JSON", path, number)
                     continue
                 if isinstance(record, dict):

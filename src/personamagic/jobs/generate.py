@@ -36,7 +36,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
 from ..concept import Concept, resolve_concept_path
-from ..errors import Interrupted, UserError
+from ..errors import BAD_JSON, Interrupted, UserError
 from ..files import disk_error, make_folders, remove_empty_folders, write_atomic
 from ..models import TINY_MODELS, load_base_model, resolve_device, resolve_dtype
 from .assets import check_assets, model_assets
@@ -264,7 +264,7 @@ def read_image_metadata(path: str | Path) -> dict:
         raise UserError(f"{path} has no personamagic metadata (was it made by personamagic generate?)")
     try:
         meta = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except BAD_JSON:
         raise UserError(f"{path}: its personamagic metadata is not valid JSON (the file was edited or "
                         "damaged)") from None
     fault = image_metadata_fault(meta)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import BAD_JSON, UserError
 from ..families import FAMILIES, ModelFamily
 from .components import BaseComponents
 from .tiny import BUILT_MODELS, TINY, build_model
@@ -135,7 +135,7 @@ def read_json_file(name: str, filename: str, *, subfolder: str = "", revision: s
             ) from None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, *BAD_JSON) as err:
         raise UserError(f"{path} is not readable JSON ({first_line(err)}); download the model again") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; download the model again")

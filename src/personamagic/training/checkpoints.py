@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import UserError
+from ..errors import BAD_JSON, UserError
 from ..files import disk_error, load_safetensors, save_safetensors_atomic
 
 CHECKPOINT_FORMAT = 2
@@ -77,7 +77,7 @@ def read_checkpoint(path: Path) -> tuple[dict, dict]:
     tensors, header = load_safetensors(path)
     try:
         meta = json.loads(header["checkpoint"])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, *BAD_JSON):
         raise UserError(f"{path} is not a personamagic training checkpoint") from None
     if not isinstance(meta, dict) or meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
         found = meta.get("checkpoint_format") if isinstance(meta, dict) else None
