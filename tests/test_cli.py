@@ -230,12 +230,16 @@ def test_generate_mistakes(trained, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_concept_on_a_base_model_of_another_shape(trained, tmp_path, capsys):
-    concept = Concept.load(trained)
-    concept.text_encoder_hidden_size = 768  # as if trained on SD-1.x
-    concept.save(tmp_path / "sd")
-    code, _, err = run_cli(capsys, "generate", tmp_path / "sd", "--model", "tiny", "-p", "S*", "-o", tmp_path / "o")
-    assert_one_line_error(code, err, "text width")
+def test_concept_on_a_base_model_of_another_shape(tmp_path, capsys):
+    from _concepts import random_concept
+
+    from personamagic.models import TinyConfig, build_tiny_components
+
+    # a whole, sound concept of an SD-1.x model 48 wide, on `tiny` (32 wide)
+    random_concept(build_tiny_components(TinyConfig(hidden_size=48))).save(tmp_path / "wide")
+    code, _, err = run_cli(capsys, "generate", tmp_path / "wide", "--model", "tiny", "-p", "S*", "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "text width 48")
+    assert "text width is 32" in err
 
 
 def test_console_script_help_is_fast_and_errors_have_no_traceback(tmp_path):

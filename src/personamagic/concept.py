@@ -30,6 +30,9 @@ METADATA_KEY = "personamagic"
 MAPPER_PREFIX = "mapper."
 IMAGE_EMBEDS_KEY = "image_embeds"
 MAPPER_PROBES = 1000  # timesteps of the dynamic stage at which loading checks the mapper's output is finite
+# the largest T (the base model's num_train_timesteps) a concept file may record: every Stable Diffusion
+# schedule has 1000; a far larger number is a damaged file, not a model
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 class ConceptFileError(ValueError):
@@ -124,8 +127,14 @@ class Concept:
         if not isinstance(meta, dict):
             raise ConceptFileError(f"its metadata is a JSON {type(meta).__name__}, not an object; "
                                    "the file is damaged or not a PersonaMagic concept")
-        version = meta.get("format_version")
-        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+        if "format_version" not in meta:
+            raise ConceptFileError("its metadata has no 'format_version'; the file is damaged or not a PersonaMagic "
+                                   "concept")
+        version = meta["format_version"]
+        if not _is_kind(version, int):  # "2" or true is no format number, not a format this version cannot read
+            raise ConceptFileError(f"concept format {version!r} is not a format number: metadata 'format_version' "
+                                   "must be a whole number; the file is damaged")
+        if version not in READABLE_VERSIONS:
             raise ConceptFileError(
                 f"concept format {version!r}, this personamagic reads {FORMAT_VERSION}; use the personamagic "
                 f"version that wrote it ({meta.get('package_version')})"
@@ -163,6 +172,7 @@ class Concept:
             raise ConceptFileError(f"tensor {IMAGE_EMBEDS_KEY!r} has shape {tuple(self.image_embeds.shape)}, "
                                    f"expected (N, {E}) for N >= 1 photos")
         _check_tensor(IMAGE_EMBEDS_KEY, self.image_embeds, (self.image_embeds.shape[0], E), torch.float32)
+        self._check_widths(config)
         # Finite weights can still overflow (1e30 everywhere): the embeddings generation and export
         # read must be finite too. At most MAPPER_PROBES timesteps of the dynamic stage are probed.
         window = self.window
@@ -173,6 +183,26 @@ class Concept:
         if not (torch.isfinite(embeddings).all() and torch.isfinite(residuals).all()):
             raise ConceptFileError("its mapper gives NaN or infinite embeddings (weights out of range); "
                                    "the file is damaged: train the concept again")
+
+    def _check_widths(self, config: MapperConfig) -> None:
+        """The metadata's widths agree with the tensors and the family (ConceptFileError). The tensors pin
+        the mapper_config's sizes (`super_embedding` is (D,), the heads (V·D, H) and (V·R, H)); what they
+        leave open must still fit: the recorded text width, one width per text encoder of the family, and
+        a value residual as wide as the text encoders' outputs side by side (where it is added)."""
+        from .families import FAMILIES
+
+        D = config.text_embed_dim
+        if self.text_encoder_hidden_size != D:
+            raise ConceptFileError(f"metadata 'text_encoder_hidden_size' is {self.text_encoder_hidden_size}, but its "
+                                   f"tensors are of text width {D}; the file is damaged: train the concept again")
+        family = FAMILIES[self.family]
+        if len(config.encoder_widths) != len(family.encoders):
+            raise ConceptFileError(f"mapper_config 'encoder_widths' {config.encoder_widths} has "
+                                   f"{len(config.encoder_widths)} width(s), but a {family.title} model has "
+                                   f"{len(family.encoders)} text encoder(s); the file is damaged")
+        if config.residual_dim != D:
+            raise ConceptFileError(f"mapper_config 'residual_dim' {config.residual_dim} is not the text width {D} "
+                                   "(the value residual is added to the text encoders' output); the file is damaged")
 
     def fingerprint(self) -> str:
         """Short SHA-256 of the tensors and the fields that change generation (for image metadata)."""
@@ -240,8 +270,9 @@ def _check_metadata(meta: dict) -> dict:
     if not supercategory.strip():
         raise ConceptFileError("metadata 'supercategory' is empty")
     num_train_timesteps = get("num_train_timesteps", int, "a whole number")
-    if num_train_timesteps < 1:
-        raise ConceptFileError(f"metadata 'num_train_timesteps' must be >= 1, got {num_train_timesteps}")
+    if not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+        raise ConceptFileError(f"metadata 'num_train_timesteps' must be >= 1 and <= {MAX_TRAIN_TIMESTEPS}, "
+                               f"got {num_train_timesteps}")
     window = get("stage_window", list, "[LO, HI]")
     whole = len(window) == 2 and all(_is_kind(t, int) for t in window)
     if not whole or not 0 <= window[0] < window[1] <= num_train_timesteps:
