@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import numbers
 import re
 
 import torch
@@ -188,6 +190,18 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
             if self.concepts and not any(c.tokens.occurs_in(p) for c in self.concepts)
         ]
 
+    def check_photomaker_prompts(self, prompts: list[str]) -> list[str]:
+        """With PhotoMaker loaded: warnings for prompts without its trigger after a placeholder
+        (`S* img`), in which PhotoMaker's ID is not used."""
+        if self.photomaker is None or not self.concepts:
+            return []
+        trigger, names = self.photomaker.spec.trigger, [c.tokens.placeholder for c in self.concepts]
+        return [
+            f"prompt {p!r} has no '{names[0]} {trigger}': PhotoMaker's ID is not used in it"
+            for p in prompts
+            if not any(re.search(re.escape(name) + r"\s+" + re.escape(trigger) + r"\b", p) for name in names)
+        ]
+
     # -- conditioning ------------------------------------------------------------------------------
 
     def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -228,6 +242,31 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
     def prepare_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds, batch_size: int, do_cfg: bool):
         """Each loaded IP-Adapter's input for the whole UNet batch (`adapters.ip_adapter.prepare_ip_adapter`)."""
         return prepare_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds, batch_size, do_cfg)
+
+    def _check_arguments(self, prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         photomaker_images) -> None:
+        """One clear error per bad `__call__` argument, before any work: deeper in they surface as an
+        IndexError, a ZeroDivisionError or NaN pixels. TypeError for a wrong type, ValueError for a bad value."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a str or a list of str, got {prompt!r}")
+        if not prompts:
+            raise ValueError("prompt must hold at least one prompt, got an empty list")
+        max_steps = self.scheduler.config.num_train_timesteps  # a schedule has at most T steps
+        for name, value, high in (("num_inference_steps", num_inference_steps, max_steps),
+                                  ("num_images_per_prompt", num_images_per_prompt, None)):
+            bound = f"from 1 to {high}" if high is not None else ">= 1"
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a whole number {bound}, got {value!r}")
+            if value < 1 or (high is not None and value > high):
+                raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+        if not isinstance(guidance_scale, numbers.Real) or isinstance(guidance_scale, bool):
+            raise TypeError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        # NaN fails `> 1.0` and so would silently turn guidance off; inf makes NaN pixels.
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if photomaker_images is not None and self.photomaker is None:
+            raise ValueError("photomaker_images given but no PhotoMaker is loaded; call pipe.load_photomaker(...)")
 
     def _prompt_texts(self, prompt, negative_prompt, num_images_per_prompt: int, do_cfg: bool):
         """Prompts and negatives -> the texts of one UNet batch (uncond first, cond after), the batch
@@ -283,6 +322,8 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         photomaker_images: the person's photo(s) for PhotoMaker (`load_photomaker`), fused into S* where a
         prompt says `S* img`.
         """
+        self._check_arguments(prompt, num_inference_steps, guidance_scale, num_images_per_prompt, photomaker_images)
+
         # 1. prompts -> token ids (uncond first, cond after: one batch for classifier-free guidance)
         do_cfg = guidance_scale > 1.0
         texts, batch_size, zero_negative = self._prompt_texts(prompt, negative_prompt, num_images_per_prompt, do_cfg)
@@ -416,7 +457,12 @@ def attach_concepts(
     placeholder tokens are added to them. `scheduler`: a `--scheduler` name to use instead of `pipe`'s
     scheduler (e.g. "ddim", the paper's); by default `pipe`'s scheduler is shared.
     """
-    components = pipe.components
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        raise TypeError(
+            f"attach_concepts needs a diffusers Stable Diffusion pipeline (with vae, text_encoder, tokenizer, "
+            f"unet and scheduler), got {type(pipe).__name__}"
+        )
     missing = [k for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler") if components.get(k) is None]
     if missing:
         raise ValueError(
