@@ -163,3 +163,21 @@ def test_the_commands_with_photomaker_as_tested_in_the_readme(weights, astronaut
     assert code == 0, err
     (again,) = sorted((tmp_path / "again").glob("*.png"))
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(image)))
+
+
+def test_a_merge_step_that_leaves_photomaker_no_step_is_refused():
+    from personamagic.jobs.generate import GenerateConfig
+
+    ok = GenerateConfig(prompts=["a photo of S* img"], num_inference_steps=4, photomaker="pm.bin",
+                        photomaker_images=["me.png"], photomaker_merge_step=2)  # steps 3 fused
+    assert ok.photomaker_merge_step == 2
+    for merge_step in (3, 4, 1000):  # steps i <= merge_step are text-only: none of 0..3 left
+        with pytest.raises(ValueError, match=f"photomaker_merge_step {merge_step} leaves none of the 4 steps"):
+            GenerateConfig(prompts=["a photo of S* img"], num_inference_steps=4, photomaker="pm.bin",
+                           photomaker_images=["me.png"], photomaker_merge_step=merge_step)
+
+
+def test_a_prompt_without_the_trigger_gets_a_note(weights):
+    pipe = photomaker_pipe(weights)
+    notes = pipe.check_photomaker_prompts(["a photo of S* img as a knight", "a photo of S* as a knight"])
+    assert notes == ["prompt 'a photo of S* as a knight' has no 'S* img': PhotoMaker's ID is not used in it"]

@@ -583,7 +583,7 @@ def test_write_atomic_removes_the_folders_it_made_when_the_write_fails(tmp_path)
     (["--height", "12"], "--height must be a multiple of 8"),
     (["--guidance-scale", "1e30"], "--guidance-scale must be a number from 0 to 100"),
     (["--guidance-scale", "inf"], "finite"),
-    (["--ip-adapter-scale", "1e30"], "--ip-adapter-scale must be a number from 0 to 10"),
+    (["--ip-adapter", "h94/IP-Adapter/models/ip-adapter_sd15.safetensors", "--ip-adapter-scale", "1e30"], "--ip-adapter-scale must be a number from 0 to 10"),
     (["--num-images", "1000000"], "--num-images must be a whole number from 1 to 100000"),
     (["--num-images", "60000", "-p", "S* again"], "2 prompts x 60000 images is more than 100000"),
     (["--placeholder", " "], "placeholder must be non-empty text"),
@@ -843,3 +843,99 @@ def test_trainer_leaves_gradient_checkpointing_as_it_found_it(tiny_base, astrona
     with Trainer(tiny_base, data, base_config(gradient_checkpointing=True, max_train_steps=1)) as trainer:
         assert unet.is_gradient_checkpointing
     assert not unet.is_gradient_checkpointing
+
+
+# -- signals, memory, and flags that would do nothing --------------------------------------------------
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(astronaut, tmp_path, capsys, monkeypatch):
+    """`kill`, `timeout` or a job scheduler end a run with SIGTERM: the same clean stop as Ctrl-C."""
+    from personamagic.training import Trainer
+
+    original = Trainer.train
+
+    def terminated(self, num_steps=None, progress=None, checkpoint_dir=None, job=None):
+        original(self, num_steps=3, progress=progress, checkpoint_dir=checkpoint_dir, job=job)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "train", terminated)
+    folder = tmp_path / "c"
+    code, _, err = run_cli(capsys, "train", astronaut, "-o", folder, *TRAIN_AUTO)
+    assert_one_line_error(code, err, "interrupted; kept the checkpoint", "step-000002.safetensors", exit_code=130,
+                          train=True)
+    assert not (folder / ".personamagic.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command put the default handler back
+
+
+def test_sigterm_before_anything_is_written_leaves_no_folder(concept_dir, tmp_path, capsys, monkeypatch):
+    from personamagic.pipeline import PersonaMagicPipeline
+
+    def terminated(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(PersonaMagicPipeline, "__call__", terminated)
+    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, "-o", tmp_path / "out")
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_running_out_of_memory_is_one_line_with_a_reason(capsys):
+    """A MemoryError no command words itself (Python raises it without a message)."""
+    import argparse
+
+    from personamagic.cli.common import run_handler
+
+    def no_memory(args):
+        raise MemoryError
+
+    code = run_handler(no_memory, argparse.Namespace(verbose=False))
+    assert_one_line_error(code, capsys.readouterr().err, "cannot allocate memory: out of memory")
+
+
+def test_a_training_resolution_beyond_the_largest_is_refused_before_loading(astronaut, tmp_path, capsys,
+                                                                            monkeypatch):
+    import personamagic.jobs.personalize as personalize
+
+    monkeypatch.setattr(personalize, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny-sdxl", "--resolution", 999999936,
+                           "-o", tmp_path / "r")
+    assert_one_line_error(code, err, "--resolution 999999936 must be a multiple of 64 from 64 to 4096")
+    assert not (tmp_path / "r").exists()
+
+
+def test_from_image_with_a_batch_larger_than_any_batch_is_refused(generated, tmp_path, capsys):
+    def huge_batch(meta):
+        jobs = [[meta["prompt"], meta["seed"] + i] for i in range(100_000)]
+        return json.dumps({**meta, "batch": {"jobs": jobs, "index": 0}})
+
+    image = with_metadata(generated, tmp_path / "edited.png", huge_batch)
+    code, _, err = run_cli(capsys, "generate", "--from-image", image, "-o", tmp_path / "again")
+    assert_one_line_error(code, err, str(image), "batch.jobs holds 100000 images, more than a batch can (256)")
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ip-adapter-scale", "0.5"], "--ip-adapter-scale needs --ip-adapter"),
+    (["--photomaker-lora-scale", "0.3"], "--photomaker-lora-scale needs --photomaker"),
+    (["--photomaker-merge-step", "1"], "--photomaker-merge-step needs --photomaker"),
+])
+def test_a_plug_in_setting_without_its_plug_in_is_refused(flags, message, concept_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, *flags, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ip-adapter-scale", "2"], "--ip-adapter-scale needs --ip-adapter"),
+    (["--photomaker-lora-scale", "0.3"], "--photomaker-lora-scale needs --photomaker"),
+])
+def test_train_refuses_a_plug_in_setting_without_its_plug_in(flags, message, astronaut, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny", *flags, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_photomaker_on_a_built_sd1_model_is_refused_before_any_download(astronaut, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny", "--photomaker", "-o", tmp_path / "p")
+    assert_one_line_error(code, err, "PhotoMaker works on SDXL models; tiny is a Stable Diffusion 1.x model")

@@ -351,3 +351,92 @@ def test_a_study_trains_its_units_in_groups(tmp_path):
         single = mapper_state(alone)
         assert all(torch.allclose(concept.mapper_state[k], single[k], rtol=1e-4, atol=2 * LR) for k in single)
     assert json.loads((tmp_path / "study" / "summary.json").read_text())["complete"]
+
+
+# -- mistakes of the whole run, and what a failed run leaves ---------------------------------------------
+
+
+def errors_of(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def test_a_run_where_every_identity_fails_leaves_no_output_folder(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(photos / "gray.png")
+    out = tmp_path / "new" / "concepts"
+    assert main(["train-many", str(photos), "-o", str(out), *FAST]) == 1
+    assert "gray" in errors_of(capsys.readouterr().err)[0]
+    assert not (tmp_path / "new").exists()  # both folders the run made are gone
+
+
+def test_ctrl_c_before_any_checkpoint_leaves_no_output_folder(tmp_path, capsys, monkeypatch):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg")
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(GroupTrainer, "train", interrupted)
+    assert main(["train-many", str(photos), "-o", str(tmp_path / "concepts"), *FAST]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "concepts").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--identity-model", "/nope.onnx"], "identity model file /nope.onnx does not exist"),
+    (["--num-vectors", "80"], "--num-vectors 80 does not fit"),
+    (["--image-encoder", "/nope/encoder"], "/nope/encoder"),
+])
+def test_a_mistake_of_the_whole_run_is_one_error_not_one_per_identity(flags, message, tmp_path, capsys):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg")
+    out = tmp_path / "concepts"
+    # --stage-window is left out so that --num-vectors reaches the prompts' check
+    code = main(["train-many", str(photos), "-o", str(out), *FAST[:-2], *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(errors_of(err)) == 1 and message in errors_of(err)[0], err
+    assert "warning: astronaut failed" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("photos", "would put the concepts among the photos"),
+    ("photos/ada/concepts", "would put the concepts among the photos"),
+    ("afile/sub", "lies under"),
+])
+def test_an_output_among_the_photos_or_under_a_file_is_refused(where, message, tmp_path, capsys):
+    photos_folder(tmp_path / "photos" / "ada", DATA / "astronaut.png")
+    (tmp_path / "afile").write_text("x")
+    code = main(["train-many", str(tmp_path / "photos"), "-o", str(tmp_path / where), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and len(errors_of(err)) == 1 and message in err, err
+    assert sorted(p.name for p in (tmp_path / "photos" / "ada").iterdir()) == ["astronaut.png"]
+
+
+def test_an_unknown_model_is_named_before_any_download_is_checked(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png")
+    code = main(["train-many", str(photos), "-o", str(tmp_path / "c"), "--model", "/nope/model", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model '/nope/model'" in err and len(errors_of(err)) == 1, err
+
+
+def test_a_checkpoint_it_cannot_use_names_train_many_s_way_out(tmp_path, capsys):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png")
+    checkpoints = tmp_path / "concepts" / "astronaut" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step-000002.safetensors").write_bytes(b"cut short")
+    assert main(["train-many", str(photos), "-o", str(tmp_path / "concepts"), *FAST]) == 1
+    (line,) = errors_of(capsys.readouterr().err)
+    assert f"delete {tmp_path / 'concepts' / 'astronaut'} to train this identity again" in line
+    assert "--overwrite" not in line  # train-many has no such flag
+
+
+def test_launcher_variables_that_make_no_sense_are_named(monkeypatch):
+    from personamagic.shards import Shard
+
+    monkeypatch.setenv("RANK", "abc")
+    with pytest.raises(UserError, match="RANK='abc' is not a whole number"):
+        Shard.from_environment()
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"RANK=3, WORLD_SIZE=2\) puts this process at index 3 of 2"):
+        Shard.from_environment()

@@ -7,6 +7,11 @@ class UserError(Exception):
     exit_code = 2  # what the command exits with
 
 
+class SettingsError(UserError):
+    """A mistake in the run's settings that no photo changes (e.g. more S* vectors than the prompts hold):
+    a job over many identities stops at the first instead of reporting it for each."""
+
+
 class Interrupted(UserError):
     """The user stopped a run (Ctrl-C); the message says what was kept and how to go on."""
 

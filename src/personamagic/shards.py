@@ -25,19 +25,29 @@ class Shard:
 
     @classmethod
     def from_environment(cls) -> Shard:
-        """From the variables `accelerate launch`/`torchrun` (RANK, WORLD_SIZE, LOCAL_RANK) or MPI set."""
+        """From the variables `accelerate launch`/`torchrun` (RANK, WORLD_SIZE, LOCAL_RANK) or MPI set;
+        a variable that is not a whole number, or a rank outside the world, is a UserError naming it."""
+        used = {}
 
         def first(*names, default):
             for name in names:
-                if os.environ.get(name, "").strip():
-                    return int(os.environ[name])
+                value = os.environ.get(name, "").strip()
+                if value:
+                    if not value.isdigit():
+                        raise UserError(f"the environment variable {name}={value!r} is not a whole number; fix "
+                                        "the launcher's settings, or unset it and pass --shard K/N")
+                    used[name] = value
+                    return int(value)
             return default
 
-        return cls(
-            index=first("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", default=0),
-            count=first("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", default=1),
-            local_index=first("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", default=0),
-        )
+        index = first("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", default=0)
+        count = first("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", default=1)
+        local_index = first("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
+        if not 0 <= index < count:
+            named = ", ".join(f"{name}={value}" for name, value in used.items())
+            raise UserError(f"the launcher's environment ({named}) puts this process at index {index} of {count} "
+                            "processes; fix the launcher's settings, or unset them and pass --shard K/N")
+        return cls(index=index, count=count, local_index=local_index)
 
     @classmethod
     def parse(cls, text: str) -> Shard:

@@ -73,6 +73,10 @@ def load_ip_adapter(pipe, spec: IPAdapterSpec, *, local_files_only: bool = False
         )
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "shape" in first and ("expected" in first or "mismatch" in first):
+            raise UserError(f"the IP-Adapter {spec.describe()} does not fit this base model's UNet (its weights have "
+                            "other shapes: made for another model family?); use one made for this model "
+                            "(h94/IP-Adapter: models/ for SD-1.x, sdxl_models/ for SDXL)") from None
         raise UserError(f"could not load the IP-Adapter {spec.describe()} ({first})") from None
     if getattr(pipe, "image_encoder", None) is None:
         raise UserError(

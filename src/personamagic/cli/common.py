@@ -5,8 +5,11 @@ mistake into one `error: ...` line and exit code 2 (a traceback only with --verb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -56,13 +59,32 @@ def quiet_libraries(verbose: bool) -> None:
     hub_logging.set_verbosity_error()
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`kill`, `timeout`, a scheduler ending a job) stops a command as Ctrl-C does: what it
+    wrote is kept or cleaned up the same way, and it says so."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_handler(handler, args) -> int:
     """Run a command: a user mistake ends as one `error: ...` line and exit code 2 (a traceback only
     with --verbose); Ctrl-C as `error: interrupted` and exit code 130."""
     from ..errors import UserError
 
     try:
-        return handler(args)
+        with _terminate_as_interrupt():
+            return handler(args)
     except UserError as err:
         if args.verbose:
             raise
@@ -76,5 +98,21 @@ def run_handler(handler, args) -> int:
             raise
         what = f"cannot {'allocate memory' if isinstance(err, MemoryError) else 'read or write'}"
         where = f" {err.filename}" if getattr(err, "filename", None) else ""
-        print(f"error: {what}{where}: {getattr(err, 'strerror', None) or err}", file=sys.stderr)
+        reason = getattr(err, "strerror", None) or str(err) or "out of memory"
+        print(f"error: {what}{where}: {reason}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+# flags that tune a plug-in -> the flag that plugs it in
+ADAPTER_SUB_FLAGS = {
+    "ip_adapter_scale": "ip_adapter", "photomaker_merge_step": "photomaker", "photomaker_lora_scale": "photomaker",
+}
+
+
+def check_adapter_flags(args) -> None:
+    """A flag that tunes a plug-in, given without the plug-in, is a mistake (it would do nothing)."""
+    from ..errors import UserError
+
+    for flag, adapter in ADAPTER_SUB_FLAGS.items():
+        if getattr(args, flag, None) is not None and getattr(args, adapter, None) is None:
+            raise UserError(f"--{flag.replace('_', '-')} needs --{adapter.replace('_', '-')}")

@@ -25,7 +25,7 @@ def add_parser(commands) -> None:
     gen.add_argument("--guidance-scale", type=non_negative_float, help="classifier-free guidance, 0 to 100 (8.0)")
     gen.add_argument("--scheduler", help="ddim, dpm++, dpm++-karras, euler, euler-a, heun, dpm2, dpm2-a, lms, pndm, "
                                           "unipc, deis, ddpm, or a diffusers scheduler class name (ddim)")
-    gen.add_argument("--batch-size", type=positive_int, help="images per UNet batch (4)")
+    gen.add_argument("--batch-size", type=positive_int, help="images per UNet batch (4), up to 256")
     gen.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, run the UNet eagerly (no CUDA graph)")
     gen.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                      help="torch.compile the UNet (backend: inductor): faster for large batches after a one-off "
@@ -94,7 +94,7 @@ def flag_message(message: str) -> str:
 def _run(args):
     from ..errors import UserError
     from ..jobs.generate import GenerateConfig, generate, read_prompts_file, regenerate
-    from .common import quiet_libraries
+    from .common import check_adapter_flags, quiet_libraries
 
     quiet_libraries(args.verbose)
     if args.from_image is not None:
@@ -114,6 +114,7 @@ def _run(args):
             model_config=args.model_config,
         )
     else:
+        check_adapter_flags(args)
         prompts = list(args.prompt)
         if args.prompts_file is not None:
             prompts += read_prompts_file(args.prompts_file)

@@ -15,11 +15,11 @@ def add_parser(commands) -> None:
     add_training_arguments(train)
     train.add_argument("--ip-adapter", help="train with an IP-Adapter plugged in (paper, Table 3): owner/repo/"
                                             "subfolder/file on the hub or a local file; generate with it too")
-    train.add_argument("--ip-adapter-scale", type=non_negative_float, default=1.0, help="IP-Adapter weight (1.0)")
+    train.add_argument("--ip-adapter-scale", type=non_negative_float, help="IP-Adapter weight (1.0)")
     train.add_argument("--photomaker", nargs="?", const="TencentARC/PhotoMaker", default=None, metavar="WEIGHTS",
                        help="train with PhotoMaker v1 plugged in (SDXL; paper, Table 3): its weights' hub id "
                             "(TencentARC/PhotoMaker, the default) or a local photomaker-v1.bin; generate with it too")
-    train.add_argument("--photomaker-lora-scale", type=non_negative_float, default=1.0,
+    train.add_argument("--photomaker-lora-scale", type=non_negative_float,
                        help="strength of PhotoMaker's UNet LoRA (1.0)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     train.add_argument("--overwrite", action="store_true", help="replace a concept already in --output")
@@ -172,15 +172,20 @@ def run(args) -> int:
     from ..adapters.ip_adapter import IPAdapterSpec
     from ..errors import Interrupted
     from ..jobs.personalize import personalize
-    from .common import quiet_libraries
+    from .common import check_adapter_flags, quiet_libraries
 
     quiet_libraries(args.verbose)
-    ip_adapter = None if args.ip_adapter is None else IPAdapterSpec.parse(args.ip_adapter, scale=args.ip_adapter_scale)
+    check_adapter_flags(args)
+    ip_adapter = None
+    if args.ip_adapter is not None:
+        scale = 1.0 if args.ip_adapter_scale is None else args.ip_adapter_scale
+        ip_adapter = IPAdapterSpec.parse(args.ip_adapter, scale=scale)
     photomaker = None
     if args.photomaker is not None:
         from ..adapters.photomaker_plugin import PhotoMakerSpec
 
-        photomaker = PhotoMakerSpec(weights=args.photomaker, lora_scale=args.photomaker_lora_scale)
+        lora_scale = 1.0 if args.photomaker_lora_scale is None else args.photomaker_lora_scale
+        photomaker = PhotoMakerSpec(weights=args.photomaker, lora_scale=lora_scale)
     config = train_config(args)
     progress = ProgressBars()
     try:

@@ -26,11 +26,13 @@ from ..faces.alignment import alignment_theta
 from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
 from ..files import FolderLock, disk_error, write_atomic
 from ..identity.loading import default_identity_model, identity_file_reference, load_identity_model
-from ..models import BUILT_MODELS, DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder, resolve_device, resolve_dtype
+from ..models import (BUILT_MODELS, DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, TINY_SDXL, load_base_model,
+                      load_image_encoder, resolve_device, resolve_dtype)
 from ..adapters.ip_adapter import IPAdapterSpec
 from .assets import Asset, check_assets, model_assets
 from ..models.devices import DTYPE_NAMES
 from ..models.loading import is_hub_id
+from ..models.tiny import RANDOM_SDXL
 from ..training import TrainConfig, Trainer, latest_checkpoint, prepare_training_data
 from .plots import attention_figure, stages_figure
 
@@ -165,13 +167,10 @@ def personalize(
     if mask not in MASK_METHODS and not Path(mask).is_file():
         raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, nor an existing mask file")
     check_output_folder(output, overwrite=overwrite, resume=resume)
-    if resolution is not None and (resolution < 64 or resolution % 64):
-        raise UserError(f"--resolution {resolution} must be a multiple of 64, at least 64 (e.g. 512, 768, 1024)")
+    check_resolution(resolution)
     run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
     run.resolution, run.vae = resolution, vae
-    if not (model in BUILT_MODELS or Path(model).expanduser().exists() or is_hub_id(model)):
-        raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
-                        f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}")
+    check_model_name(model, photomaker=photomaker is not None)
     spec = ip_adapter if ip_adapter is None or not isinstance(ip_adapter, str) else IPAdapterSpec.parse(ip_adapter)
     assets = run.assets() + model_assets(model, model_config=model_config, vae=vae, photomaker=photomaker,
                                          ip_adapter=spec)
@@ -197,6 +196,27 @@ def personalize(
         concept_path = _write_outputs(output, concept, trainer, prepared[0].image, masks[0])
     run.timings["total_s"] = time.perf_counter() - started
     return PersonalizeResult(concept_path, concept, run.notes, run.timings)
+
+
+MAX_RESOLUTION = 4096  # largest training crop side (as generate's largest image side)
+
+
+def check_resolution(resolution: int | None) -> None:
+    """`--resolution`: None (the model's) or a multiple of 64 from 64 to MAX_RESOLUTION."""
+    if resolution is not None and (resolution < 64 or resolution % 64 or resolution > MAX_RESOLUTION):
+        raise UserError(f"--resolution {resolution} must be a multiple of 64 from 64 to {MAX_RESOLUTION} (e.g. 512, "
+                        "768, 1024)")
+
+
+def check_model_name(model: str, *, photomaker: bool = False) -> None:
+    """Before anything loads: `model` names something loadable, and PhotoMaker is not asked of a model
+    built in code that is not SDXL (a downloaded model's family is checked once it has loaded)."""
+    if not (model in BUILT_MODELS or Path(model).expanduser().exists() or is_hub_id(model)):
+        raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
+                        f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}")
+    if photomaker and model in BUILT_MODELS and model not in (TINY_SDXL, RANDOM_SDXL):
+        raise UserError(f"PhotoMaker works on SDXL models; {model} is a Stable Diffusion 1.x model (try --model "
+                        f"{TINY_SDXL})")
 
 
 class _Run:

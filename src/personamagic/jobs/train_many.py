@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..concept import CONCEPT_FILENAME
-from ..errors import UserError
+from ..errors import SettingsError, UserError
+from ..files import remove_empty_folders
 from ..faces import load_photo
 from ..models import load_base_model, resolve_device, resolve_dtype
 from .assets import check_assets, model_assets
 from ..training import TrainConfig, Trainer, latest_checkpoint
+from ..training.checkpoints import CheckpointError
 from ..training.group import GroupTrainer, group_key
 from .personalize import (
     CHECKPOINT_DIR,
@@ -41,6 +43,8 @@ from .personalize import (
     PersonalizeRun,
     PhotoModels,
     _write_outputs,
+    check_model_name,
+    check_resolution,
     check_output_folder,
     describe_partition,
 )
@@ -131,18 +135,35 @@ def train_many(
     if mask not in MASK_METHODS:
         raise UserError(f"--mask {mask!r}: train-many takes {', '.join(MASK_METHODS)} (a mask file fits one photo "
                         "only)")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
+    _check_output(output, Path(photos_dir))
     identities = discover_identities(photos_dir, exclude=output)
     shard = shard or Shard.from_environment()
     mine = identities[shard.index :: shard.count]
     jobs = [IdentityJob(name, tuple(str(p) for p in photos), output / name, config, mask) for name, photos in mine]
     if shard.count > 1:
         logger.info("process %d of %d: %d of %d identities", shard.index, shard.count, len(mine), len(identities))
-    result = train_identities(jobs, identities_per_step=identities_per_step, device=process_device(device, shard),
-                              **options)
+    made = [p for p in (output, *output.parents) if not p.exists()][::-1]  # outermost first
+    try:
+        result = train_identities(jobs, identities_per_step=identities_per_step,
+                                  device=process_device(device, shard), **options)
+    finally:  # a run that wrote nothing (every identity failed, Ctrl-C before a checkpoint) leaves no folder
+        remove_empty_folders(made)
     result.identities, result.shard = len(identities), (shard.index, shard.count)
     return result
+
+
+def _check_output(output: Path, photos_dir: Path) -> None:
+    """The concepts folder is a folder, not under a file, and neither the photos folder itself nor inside
+    one of its identities' folders (the concepts and their pictures would be read as photos)."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder")
+    above = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if above is not None:
+        raise UserError(f"--output {output} lies under {above}, which is a file; give a folder")
+    out, root = output.resolve(), photos_dir.resolve()
+    if out == root or (root in out.parents and out.parent != root):
+        raise UserError(f"--output {output} would put the concepts among the photos of {photos_dir}; give a folder "
+                        f"outside it (or directly inside it, e.g. {photos_dir}/concepts)")
 
 
 def train_identities(
@@ -168,8 +189,8 @@ def train_identities(
     started = time.perf_counter()
     if identities_per_step < 1:
         raise UserError(f"--identities-per-step must be >= 1, got {identities_per_step}")
-    if resolution is not None and (resolution < 64 or resolution % 64):
-        raise UserError(f"--resolution {resolution} must be a multiple of 64, at least 64 (e.g. 512, 768, 1024)")
+    check_resolution(resolution)
+    check_model_name(model)
     result = TrainManyResult()
     runs: dict[str, tuple[IdentityJob, PersonalizeRun]] = {}
     for job in jobs:
@@ -200,6 +221,7 @@ def train_identities(
     base = load_base_model(model, device=device_, dtype=dtype_, local_files_only=local_files_only, revision=revision,
                            model_config=model_config, vae=vae)
     models = PhotoModels()  # every identity's photos are read with the same models, loaded once
+    _load_shared_models(models, [run for _, run in runs.values()], device_, dtype_, local_files_only)
     result.timings["load_s"] = time.perf_counter() - started
     queues: dict[tuple, list] = {}
     for job, run in runs.values():
@@ -213,6 +235,15 @@ def train_identities(
     result.timings["total_s"] = time.perf_counter() - started
     result.timings["train_s"] = result.timings["total_s"] - result.timings["load_s"]
     return result
+
+
+def _load_shared_models(models: PhotoModels, runs: list[PersonalizeRun], device, dtype, local_files_only: bool):
+    """The image encoder and identity network the runs use, loaded before any identity starts: one
+    that cannot load is the whole run's mistake (one error), not each identity's."""
+    for name in dict.fromkeys(run.encoder_name for run in runs):
+        models.image_encoder(name, device, local_files_only)
+    for spec in dict.fromkeys(run.identity_spec for run in runs if run.identity_spec is not None):
+        models.identity_model(spec, device, dtype)
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -258,9 +289,9 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
                 slot.facts = slot.run.job_facts(base)
                 slot.trainer = Trainer(base, data, slot.run.config, slot.run.identity_encoder)
                 if resume:
-                    checkpoint = latest_checkpoint(slot.job.output / CHECKPOINT_DIR)
-                    slot.trainer.load_checkpoint(checkpoint, slot.facts)
-                    slot.run.notes.append(f"resumed from {checkpoint.name} (step {slot.trainer.step_count})")
+                    _resume(slot)
+            except SettingsError:  # the same for every identity: the run stops (its folders released)
+                raise
             except UserError as err:
                 _failed(result, slot.job.name, err)
                 slot.folder.__exit__(type(err), err, None)
@@ -304,6 +335,17 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             run.timings.update({"train_s": train_s, "group_s": group_s, "identities_per_step": len(slots),
                                 "total_s": group_s / len(slots)})
             result.trained[slot.job.name] = PersonalizeResult(path, concept, run.notes, run.timings)
+
+
+def _resume(slot: _Slot) -> None:
+    """Load the slot's latest checkpoint; one it cannot use is reported with train-many's way out."""
+    checkpoint = latest_checkpoint(slot.job.output / CHECKPOINT_DIR)
+    try:
+        slot.trainer.load_checkpoint(checkpoint, slot.facts)
+    except CheckpointError as err:
+        other = f"{err.alternative}, or " if err.alternative else ""
+        raise UserError(f"{err.fault}; {other}delete {slot.job.output} to train this identity again") from None
+    slot.run.notes.append(f"resumed from {checkpoint.name} (step {slot.trainer.step_count})")
 
 
 def _release(slot: _Slot):

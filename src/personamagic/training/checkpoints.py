@@ -72,32 +72,44 @@ def save_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
         raise disk_error(path, err) from None
 
 
+RESTART = "train again with --overwrite"  # what `personamagic train` says to do about a checkpoint it cannot use
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from: `fault` says why; the message adds what `personamagic
+    train` does about it (a command with other flags words its own advice from `fault`)."""
+
+    def __init__(self, fault: str, alternative: str = ""):
+        self.fault, self.alternative = fault, alternative  # alternative: another way out, before restarting
+        super().__init__(f"{fault}; {alternative + ', or ' if alternative else ''}{RESTART}")
+
+
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(tensors, header) of a checkpoint; UserError for anything that is not one of ours."""
-    tensors, header = load_safetensors(path)
+    """(tensors, header) of a checkpoint; CheckpointError for anything that is not one of ours."""
+    try:
+        tensors, header = load_safetensors(path)
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
     try:
         meta = json.loads(header["checkpoint"])
     except (KeyError, *BAD_JSON):
-        raise UserError(f"{path} is not a personamagic training checkpoint") from None
+        raise CheckpointError(f"{path} is not a personamagic training checkpoint") from None
     if not isinstance(meta, dict) or meta.get("checkpoint_format") != CHECKPOINT_FORMAT:
         found = meta.get("checkpoint_format") if isinstance(meta, dict) else None
-        raise UserError(f"{path} has checkpoint format {found}, this personamagic resumes {CHECKPOINT_FORMAT}; "
-                        "train again without --resume (with --overwrite)")
+        raise CheckpointError(f"{path} has checkpoint format {found}, this personamagic resumes {CHECKPOINT_FORMAT}")
     kinds = {"step": (int, "a whole number"), "config": (dict, "an object"), "param_groups": (list, "a list")}
     for key, (kind, description) in kinds.items():
         if key not in meta:
-            raise UserError(f"{path} is a damaged checkpoint (no {key!r}); train again with --overwrite")
+            raise CheckpointError(f"{path} is a damaged checkpoint (no {key!r})")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
-            raise UserError(f"{path} is a damaged checkpoint ({key!r} is not {description}); train again with "
-                            "--overwrite")
+            raise CheckpointError(f"{path} is a damaged checkpoint ({key!r} is not {description})")
     if meta["step"] < 0 or not isinstance(meta.get("job", {}), dict) or not isinstance(meta.get("stages", {}), dict):
-        raise UserError(f"{path} is a damaged checkpoint (its header is malformed); train again with --overwrite")
+        raise CheckpointError(f"{path} is a damaged checkpoint (its header is malformed)")
     if "rng.generator" not in tensors or not any(k.startswith("mapper.") for k in tensors):
-        raise UserError(f"{path} is a damaged checkpoint (tensors missing); train again with --overwrite")
+        raise CheckpointError(f"{path} is a damaged checkpoint (tensors missing)")
     for key, tensor in tensors.items():
         if key.startswith("mapper.") and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f"{path} is a damaged checkpoint ({key} holds NaN or infinite values); train again "
-                            "with --overwrite")
+            raise CheckpointError(f"{path} is a damaged checkpoint ({key} holds NaN or infinite values)")
     return tensors, meta
 
 
@@ -144,8 +156,8 @@ def load_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
     differences = resume_differences(meta["config"], trainer.config.to_dict(), meta.get("job", {}), job or {},
                                      meta["step"])
     if differences:
-        raise UserError(f"cannot resume from {path}: the run differs from the saved one ({'; '.join(differences)}); "
-                        "resume with the same settings, or start again with --overwrite")
+        raise CheckpointError(f"cannot resume from {path}: the run differs from the saved one "
+                              f"({'; '.join(differences)})", "resume with the same settings")
     try:
         trainer.mapper.load_state_dict({k[len("mapper."):]: v for k, v in tensors.items() if k.startswith("mapper.")})
         optimizer_state: dict = {}
@@ -156,14 +168,12 @@ def load_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
         trainer.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["param_groups"]})
         trainer.generator.set_state(tensors["rng.generator"])
     except (RuntimeError, ValueError, KeyError) as err:
-        raise UserError(f"{path} does not fit this run's mapper ({str(err).splitlines()[0]}); "
-                        "start again with --overwrite") from None
+        raise CheckpointError(f"{path} does not fit this run's mapper ({str(err).splitlines()[0]})") from None
     trainer.step_count = meta["step"]
     if meta.get("stage_window"):
         try:
             trainer.stage_window = StageWindow(*meta["stage_window"], trainer.num_train_timesteps)
         except (TypeError, ValueError) as err:
-            raise UserError(f"{path} is a damaged checkpoint (stage window: {err}); train again with "
-                            "--overwrite") from None
+            raise CheckpointError(f"{path} is a damaged checkpoint (stage window: {err})") from None
         trainer.stages = meta.get("stages", {})
     trainer.attention_maps = tensors.get("partition.attention_maps")

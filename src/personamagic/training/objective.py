@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UserError
+from ..errors import SettingsError
 from ..faces.alignment import warp_faces
 from ..method.attention import attention_processors
 from ..method.conditioning import LayerAttention, TextConditioner, UNetConditioning, add_residuals
@@ -111,7 +111,7 @@ class Objective:
         placeholder = torch.tensor(self.placeholder_ids, device=self.device)
         for ids in (*self.train_ids, *self.te_ids):
             if bool((torch.isin(ids, placeholder).sum(dim=1) < len(self.placeholder_ids)).any()):
-                raise UserError(f"--num-vectors {c.num_vectors} does not fit: with that many S* tokens the training "
+                raise SettingsError(f"--num-vectors {c.num_vectors} does not fit: with that many S* tokens the training "
                                 "prompts are cut at 77 tokens; use fewer vectors or a shorter --train-prompt")
         self.te_placeholder_mask = [torch.isin(ids, placeholder) for ids in self.te_ids]
         self.te_eos = [eos_positions(ids, tok.eos_token_id) for ids, tok in zip(self.te_ids, self.base.tokenizers)]

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..concept import Concept
-from ..errors import UserError
+from ..errors import SettingsError, UserError
 from ..method.mapper import MapperConfig, StageMapper
 from ..method.stages import StagePartition, StageWindow
 from ..method.tokens import PlaceholderTokens, single_token_id
@@ -86,7 +86,7 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.step_count = 0
         if photomaker is not None and config.num_vectors != 1:
-            raise UserError("training with PhotoMaker needs --num-vectors 1 (S* is PhotoMaker's one class token)")
+            raise SettingsError("training with PhotoMaker needs --num-vectors 1 (S* is PhotoMaker's one class token)")
         self.objective = Objective(base, data, config, self.tokens.ids, identity_encoder, photomaker)
         self.num_train_timesteps = self.objective.num_train_timesteps
         self.partition_resolution = config.partition_resolution or base.family.partition_resolution
