@@ -939,3 +939,11 @@ def test_photomaker_on_a_built_sd1_model_is_refused_before_any_download(astronau
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny", "--photomaker", "-o", tmp_path / "p")
     assert_one_line_error(code, err, "PhotoMaker works on SDXL models; tiny is a Stable Diffusion 1.x model")
+
+
+def test_an_empty_token_or_prompt_is_named_not_replaced(concept_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", concept_dir, "--token", "", "-o", tmp_path / "e.safetensors")
+    assert_one_line_error(code, err, "token '' must be non-empty text")
+    assert not (tmp_path / "e.safetensors").exists()
+    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "", *GENERATE_FAST, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "--prompt must not be empty")

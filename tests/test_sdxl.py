@@ -282,3 +282,13 @@ def test_the_export_is_the_sdxl_textual_inversion_format_diffusers_loads(xl, tmp
         assert torch.equal(row, state[key][0])
     image = sd("a photo of <me>", num_inference_steps=2, output_type="np").images[0]
     assert np.isfinite(image).all()
+
+
+def test_a_vae_of_another_shape_is_named_as_the_vae_that_does_not_fit(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=16).save_pretrained(tmp_path / "vae")
+    with pytest.raises(UserError, match=r"--vae .*vae does not fit tiny \(Stable Diffusion 1.x\): VAE has 16 latent "
+                                        r"channels; give a VAE made for this model family"):
+        load_base_model("tiny", device="cpu", vae=str(tmp_path / "vae"))

@@ -440,3 +440,9 @@ def test_launcher_variables_that_make_no_sense_are_named(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match=r"RANK=3, WORLD_SIZE=2\) puts this process at index 3 of 2"):
         Shard.from_environment()
+
+
+def test_the_summary_says_how_many_identities_shared_a_step(tmp_path, capsys):
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg")
+    assert main(["train-many", str(photos), "-o", str(tmp_path / "c"), "--identities-per-step", "5", *FAST]) == 0
+    assert "up to 2 per step" in capsys.readouterr().out  # two identities, however large K is

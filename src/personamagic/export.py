@@ -110,7 +110,7 @@ def export_textual_inversion(
             raise UserError(f"{output} exists; pass --overwrite to replace it")
     except OSError as err:  # a name too long, a folder on the way that may not be read
         raise disk_error(output, err) from None
-    token = token or default_token(concept, output)
+    token = default_token(concept, output) if token is None else token
     if not token.strip() or token != token.strip():
         raise UserError(f"token {token!r} must be non-empty text without surrounding spaces")
     embedding, description = static_vectors(concept, vectors)

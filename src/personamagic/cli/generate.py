@@ -85,7 +85,7 @@ def run(args) -> int:
 
 def flag_message(message: str) -> str:
     """A GenerateConfig error in the words of the command line: `guidance_scale ...` -> `--guidance-scale ...`."""
-    for flag, name in _SAMPLING_FLAGS.items():
+    for flag, name in {**_SAMPLING_FLAGS, "prompt": "prompts"}.items():
         if message.startswith(name + " "):
             return f"--{flag.replace('_', '-')}{message[len(name):]}"
     return message

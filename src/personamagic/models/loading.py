@@ -65,11 +65,15 @@ def load_base_model(
     models PersonaMagic cannot drive."""
     components = _components(name, device=device, dtype=dtype, local_files_only=local_files_only, revision=revision,
                              model_config=model_config)
-    if vae is not None:
-        components.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
     problems = components.family.problems(components)
     if problems:
         raise UserError(f"{name} is not a {components.family.title} model PersonaMagic can drive: {'; '.join(problems)}")
+    if vae is not None:
+        components.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
+        problems = components.family.problems(components)
+        if problems:
+            raise UserError(f"--vae {vae} does not fit {name} ({components.family.title}): {'; '.join(problems)}; "
+                            "give a VAE made for this model family")
     return components.freeze().to(device=device, dtype=dtype)
 
 
