@@ -38,10 +38,11 @@ def pipe():
         ({"guidance_scale": "8"}, TypeError, "guidance_scale must be a finite number >= 0"),
         ({"photomaker_images": [Image.new("RGB", (64, 64))]}, ValueError,
          "photomaker_images given but no PhotoMaker is loaded"),
+        ({"negative_prompt": 5}, TypeError, "negative_prompt must be None, a str or a list of str"),
     ],
     ids=["steps-0", "steps-negative", "steps-above-T", "steps-float", "prompt-empty-list", "prompt-int",
          "prompt-list-with-none", "images-per-prompt-0", "guidance-nan", "guidance-inf", "guidance-negative",
-         "guidance-str", "photomaker-images-without-photomaker"],
+         "guidance-str", "photomaker-images-without-photomaker", "negative-prompt-int"],
 )
 def test_bad_call_argument_is_one_clear_error(pipe, kwargs, error, message):
     kwargs = {"prompt": "a photo of S*", "num_inference_steps": 1, "output_type": "np", **kwargs}

@@ -393,6 +393,7 @@ BAD_IMAGE_METADATA = {
     "steps as float": (lambda m: json.dumps({**m, "steps": 2.5}), "steps must be a whole number"),
     "guidance as text": (lambda m: json.dumps({**m, "guidance_scale": "8"}), "guidance_scale must be a number"),
     "concepts not a list": (lambda m: json.dumps({**m, "concepts": {}}), "concepts must be a list"),
+    "no concepts": (lambda m: json.dumps({**m, "concepts": []}), "concepts is empty"),
     "concept without fingerprint": (
         lambda m: json.dumps({**m, "concepts": [{"placeholder": "S*"}]}), "no concepts[0].'fingerprint'"),
     "batch index out of range": (lambda m: json.dumps({**m, "batch": {**m["batch"], "index": 5}}), "batch.index"),
@@ -947,3 +948,14 @@ def test_an_empty_token_or_prompt_is_named_not_replaced(concept_dir, tmp_path, c
     assert not (tmp_path / "e.safetensors").exists()
     code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "", *GENERATE_FAST, "-o", tmp_path / "o")
     assert_one_line_error(code, err, "--prompt must not be empty")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ip-adapter", "h94/IP-Adapter/models/ip-adapter_sd15.safetensors", "--ip-adapter-image", "/nope.png"],
+     "cannot read --ip-adapter-image /nope.png (No such file or directory)"),
+    (["--photomaker", "--photomaker-image", "/nope.png"],
+     "cannot read --photomaker-image /nope.png (No such file or directory)"),
+])
+def test_a_missing_input_image_is_named_by_its_flag_before_loading(flags, message, concept_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, *flags, "-o", tmp_path / "o")
+    assert_one_line_error(code, err, message)

@@ -221,6 +221,16 @@ def test_a_concept_of_one_family_is_refused_on_the_other(xl):
         PersonaMagicPipeline.from_base(sd1).load_concept(random_concept(xl))
 
 
+def test_a_concept_whose_encoder_widths_are_swapped_is_refused(xl, tmp_path):
+    concept = random_concept(xl)
+    widths = concept.mapper_config["encoder_widths"]
+    assert len(widths) == 2 and widths[0] != widths[1]
+    concept.mapper_config["encoder_widths"] = widths[::-1]  # the same sum: only the split is wrong
+    with pytest.raises(UserError, match=rf"trained on text encoders of widths \[{widths[1]}, {widths[0]}\]"):
+        PersonaMagicPipeline.from_base(xl).load_concept(concept)
+    PersonaMagicPipeline.from_base(xl).load_concept(random_concept(xl))  # the right order loads
+
+
 def test_a_lower_resolution_and_another_vae(offline_hub, astronaut, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny-sdxl", "--output", tmp_path / "c", "--steps", 1,
                            "--stage-window", "400:800", "--mask", "landmarks", "--no-id-loss", "--resolution", 64,

@@ -214,9 +214,9 @@ class Concept:
         return digest.hexdigest()[:16]
 
     def check_compatible(self, hidden_size: int, num_train_timesteps: int, base_model: str,
-                         family: str = "sd1") -> list[str]:
-        """Raise UserError if the concept cannot drive a base model of this family and shape; return
-        warnings."""
+                         family: str = "sd1", encoder_widths: list[int] | None = None) -> list[str]:
+        """Raise UserError if the concept cannot drive a base model of this family and shape (its text
+        width; with `encoder_widths`, each text encoder's width in order); return warnings."""
         if family != self.family:
             from .families import FAMILIES
 
@@ -232,6 +232,12 @@ class Concept:
                 f"concept {self.placeholder!r} was trained on {self.base_model} (text width "
                 f"{self.text_encoder_hidden_size}); this base model's text width is {hidden_size}. "
                 f"Use --model {self.base_model} or a model of the same family"
+            )
+        trained_widths = list(self.mapper_config.get("encoder_widths") or [hidden_size])
+        if encoder_widths is not None and trained_widths != list(encoder_widths):
+            raise UserError(
+                f"concept {self.placeholder!r} was trained on text encoders of widths {trained_widths}; this base "
+                f"model's are {list(encoder_widths)}. Use --model {self.base_model} or a model of the same family"
             )
         if num_train_timesteps != self.num_train_timesteps:
             raise UserError(

@@ -202,13 +202,15 @@ def read_prompts_file(path: str | Path) -> list[str]:
 # metadata
 
 
-def file_record(path: str | Path) -> dict:
-    """How metadata refers to an input file: the path as given, absolute, and a short SHA-256."""
+def file_record(path: str | Path, flag: str | None = None) -> dict:
+    """How metadata refers to an input file: the path as given, absolute, and a short SHA-256. `flag`:
+    the option that named the file, for the error when it cannot be read."""
     path = Path(path)
     try:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     except OSError as err:
-        raise UserError(f"cannot read {path} ({err.__class__.__name__})") from None
+        given = f"{flag} {path}" if flag else str(path)
+        raise UserError(f"cannot read {given} ({err.strerror or err.__class__.__name__})") from None
     return {"path": str(path), "abs_path": str(path.expanduser().resolve()), "sha256": digest}
 
 
@@ -300,6 +302,8 @@ def image_metadata_fault(meta) -> str | None:
     fault = _fields_fault(meta, _IMAGE_FIELDS, "")
     if fault:
         return fault
+    if not meta["concepts"]:
+        return "concepts is empty (every image is made with at least one concept)"
     for i, entry in enumerate(meta["concepts"]):
         fault = _fields_fault(entry, _CONCEPT_ENTRY, f"concepts[{i}].")
         if fault:
@@ -525,15 +529,16 @@ class _Session:
         scheduler_choice(config.scheduler)
         inputs = {}
         if config.background is not None:
-            inputs["background"], inputs["region"] = file_record(config.background), file_record(config.region)
+            inputs["background"] = file_record(config.background, "--background")
+            inputs["region"] = file_record(config.region, "--region")
         if config.ip_adapter is not None:
             self.ip_adapter = IPAdapterSpec.parse(config.ip_adapter, scale=config.ip_adapter_scale)
             inputs["ip_adapter"] = {"weights": config.ip_adapter, "scale": config.ip_adapter_scale,
-                                    "images": [file_record(p) for p in config.ip_adapter_images]}
+                                    "images": [file_record(p, "--ip-adapter-image") for p in config.ip_adapter_images]}
         if config.photomaker is not None:
             inputs["photomaker"] = {"weights": config.photomaker, "merge_step": config.photomaker_merge_step,
                                     "lora_scale": config.photomaker_lora_scale,
-                                    "images": [file_record(p) for p in config.photomaker_images]}
+                                    "images": [file_record(p, "--photomaker-image") for p in config.photomaker_images]}
         if config.vae is not None:
             inputs["vae"] = config.vae
         if config.model_config is not None:

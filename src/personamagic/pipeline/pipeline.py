@@ -155,7 +155,8 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         if not isinstance(concept, Concept):
             concept = Concept.load(concept)
         for warning in concept.check_compatible(
-            self.hidden_size, self.scheduler.config.num_train_timesteps, self.base_model_name, self.family.name
+            self.hidden_size, self.scheduler.config.num_train_timesteps, self.base_model_name, self.family.name,
+            self.encoder_widths,
         ):
             logger.warning(warning)
         placeholder = placeholder or concept.placeholder
@@ -243,7 +244,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         """Each loaded IP-Adapter's input for the whole UNet batch (`adapters.ip_adapter.prepare_ip_adapter`)."""
         return prepare_ip_adapter(self, ip_adapter_image, ip_adapter_image_embeds, batch_size, do_cfg)
 
-    def _check_arguments(self, prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+    def _check_arguments(self, prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                          photomaker_images) -> None:
         """One clear error per bad `__call__` argument, before any work: deeper in they surface as an
         IndexError, a ZeroDivisionError or NaN pixels. TypeError for a wrong type, ValueError for a bad value."""
@@ -252,6 +253,10 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
             raise TypeError(f"prompt must be a str or a list of str, got {prompt!r}")
         if not prompts:
             raise ValueError("prompt must hold at least one prompt, got an empty list")
+        negatives = [""] if negative_prompt is None else [negative_prompt] if isinstance(negative_prompt, str) \
+            else negative_prompt
+        if not isinstance(negatives, (list, tuple)) or not all(isinstance(n, str) for n in negatives):
+            raise TypeError(f"negative_prompt must be None, a str or a list of str, got {negative_prompt!r}")
         max_steps = self.scheduler.config.num_train_timesteps  # a schedule has at most T steps
         for name, value, high in (("num_inference_steps", num_inference_steps, max_steps),
                                   ("num_images_per_prompt", num_images_per_prompt, None)):
@@ -322,7 +327,8 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         photomaker_images: the person's photo(s) for PhotoMaker (`load_photomaker`), fused into S* where a
         prompt says `S* img`.
         """
-        self._check_arguments(prompt, num_inference_steps, guidance_scale, num_images_per_prompt, photomaker_images)
+        self._check_arguments(prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                              photomaker_images)
 
         # 1. prompts -> token ids (uncond first, cond after: one batch for classifier-free guidance)
         do_cfg = guidance_scale > 1.0
