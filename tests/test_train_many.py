@@ -378,7 +378,7 @@ def test_ctrl_c_before_any_checkpoint_leaves_no_output_folder(tmp_path, capsys, 
 
     monkeypatch.setattr(GroupTrainer, "train", interrupted)
     assert main(["train-many", str(photos), "-o", str(tmp_path / "concepts"), *FAST]) == 130
-    assert "interrupted" in capsys.readouterr().err
+    assert "interrupted before any concept or checkpoint was written; nothing was kept" in capsys.readouterr().err
     assert not (tmp_path / "concepts").exists()
 
 

@@ -8,6 +8,7 @@ the end), 2 for a mistake that stops everything (a bad flag, a folder that mixes
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .argtypes import positive_int
 from .common import add_device_flags
@@ -80,6 +81,8 @@ def run(args) -> int:
                             shard=shard, progress=progress, **model_options(args))
     except KeyboardInterrupt:
         progress.close()
+        if not Path(args.output).is_dir():  # the run had written nothing, and removed the folder it made
+            raise Interrupted("interrupted before any concept or checkpoint was written; nothing was kept") from None
         raise Interrupted("interrupted; finished concepts and checkpoints are kept: run the same command again to "
                           "continue") from None
     finally:
