@@ -1,40 +1,11 @@
 """Concept files whose metadata contradicts their tensors, family or a sane range: each is one `error:` line
 naming the file and the fault, not a concept that `inspect` describes wrongly and `export` writes out."""
 
-import json
-
 import pytest
 from _concepts import random_concept
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, edit, rewrite_concept, run_cli
 from personamagic.concept import MAX_TRAIN_TIMESTEPS
-
-
-def assert_one_line_error(code, err, *messages):
-    """Exit code 2 and one `error: ...` line holding every message, nothing else on stderr."""
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(message in lines[0] for message in messages), err
-    assert "Traceback" not in err
-
-
-def rewrite_concept(source, target, meta=None, tensors=None):
-    """A copy of the concept file with its metadata and tensors changed by the callables given."""
-    with safe_open(str(source / "concept.safetensors"), framework="pt") as f:
-        header = json.loads(f.metadata()["personamagic"])
-    data = load_file(str(source / "concept.safetensors"))
-    header = meta(header) if meta else header
-    data = tensors(data) if tensors else data
-    target.mkdir(parents=True, exist_ok=True)
-    save_file(data, str(target / "concept.safetensors"), metadata={"personamagic": json.dumps(header)})
-    return target / "concept.safetensors"
-
-
-def edit(key, value):
-    return lambda meta: {**meta, key: value}
 
 
 def mapper_edit(**changes):

@@ -19,9 +19,9 @@ import torch
 from _concepts import random_concept
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, edit, rewrite_concept, run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
 from personamagic.errors import UserError
@@ -31,18 +31,6 @@ GENERATE_FAST = ["--steps", "2", "--num-images", "1"]
 # a run with a checkpoint at step 2 of 4; TRAIN_AUTO finds its stage window after 1 warm-up step
 TRAIN_SHORT = ["--model", "tiny", "--steps", "4", "--checkpoint-every", "2", "--stage-window", "400:800"]
 TRAIN_AUTO = ["--model", "tiny", "--steps", "4", "--checkpoint-every", "2", "--partition-warmup-steps", "1"]
-
-
-def assert_one_line_error(code, err, *messages, exit_code=2, train=False):
-    """One `error: ...` line holding every message, and nothing else on stderr (for `train`: after its
-    progress bars and info lines, as the last line)."""
-    lines = [line for line in err.strip().replace("\r", "\n").splitlines() if line.strip()]
-    assert code == exit_code, err
-    if train:
-        lines = [line for line in lines if line.startswith("error")] if lines[-1].startswith("error: ") else lines
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert all(message in lines[0] for message in messages), err
-    assert "Traceback" not in err
 
 
 def enospc(*args, **kwargs):
@@ -238,25 +226,6 @@ def test_a_lock_released_while_taken_is_not_shared(tmp_path, monkeypatch):
 
 
 # -- 2. concept files and image metadata -----------------------------------------------------------
-
-
-def rewrite_concept(source, target, meta=None, tensors=None):
-    """A copy of the concept file with its metadata and tensors changed by the callables given."""
-    from safetensors import safe_open
-
-    with safe_open(str(source / "concept.safetensors"), framework="pt") as f:
-        header = json.loads(f.metadata()["personamagic"])
-    data = load_file(str(source / "concept.safetensors"))
-    header = meta(header) if meta else header  # a str is written as it is (JSON no encoder writes)
-    data = tensors(data) if tensors else data
-    target.mkdir(parents=True, exist_ok=True)
-    text = header if isinstance(header, str) else json.dumps(header)
-    save_file(data, str(target / "concept.safetensors"), metadata={"personamagic": text})
-    return target / "concept.safetensors"
-
-
-def edit(key, value):
-    return lambda meta: {**meta, key: value}
 
 
 def without(key):
@@ -915,23 +884,17 @@ def test_from_image_with_a_batch_larger_than_any_batch_is_refused(generated, tmp
     assert not (tmp_path / "again").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--ip-adapter-scale", "0.5"], "--ip-adapter-scale needs --ip-adapter"),
-    (["--photomaker-lora-scale", "0.3"], "--photomaker-lora-scale needs --photomaker"),
-    (["--photomaker-merge-step", "1"], "--photomaker-merge-step needs --photomaker"),
+@pytest.mark.parametrize("command, flags, message", [
+    ("generate", ["--ip-adapter-scale", "0.5"], "--ip-adapter-scale needs --ip-adapter"),
+    ("generate", ["--photomaker-lora-scale", "0.3"], "--photomaker-lora-scale needs --photomaker"),
+    ("generate", ["--photomaker-merge-step", "1"], "--photomaker-merge-step needs --photomaker"),
+    ("train", ["--ip-adapter-scale", "2"], "--ip-adapter-scale needs --ip-adapter"),
+    ("train", ["--photomaker-lora-scale", "0.3"], "--photomaker-lora-scale needs --photomaker"),
 ])
-def test_a_plug_in_setting_without_its_plug_in_is_refused(flags, message, concept_dir, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, *flags, "-o", tmp_path / "o")
-    assert_one_line_error(code, err, message)
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--ip-adapter-scale", "2"], "--ip-adapter-scale needs --ip-adapter"),
-    (["--photomaker-lora-scale", "0.3"], "--photomaker-lora-scale needs --photomaker"),
-])
-def test_train_refuses_a_plug_in_setting_without_its_plug_in(flags, message, astronaut, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", astronaut, "--model", "tiny", *flags, "-o", tmp_path / "o")
+def test_a_plug_in_setting_without_its_plug_in_is_refused(command, flags, message, concept_dir, astronaut, tmp_path,
+                                                          capsys):
+    inputs = [concept_dir, "-p", "S*", *GENERATE_FAST] if command == "generate" else [astronaut, "--model", "tiny"]
+    code, _, err = run_cli(capsys, command, *inputs, *flags, "-o", tmp_path / "o")
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "o").exists()
 
