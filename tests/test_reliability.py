@@ -922,3 +922,38 @@ def test_an_empty_token_or_prompt_is_named_not_replaced(concept_dir, tmp_path, c
 def test_a_missing_input_image_is_named_by_its_flag_before_loading(flags, message, concept_dir, tmp_path, capsys):
     code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, *flags, "-o", tmp_path / "o")
     assert_one_line_error(code, err, message)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real, full filesystem: a 64 KiB tmpfs filled by `filler` (needs root; skipped where mounting is not allowed),
+    so that the libraries raise what they raise on a full disk (safetensors: its own SafetensorError)."""
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    with open(mount / "filler", "wb", buffering=0) as f:  # fill it to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 512)
+        except OSError:
+            pass
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_export_onto_a_really_full_disk_is_one_line(concept_dir, full_disk, capsys):
+    target = full_disk / "me.safetensors"
+    code, _, err = run_cli(capsys, "export", concept_dir, "-o", target)
+    assert_one_line_error(code, err, f"cannot write {target}: No space left on device")
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_train_onto_a_really_full_disk_is_one_line(astronaut, full_disk, capsys):
+    code, _, err = run_cli(capsys, "train", astronaut, "-o", full_disk / "c", "--model", "tiny", "--steps", "2",
+                           "--stage-window", "400:800", "--checkpoint-every", "0")
+    assert_one_line_error(code, err, "No space left on device", train=True)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

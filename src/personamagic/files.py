@@ -5,11 +5,12 @@ when they are not readable; the lock a run holds on its output folder; a filesys
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
@@ -30,11 +31,24 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], header: dict[str, 
     """save_file to a temporary sibling, fsync, then rename over `path`: readers see old or new, never half."""
 
     def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=header)
+        try:
+            save_file(tensors, tmp, metadata=header)
+        except SafetensorError as err:  # its own type, not OSError, even for a full disk
+            raise safetensors_os_error(err) from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
 
     write_atomic(path, write)
+
+
+def safetensors_os_error(err: Exception) -> OSError:
+    """The OSError behind a SafetensorError ("… I/O error: No space left on device (os error 28)"), so
+    that a full disk is the same fault whichever library met it."""
+    match = re.search(r"\(os error (\d+)\)", str(err))
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return OSError(str(err))
 
 
 def write_atomic(path: Path, write) -> None:

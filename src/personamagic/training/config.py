@@ -71,6 +71,8 @@ class TrainConfig:
             self.te_encoder_weights = tuple(self.te_encoder_weights)
         if self.max_train_steps == 0 and self.stage_window is None:
             raise ValueError("max_train_steps 0 (an untrained concept: the supercategory word) needs a stage_window")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:  # torch generators take a signed 64-bit seed
+            raise ValueError(f"seed (--seed) must be a whole number from 0 to {2**63 - 1}, got {self.seed}")
         if not isinstance(self.max_train_steps, int) or self.max_train_steps < 0:
             raise ValueError(f"max_train_steps must be >= 0, got {self.max_train_steps}")
         positive = ("num_vectors", "train_batch_size", "mapper_hidden_dim", "time_frequencies",
