@@ -23,6 +23,7 @@ COMMAND_MODULES = {
     "evaluate": "personamagic.evaluation.cli",
     "ui": "personamagic.ui.cli",
     "bench": "personamagic.cli.bench",
+    "world": "personamagic.cli.world",
 }
 # Shapes stay fixed through training and sampling, so cuDNN's per-shape autotune pays off.
 AUTOTUNED = ("train", "train-many", "generate", "bench", "evaluate", "ui")

@@ -36,6 +36,9 @@ def add_commands(evaluate) -> None:
     images.add_argument("--face-model", default=DEFAULT_FACE_MODEL,
                         help="face recogniser for I-Pre: sface (OpenCV Zoo, default), sface-torch (the same "
                              "network in torch), dlib, or an ArcFace/CosFace .pth/.safetensors/.onnx file or hub path")
+    images.add_argument("--metrics", choices=("real", "world"), default="real",
+                        help="real: CLIP T-Sim and face-model I-Pre; world: the learning world's judge (world T-Sim: "
+                             "share of the prompt's context shown; world I-Pre: world identity cosine)")
     images.add_argument("--output", "-o", default=None, help="folder for scores.json (default: the image folder)")
     images.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, cuda:N, mps")
     images.add_argument("--local-files-only", action="store_true", help="never download; use the local hub cache")
@@ -50,6 +53,20 @@ def add_commands(evaluate) -> None:
                        help="K/N: do the share of process K of N (default: RANK/WORLD_SIZE from the launcher)")
     study.add_argument("--dry-run", action="store_true", help="show what the study holds and what is left, run nothing")
     study.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    _add_world(actions)
+
+
+def _add_world(actions) -> None:
+    """`evaluate world`: the learning world's figures (docs/world.md)."""
+    from ..cli.argtypes import positive_int
+
+    figures = actions.add_parser("world", help="measure the world model: prompt-following, likeness from one photo")
+    figures.add_argument("--output", "-o", default="benchmarks/results/world-figures.json", help="JSON report")
+    figures.add_argument("--images", default="docs/images", help="folder for the example sheets (world-*.png)")
+    figures.add_argument("--people", type=positive_int, default=4, help="held-out people learnt from one photo (4)")
+    figures.add_argument("--steps", type=positive_int, default=400, help="training steps per person (400)")
+    figures.add_argument("--seeds", type=positive_int, default=4, help="seeds per editing prompt (4)")
+    figures.add_argument("--captions", type=positive_int, default=100, help="captions of the prompt-following test")
 
 
 def run(args) -> int:
@@ -59,6 +76,8 @@ def run(args) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     if args.evaluate_command == "images":
         return _images(args)
+    if args.evaluate_command == "world":
+        return _world(args)
     return _study(args)
 
 
@@ -77,8 +96,15 @@ def _images(args) -> int:
         device=args.device,
         local_files_only=args.local_files_only,
         output=output,
+        metrics=args.metrics,
     )
     s = scores.summary
+    if args.metrics == "world":
+        print(f"{s['images']} images, scored by the world's judge")
+        print(f"world T-Sim (share of the prompt's context shown) {_stat(s['t_sim'])}")
+        print(f"world I-Pre (identity cosine to the reference) {_stat(s['i_pre']['paper'])}")
+        print(f"scores written to {output}/{SCORES_FILENAME}")
+        return 0
     print(f"{s['images']} images; T-Sim with CLIP {s['clip_model']}; I-Pre with {s['face_model']} on YuNet faces")
     print(f"T-Sim  cosine {_stat(s['t_sim'])} | 100·cos {_stat(s['t_sim_100'], 1)} | CLIP-S {_stat(s['clip_s'])}")
     i_pre = s["i_pre"]
@@ -154,3 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     configure_logging(args.verbose)
     return run_handler(run, args)
+
+
+def _world(args) -> int:
+    from pathlib import Path
+
+    from ..files import write_atomic
+    from .world_figures import world_report
+
+    report = world_report(people=args.people, steps=args.steps, seeds=args.seeds, captions=args.captions,
+                          images=Path(args.images), log=print)
+    text = json.dumps(report, indent=2) + "\n"
+    write_atomic(Path(args.output), lambda tmp: Path(tmp).write_text(text))
+    print(f"figures written to {args.output}")
+    return 0

@@ -114,7 +114,7 @@ def score_images(
         **summarize(records),
         "clip_model": text_similarity.name,
         "face_model": identity.name,
-        "face_detector": "yunet-2023mar-int8",
+        "face_detector": getattr(identity, "detector", "yunet-2023mar-int8"),
         "supercategory": supercategory,
         "references": [str(r) for r in references],
         "conventions": {name: CONVENTIONS_NOTE[name] for name in NO_FACE_CONVENTIONS},
@@ -134,21 +134,33 @@ def evaluate_images(
     device: str = "auto",
     local_files_only: bool = False,
     output: str | Path | None = None,
+    metrics: str = "real",
 ) -> ImageScores:
     """Score every image of `folder`; write `scores.json` into `output` when given.
 
-    Placeholders are replaced by `supercategory` before CLIP tokenises the prompt.
+    Placeholders are replaced by `supercategory` before CLIP tokenises the prompt. metrics: "real" (CLIP
+    T-Sim, face-model I-Pre) or "world" (the learning world's judge: world T-Sim and world I-Pre, for
+    images of the world model; `clip_model` and `face_model` are not used).
     """
     from ..jobs.assets import Asset, check_assets
     from ..models.devices import resolve_device
     from .identity_preservation import IdentityPreservation, load_face_embedder
     from .text_similarity import TextSimilarity
 
+    if metrics not in METRICS:
+        raise UserError(f"--metrics {metrics!r} is not one of {', '.join(METRICS)}")
     paths = list_images(folder)
     if not references:
         raise UserError("give a reference photo of the person (--reference PHOTO)")
     for reference in references:
         load_photo(reference)  # a wrong path fails before any model is loaded
+    if metrics == "world":
+        text_similarity, identity = world_metrics()
+        scores = score_images(paths, references, text_similarity, identity, prompt=prompt,
+                              supercategory=supercategory, placeholders=placeholders)
+        if output is not None:
+            write_json(Path(output) / SCORES_FILENAME, scores.to_dict())
+        return scores
     assets = [Asset("the CLIP model of T-Sim", clip_model or DEFAULT_CLIP_MODEL, "--clip-model PATH, or tiny")]
     if "/" in face_model and not Path(face_model).exists():
         assets.append(Asset("the face model of I-Pre", face_model, "--face-model sface"))
@@ -162,6 +174,21 @@ def evaluate_images(
     if output is not None:
         write_json(Path(output) / SCORES_FILENAME, scores.to_dict())
     return scores
+
+
+METRICS = ("real", "world")  # --metrics
+
+
+def world_metrics():
+    """The world's (WorldTextSimilarity, WorldIdentityPreservation), from the shipped judge."""
+    from ..world.judge import load_judge
+    from .world_scoring import WorldIdentityPreservation, WorldTextSimilarity, world_judge_path
+
+    try:
+        judge = load_judge(world_judge_path())
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    return WorldTextSimilarity(judge), WorldIdentityPreservation(judge)
 
 
 def write_json(path: Path, data) -> None:

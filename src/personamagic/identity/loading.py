@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..models.world import WORLD
 from ..faces.alignment import ARCFACE_INPUT_SIZE
 from .encoder import ArcFaceEncoder
 from .iresnet import IResNet, IResNetConfig, build_iresnet
@@ -104,7 +105,8 @@ def load_identity_model(
 ) -> ArcFaceEncoder:
     """Load a frozen (eval, requires_grad False) identity encoder.
 
-    ``spec``: ``"sface"`` (default), ``"arcface-r100"``, ``"tiny"``, a local
+    ``spec``: ``"sface"`` (default), ``"arcface-r100"``, ``"tiny"``, ``"world"`` (the learning world's
+    identity encoder, whose input is a whole 64² world image), a local
     ``.pth``/``.pt``/``.safetensors``/``.onnx`` file, or a Hugging Face reference
     ``owner/name/path/in/repo.ext`` (``owner/name`` if the repo holds one weights file).
     Raises ``UserError`` for anything that cannot be loaded.
@@ -113,6 +115,14 @@ def load_identity_model(
     spec = IDENTITY_MODEL_NAMES.get(spec, spec)
     if spec == "tiny":
         encoder = build_tiny_identity_model()
+    elif spec == WORLD:
+        from ..world import world_judge_path
+        from ..world.judge import WorldIdentityEncoder, load_judge
+
+        try:
+            encoder = WorldIdentityEncoder(load_judge(world_judge_path()))
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(str(err)) from None
     elif spec == RANDOM_IRESNET100:
         encoder = ArcFaceEncoder(build_iresnet(100), embedding_dim=512)
     elif spec == SFACE:
@@ -132,7 +142,7 @@ def load_identity_model(
             encoder = _load_file(_download_from_hub(spec))
         else:
             raise UserError(
-                f"unknown identity model {spec!r}: pass sface, arcface-r100, tiny, a local .pth/.safetensors/.onnx "
+                f"unknown identity model {spec!r}: pass sface, arcface-r100, tiny, world, a local .pth/.safetensors/.onnx "
                 f"file, or a Hugging Face reference owner/name/path/in/repo (e.g. {ARCFACE_R100})"
             )
     encoder.to(device=device, dtype=dtype)
@@ -141,9 +151,12 @@ def load_identity_model(
 
 
 def default_identity_model(base_model: str) -> str:
-    """What ``identity_model="auto"`` means: ``"tiny"`` on the tiny base model, else the default."""
+    """What ``identity_model="auto"`` means: ``"tiny"`` on the tiny base models, the world's own
+    identity encoder on the world model, else the default."""
     from ..models.tiny import TINY_MODELS
 
+    if base_model == WORLD:
+        return WORLD
     return "tiny" if base_model in TINY_MODELS else DEFAULT_IDENTITY_MODEL
 
 

@@ -20,8 +20,9 @@ def built_names() -> tuple[str, ...]:
     """Names of models built in code or shipped with the package (never downloaded)."""
     from ..identity.loading import RANDOM_IRESNET100, SFACE
     from ..models.tiny import BUILT_MODELS, RANDOM_IMAGE_ENCODER
+    from ..models.world import WORLD
 
-    return (*BUILT_MODELS, RANDOM_IMAGE_ENCODER, RANDOM_IRESNET100, SFACE)
+    return (*BUILT_MODELS, RANDOM_IMAGE_ENCODER, RANDOM_IRESNET100, SFACE, WORLD)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch
 from ..errors import BAD_JSON, UserError
 from ..families import FAMILIES, ModelFamily
 from .components import BaseComponents
+from .world import WORLD, world_model_folder
 from .tiny import BUILT_MODELS, TINY, build_model
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def load_base_model(
     vae: str | None = None,
 ) -> BaseComponents:
     """Load a base model by hub id, local diffusers folder, single `.safetensors`/`.ckpt` file, or build
-    `tiny`/`tiny-sdxl`/`random-sd1`. `revision`: a hub branch, tag or commit; `model_config`: a
+    `tiny`/`tiny-sdxl`/`random-sd1`, or the shipped learning-world model `world`. `revision`: a hub branch, tag or commit; `model_config`: a
     diffusers folder whose configs a single file uses; `vae`: another VAE (hub id or folder of an
     AutoencoderKL, e.g. an fp16-fixed SDXL VAE) to use instead of the model's. Raises UserError for
     models PersonaMagic cannot drive."""
@@ -95,6 +96,14 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
     """The parts of a model, unchecked: built in code, or read from a file, folder or hub id."""
     if name in BUILT_MODELS:
         return build_model(name, device)
+    if name == WORLD:  # the shipped diffusers folder, loaded as any user's folder, known by its short name
+        try:
+            folder = world_model_folder()
+        except FileNotFoundError as err:
+            raise UserError(str(err)) from None
+        components = load_diffusers(str(folder), local_files_only=True, dtype=dtype)
+        components.name = WORLD
+        return components
     path = Path(name).expanduser()
     if path.is_file():
         return load_single_file(path, model_config=model_config, local_files_only=local_files_only, dtype=dtype)
@@ -109,7 +118,7 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
         return load_diffusers(name, local_files_only=local_files_only, revision=revision, dtype=dtype)
     raise UserError(
         f"unknown model {name!r}: not a file, not a folder, not a hub id (owner/name); "
-        f"use e.g. CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}"
+        f"use e.g. CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}"
     )
 
 
