@@ -43,8 +43,11 @@ def add_training_arguments(parser, *, mask_file: bool = True) -> None:
     parser.add_argument("--supercategory", default="face", help="one-token word for the concept's class (face)")
     parser.add_argument("--placeholder", default="S*", help="text that stands for the concept in prompts (S*)")
     parser.add_argument("--num-vectors", type=positive_int, default=1, help="token positions per placeholder (1)")
-    mask_help = "auto, clipseg, landmarks, none" + (", or a mask image FILE the size of the photo" if mask_file else "")
+    mask_help = "auto, clipseg, landmarks, none, world (a world render's own mask)" + (", or a mask image FILE the size of the photo" if mask_file else "")
     parser.add_argument("--mask", default="auto", help=mask_help)
+    parser.add_argument("--crop", choices=("auto", "face", "none"), default="auto",
+                        help="face: crop square around the detected face; none: the photo is already a crop (its "
+                             "centre square, no detection); auto: none on the world model, else face")
     parser.add_argument("--image-encoder", default="auto",
                         help="CLIP vision model for the photo's embedding: hub id or folder "
                              "(openai/clip-vit-base-patch32), or tiny (an offline toy)")
@@ -84,7 +87,7 @@ def add_training_arguments(parser, *, mask_file: bool = True) -> None:
 def model_options(args) -> dict:
     """The keyword arguments of the model and photo flags `personalize` and `train_many` share."""
     names = ("model", "device", "dtype", "mask", "image_encoder", "identity_model", "local_files_only", "revision",
-             "model_config", "vae", "resolution")
+             "model_config", "vae", "resolution", "crop")
     return {name: getattr(args, name) for name in names}
 
 

@@ -33,6 +33,7 @@ from .assets import Asset, check_assets, model_assets
 from ..models.devices import DTYPE_NAMES
 from ..models.loading import is_hub_id
 from ..models.tiny import RANDOM_SDXL
+from ..models.world import WORLD
 from ..training import TrainConfig, Trainer, latest_checkpoint, prepare_training_data
 from .plots import attention_figure, stages_figure
 
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 # Supercategories for which a face is detected, the crop centred on it and the identity loss used.
 FACE_SUPERCATEGORIES = {"face", "person", "man", "woman", "boy", "girl", "child", "kid", "baby", "people"}
-MASK_METHODS = ("auto", "clipseg", "landmarks", "none")
+MASK_METHODS = ("auto", "clipseg", "landmarks", "none", "world")
 CHECKPOINT_DIR = "checkpoints"
 MASK_PREVIEW = "mask.png"
 STAGES_PLOT = "stages.png"
@@ -145,6 +146,7 @@ def personalize(
     vae: str | None = None,
     resolution: int | None = None,
     photomaker=None,
+    crop: str = "auto",
 ) -> PersonalizeResult:
     """Learn a concept from `photos` and write it to the folder `output`.
 
@@ -159,16 +161,21 @@ def personalize(
     vae: another VAE (hub id or folder, e.g. an fp16-fixed SDXL VAE); resolution: the side of the
     training crop (default: the model's, 512 on SD-1.x, 1024 on SDXL). photomaker: a
     `PhotoMakerSpec` (or its weights' hub id / path) to train with PhotoMaker plugged in (SDXL only).
+    crop: "face" (crop square around the detected face), "none" (the photo is already a crop: its centre
+    square, no detection; the identity loss then reads the whole image) or "auto" (none on the world
+    model, whose photos are crops; face for face supercategories otherwise).
     """
     started = time.perf_counter()
     output = Path(output)
     if not photos:
         raise UserError("give at least one photo")
     if mask not in MASK_METHODS and not Path(mask).is_file():
-        raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, nor an existing mask file")
+        raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, world, nor an existing mask file")
     check_output_folder(output, overwrite=overwrite, resume=resume)
     check_resolution(resolution)
-    run = _Run(photos, output, config, model, mask, image_encoder, identity_model)
+    if crop not in CROP_METHODS:
+        raise UserError(f"--crop {crop!r} is not one of {', '.join(CROP_METHODS)}")
+    run = _Run(photos, output, config, model, mask, image_encoder, identity_model, crop)
     run.resolution, run.vae = resolution, vae
     check_model_name(model, photomaker=photomaker is not None)
     spec = ip_adapter if ip_adapter is None or not isinstance(ip_adapter, str) else IPAdapterSpec.parse(ip_adapter)
@@ -179,6 +186,8 @@ def personalize(
     check_assets(assets, local_files_only=local_files_only)
     for photo in photos:
         load_photo(photo)  # fail on an unreadable photo before a multi-GB model load
+        if run.mask_method == "world":
+            recorded_world_mask(photo)
     with OutputFolder(output):
         check_output_folder(output, overwrite=overwrite, resume=resume)  # again, now that the folder is ours
         if overwrite:  # the replaced run's resume points must not be taken for this run's
@@ -198,6 +207,9 @@ def personalize(
     return PersonalizeResult(concept_path, concept, run.notes, run.timings)
 
 
+# the alignment of a photo taken as a crop (--crop none): the identity network reads the whole image
+WHOLE_IMAGE = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+CROP_METHODS = ("auto", "face", "none")  # --crop: detect and crop around the face, or take the photo as a crop
 MAX_RESOLUTION = 4096  # largest training crop side (as generate's largest image side)
 
 
@@ -211,9 +223,9 @@ def check_resolution(resolution: int | None) -> None:
 def check_model_name(model: str, *, photomaker: bool = False) -> None:
     """Before anything loads: `model` names something loadable, and PhotoMaker is not asked of a model
     built in code that is not SDXL (a downloaded model's family is checked once it has loaded)."""
-    if not (model in BUILT_MODELS or Path(model).expanduser().exists() or is_hub_id(model)):
+    if not (model in BUILT_MODELS or model == WORLD or Path(model).expanduser().exists() or is_hub_id(model)):
         raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
-                        f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join(BUILT_MODELS)}")
+                        f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}")
     if photomaker and model in BUILT_MODELS and model not in (TINY_SDXL, RANDOM_SDXL):
         raise UserError(f"PhotoMaker works on SDXL models; {model} is a Stable Diffusion 1.x model (try --model "
                         f"{TINY_SDXL})")
@@ -223,7 +235,7 @@ class _Run:
     """The steps of one personalize job and what they learn on the way (notes, timings, job facts)."""
 
     def __init__(self, photos, output: Path, config: TrainConfig, model: str, mask: str, image_encoder: str,
-                 identity_model: str):
+                 identity_model: str, crop: str = "auto"):
         self.photos, self.output, self.model = list(photos), output, model
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
@@ -233,6 +245,9 @@ class _Run:
         self.photomaker = None  # PhotoMaker plugged in (`plug_in_photomaker`)
         self.ip_adapter = None  # the IP-Adapter plugged in (`prepare`)
         self.is_face = config.supercategory in FACE_SUPERCATEGORIES
+        if crop == "auto":
+            crop = "none" if model == WORLD or not self.is_face else "face"
+        self.detect_face = crop == "face"
         if config.use_id_loss and not self.is_face:
             self.notes.append(f"identity loss off: supercategory {config.supercategory!r} is not a face")
             config = TrainConfig(**{**config.to_dict(), "use_id_loss": False})
@@ -241,8 +256,13 @@ class _Run:
             self.notes.append("tiny model: a randomly initialised toy; it runs the whole method but its images are "
                               "noise-like")
         self.config = config
+        offline = toy or model == WORLD  # models whose companions (image encoder, identity model) ship too
+        if mask == "auto" and model == WORLD:
+            mask = "world"  # the renderer's mask, redrawn from the photo's world record
+        if mask == "auto" and not self.detect_face and self.is_face:
+            raise UserError("--crop none finds no face to mask: pass --mask clipseg, none or FILE")
         self.mask_method = mask if mask != "auto" else ("landmarks" if toy else "clipseg")
-        self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if toy else DEFAULT_IMAGE_ENCODER)
+        self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if offline else DEFAULT_IMAGE_ENCODER)
         self.identity_spec = None
         if config.use_id_loss:
             self.identity_spec = identity_model if identity_model != "auto" else default_identity_model(model)
@@ -268,6 +288,7 @@ class _Run:
             "image_encoder": self.encoder_name,
             "identity_model": self.identity_spec,
             "resolution": self.resolution or base.resolution,
+            "crop": "face" if self.detect_face else "none",
             "photomaker": self.photomaker.spec.to_dict() if self.photomaker else None,
             "ip_adapter": self.ip_adapter.to_dict() if self.ip_adapter else None,
             "vae": self.vae,
@@ -282,8 +303,8 @@ class _Run:
         multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
         if size % multiple:
             raise UserError(f"--resolution {size} is not a multiple of {multiple}, which this model's UNet needs")
-        detector = models.face_detector() if self.is_face else None
-        prepared = [prepare_photo(p, size, detect_face=self.is_face, detector=detector) for p in self.photos]
+        detector = models.face_detector() if self.detect_face else None
+        prepared = [prepare_photo(p, size, detect_face=self.detect_face, detector=detector) for p in self.photos]
         self.num_faces = [p.num_faces for p in prepared]
         masks = _make_masks(prepared, self.mask_method, self.config.supercategory, local_files_only, models)
         self.timings["load_and_mask_s"] = time.perf_counter() - self.started
@@ -296,6 +317,7 @@ class _Run:
         if self.identity_spec is not None:
             self.identity_encoder = models.identity_model(self.identity_spec, device, dtype)
             face_theta = torch.stack([
+                WHOLE_IMAGE if p.face is None else
                 alignment_theta(p.face.landmarks, (size, size), self.identity_encoder.input_size, landmarks_order="yunet")
                 for p in prepared
             ])
@@ -459,6 +481,31 @@ def describe_partition(stages: dict, min_dynamic_fraction: float = 0.2) -> str:
     return text
 
 
+def recorded_world_mask(path):
+    """The face mask a world render records (its identity, context and seed); one UserError if none."""
+    from ..world.render import recorded_mask
+
+    try:
+        mask = recorded_mask(path)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if mask is None:
+        raise UserError(f"{path} is not a world render (it records no person); pass its face mask with "
+                        "--mask FILE, or draw the photo with personamagic world render")
+    return mask
+
+
+def _world_mask(photo, size: int) -> np.ndarray:
+    """The recorded face mask of a world render, cropped like the photo."""
+    from PIL import Image
+
+    mask = recorded_world_mask(photo.path)
+    if mask.size != photo.original.size:
+        raise UserError(f"{photo.path} is {photo.original.width}x{photo.original.height} pixels, not the "
+                        f"{mask.width}x{mask.height} of its world record; pass its face mask with --mask FILE")
+    return (np.asarray(photo.crop.apply(mask, Image.Resampling.BILINEAR)) > 127).astype(np.float32)
+
+
 def _make_masks(prepared, method: str, supercategory: str, local_files_only: bool = False,
                 models: PhotoModels | None = None) -> list[np.ndarray]:
     """One (size, size) {0,1} mask per photo, by the chosen method (CLIPSeg from `models` if given)."""
@@ -472,6 +519,8 @@ def _make_masks(prepared, method: str, supercategory: str, local_files_only: boo
         return [clipseg_mask(p.image, supercategory, model, processor) for p in prepared]
     if method == "none":
         return [np.ones((size, size), dtype=np.float32) for _ in prepared]
+    if method == "world":
+        return [_world_mask(p, size) for p in prepared]
     if len(prepared) != 1:
         raise UserError("--mask FILE works with one photo; use --mask clipseg or landmarks with several photos")
     return [load_mask_file(method, prepared[0])]

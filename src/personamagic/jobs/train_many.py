@@ -83,9 +83,13 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "identity"
 
 
+MASK_SUFFIX = ".mask.png"  # the face mask `personamagic world render` writes beside a photo: never a photo
+
+
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+                  and not p.name.lower().endswith(MASK_SUFFIX))
 
 
 def discover_identities(photos_dir: str | Path, exclude: Path | None = None) -> list[tuple[str, tuple[Path, ...]]]:
@@ -128,7 +132,7 @@ def train_many(
     """One concept per identity of `photos_dir` (module docstring) into `output`/<name>, trained
     `identities_per_step` at a time. shard: a `shards.Shard` (default: from the launcher's
     environment, else the whole folder). options: those of `train_identities` (model, dtype, image_encoder,
-    identity_model, local_files_only, revision, model_config, vae, resolution, progress)."""
+    identity_model, local_files_only, revision, model_config, vae, resolution, crop, progress)."""
     from ..shards import Shard, process_device
 
     output = Path(output)
@@ -180,6 +184,7 @@ def train_identities(
     model_config: str | None = None,
     vae: str | None = None,
     resolution: int | None = None,
+    crop: str = "auto",
     progress=None,
 ) -> TrainManyResult:
     """Train `jobs` on one base model, loaded once, `identities_per_step` identities per step: those whose
@@ -206,7 +211,12 @@ def train_identities(
         except UserError as err:
             _failed(result, job.name, err)
             continue
-        run = PersonalizeRun(job.photos, job.output, job.config, model, job.mask, image_encoder, identity_model)
+        try:
+            run = PersonalizeRun(job.photos, job.output, job.config, model, job.mask, image_encoder, identity_model,
+                                 crop)
+        except UserError as err:
+            _failed(result, job.name, err)
+            continue
         run.resolution, run.vae = resolution, vae
         runs[job.name] = (job, run)
     if not runs:

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5  # how often a tab with an unfinished job asks for its progress
 MAX_PLOT_POINTS = 400  # per loss term: longer curves are thinned before they are sent
 DEFAULT_MODELS = ("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                  "stabilityai/stable-diffusion-xl-base-1.0", "tiny", "tiny-sdxl")
+                  "stabilityai/stable-diffusion-xl-base-1.0", "world", "tiny", "tiny-sdxl")
 EXTRA_SUPERCATEGORIES = ("cat", "dog")  # non-face examples: no face detection, no identity loss
 CONCEPT_PICTURES = (("stages.png", "stage partition"), ("attention.png", "S* attention"), ("mask.png", "training mask"))
 
@@ -167,7 +167,8 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
             "Personalize Stable Diffusion (1.x or SDXL) to one person from a photo: **1.** upload the photo and "
             "check the face and mask, **2.** personalize (a concept is saved in the library), "
             "**3.** generate with prompts that contain the concept's placeholder (`S*`). "
-            f"Library: `{studio.library.root}`. The `tiny` and `tiny-sdxl` models are offline toys whose images are noise."
+            f"Library: `{studio.library.root}`. The `world` model is the learning world's small model of drawn people (64², offline; its example "
+            "photos are in `examples/world/`); `tiny` and `tiny-sdxl` are offline toys whose images are noise."
         )
 
         # 1. personalize -----------------------------------------------------------------------
@@ -187,7 +188,7 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                                         elem_id="model")
                 with gr.Row():
                     mask = gr.Radio(list(MASK_CHOICES), value="auto", label="Face mask", elem_id="mask",
-                                    info="auto: CLIPSeg, landmarks for tiny")
+                                    info="auto: CLIPSeg; landmarks for tiny; the render's own mask for world")
                     placeholder = gr.Textbox(label="Placeholder", value="S*", elem_id="placeholder")
                 # Not in a closed gr.Accordion: Gradio 6 drops edits made in one on its first event.
                 with gr.Row():

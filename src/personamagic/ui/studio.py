@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from ..concept import CONCEPT_FILENAME, Concept
 from ..errors import UserError
 from ..models import TINY_MODELS, ResidentModels
+from ..models.world import WORLD
 from .jobs import Job, JobQueue, new_job_id
 
 logger = logging.getLogger(__name__)
@@ -193,16 +194,18 @@ def _detector():
     return _detectors.detector
 
 
-def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float) -> tuple[Image.Image, str]:
+def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float,
+                  crop: bool = True) -> tuple[Image.Image, str]:
     """The training crop of a photo with its face box and landmarks drawn on it and the training mask
-    tinted (`mask`: landmarks, clipseg or none), and a caption. Raises UserError for anything the
-    training would refuse (too big, not an image, no face)."""
+    tinted (`mask`: landmarks, clipseg, none or world), and a caption. Raises UserError for anything the
+    training would refuse (too big, not an image, no face). crop False: the photo is already a crop
+    (the world model's), nothing is detected."""
     from ..faces.crop import prepare_photo
     from ..faces.masks import landmark_mask, mask_overlay
     from ..jobs.personalize import FACE_SUPERCATEGORIES
 
     check_upload_size(path, max_upload_mb)
-    is_face = supercategory in FACE_SUPERCATEGORIES
+    is_face = supercategory in FACE_SUPERCATEGORIES and crop
     try:
         photo = prepare_photo(path, PREVIEW_SIZE, detect_face=is_face, detector=_detector() if is_face else None)
     except UserError as err:
@@ -212,7 +215,8 @@ def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float) -> 
         if mask == "landmarks":
             raise UserError(f"{name}: the landmark mask needs a face; choose mask clipseg or none for "
                             f"supercategory {supercategory!r}")
-        caption = f"{name}: no face detection for supercategory {supercategory!r} (centre crop)"
+        caption = (f"{name}: no face detection for supercategory {supercategory!r} (centre crop)" if crop else
+                   f"{name}: taken as it is (the world model's photos are crops)")
     else:
         caption = f"{name}: face found (score {photo.face.score:.2f})"
         if photo.num_faces > 1:
@@ -220,6 +224,12 @@ def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float) -> 
     if mask == "landmarks":
         image = mask_overlay(photo.image, landmark_mask(photo.face, PREVIEW_SIZE))
         caption += "; red: landmark mask"
+    elif mask == "world":
+        from ..jobs.personalize import recorded_world_mask
+
+        recorded = recorded_world_mask(path).resize((PREVIEW_SIZE, PREVIEW_SIZE))
+        image = mask_overlay(photo.image, (np.asarray(recorded) > 127).astype(np.float32))
+        caption += "; red: the world render's own face mask"
     elif mask == "none":
         image = mask_overlay(photo.image, np.ones((PREVIEW_SIZE, PREVIEW_SIZE), np.float32))
         caption += "; whole image learned (mask none)"
@@ -275,11 +285,11 @@ class Studio:
         if mask not in MASK_CHOICES:
             raise UserError(f"mask must be one of {', '.join(MASK_CHOICES)}, got {mask!r}")
         if mask == "auto":  # what personalize() picks
-            mask = "landmarks" if model in TINY_MODELS else "clipseg"
+            mask = "world" if model == WORLD else "landmarks" if model in TINY_MODELS else "clipseg"
         previews, errors = [], []
         for path in paths or []:
             try:
-                previews.append(preview_photo(path, supercategory, mask, self.max_upload_mb))
+                previews.append(preview_photo(path, supercategory, mask, self.max_upload_mb, crop=model != WORLD))
             except UserError as err:
                 errors.append(str(err))
         return previews, errors
