@@ -16,10 +16,36 @@ EXIT_INTERRUPTED = 130
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line: `error: ...` (exit 2)."""
+    """argparse, but a bad flag is one line: `error: ...` (exit 2), with the closest flag or command
+    when one is near ("did you mean --steps?")."""
+
+    _innermost = None  # the last (sub)command parser that parsed: its flags are the ones to suggest
+
+    def parse_known_args(self, args=None, namespace=None):
+        Parser._innermost = self
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+        parser = Parser._innermost or self
+        self.exit(EXIT_USER_ERROR, f"error: {message}{_suggestion(message, parser)} (see {parser.prog} --help)\n")
+
+
+def _suggestion(message: str, parser: argparse.ArgumentParser) -> str:
+    """"; did you mean X?" for a mistyped flag or choice, or nothing."""
+    import difflib
+    import re
+
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        word = unknown.group(1).split("=")[0]
+        known = [o for action in parser._actions for o in action.option_strings]
+    else:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if not choice:
+            return ""
+        word, known = choice.group(1), re.findall(r"'([^']*)'", choice.group(2))
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def add_device_flags(parser) -> None:

@@ -102,7 +102,8 @@ def run(args) -> int:
     if result.trained:
         train_s = result.timings.get("train_s", 0.0)
         per_step = max(r.timings.get("identities_per_step", 1) for r in result.trained.values())
-        print(f"trained {len(result.trained)} identities in {result.timings['total_s']:.1f} s "
+        count = len(result.trained)
+        print(f"trained {count} identit{'y' if count == 1 else 'ies'} in {result.timings['total_s']:.1f} s "
               f"(training {train_s:.1f} s, up to {per_step} per step)")
     for name, message in result.failed.items():
         print(f"error: {name}: {message}", file=sys.stderr)

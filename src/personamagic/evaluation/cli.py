@@ -8,6 +8,7 @@ Wired into `personamagic.cli` by `add_parser(commands)` (the subparsers of the m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
 
@@ -103,7 +104,7 @@ def _images(args) -> int:
         print(f"{s['images']} images, scored by the world's judge")
         print(f"world T-Sim (share of the prompt's context shown) {_stat(s['t_sim'])}")
         print(f"world I-Pre (identity cosine to the reference) {_stat(s['i_pre']['paper'])}")
-        print(f"scores written to {output}/{SCORES_FILENAME}")
+        print(f"scores written to {Path(output) / SCORES_FILENAME}")
         return 0
     print(f"{s['images']} images; T-Sim with CLIP {s['clip_model']}; I-Pre with {s['face_model']} on YuNet faces")
     print(f"T-Sim  cosine {_stat(s['t_sim'])} | 100·cos {_stat(s['t_sim_100'], 1)} | CLIP-S {_stat(s['clip_s'])}")
@@ -112,7 +113,7 @@ def _images(args) -> int:
           f"| excluded {_stat(i_pre['excluded'])} (n={i_pre['excluded']['n']})")
     rate = s["face_detection_rate"]
     print(f"faces found in {s['faces_found']} of {s['images']} images ({100 * rate:.1f}%)")
-    print(f"scores written to {output}/{SCORES_FILENAME}")
+    print(f"scores written to {Path(output) / SCORES_FILENAME}")
     return 0
 
 
@@ -149,7 +150,6 @@ def _study(args) -> int:
 
 def _print_plan(config, plan, shard) -> None:
     from collections import Counter
-    from pathlib import Path
 
     from .ledger import read_records
     from .study import RESULTS_DIR
@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _world(args) -> int:
-    from pathlib import Path
 
     from ..files import write_atomic
     from .world_figures import world_report

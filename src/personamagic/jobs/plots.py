@@ -10,7 +10,7 @@ from PIL import Image
 STAGE_COLORS = {"static 1": "#9ecae1", "dynamic": "#fdd49e", "static 2": "#c7e9c0"}
 
 
-def _figure_to_image(figure) -> Image.Image:
+def figure_to_image(figure) -> Image.Image:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     buffer.seek(0)
@@ -19,7 +19,7 @@ def _figure_to_image(figure) -> Image.Image:
 
 def stages_figure(stages: dict, num_train_timesteps: int = 1000, supercategory: str = "face") -> Image.Image:
     """The picture of `stages_plot`."""
-    return _figure_to_image(stages_plot(stages, num_train_timesteps, supercategory))
+    return figure_to_image(stages_plot(stages, num_train_timesteps, supercategory))
 
 
 def stages_plot(stages: dict, num_train_timesteps: int = 1000, supercategory: str = "face"):
@@ -43,7 +43,7 @@ def stages_plot(stages: dict, num_train_timesteps: int = 1000, supercategory: st
     ax.axhline(stages["lambda2"], color="#54278f", linestyle=":", linewidth=1.5, label=f"λ2 = {stages['lambda2']}")
     ax.set_xlim(num_train_timesteps, 0)  # the reverse process runs from T down to 0
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("timestep t (denoising runs right to left)")
+    ax.set_xlabel("timestep t (denoising runs left to right, from T to 0)")
     ax.set_ylabel(f"IoU of S* attention with the {supercategory} mask")
     ax.set_title(f"stage partition: dynamic stage {t_lo} ≤ t < {t_hi}")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -68,4 +68,4 @@ def attention_figure(photo: Image.Image, maps, stages: dict, count: int = 6) -> 
         stage = "static 1" if t[index] >= t_hi else "dynamic" if t[index] >= t_lo else "static 2"
         ax.set_title(f"t={t[index]}  IoU={stages['iou'][index]:.2f}\n{stage}", fontsize=8)
         ax.axis("off")
-    return _figure_to_image(figure)
+    return figure_to_image(figure)

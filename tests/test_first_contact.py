@@ -1,0 +1,61 @@
+"""What a newcomer reads in the first hour: a typo'd flag or command names the one meant, counts and
+paths are written as words and paths, and the stage plot's axis says which way denoising runs."""
+
+import shutil
+
+import pytest
+
+from cli_helpers import assert_one_line_error, run_cli
+
+
+@pytest.mark.parametrize(
+    "argv, meant, help_of",
+    [
+        (["train", "x.png", "-o", "c", "--stpes", "3"], "did you mean --steps?", "personamagic train --help"),
+        (["generate", "c", "-p", "S*", "-o", "o", "--guidence-scale", "3"], "did you mean --guidance-scale?", "personamagic generate"),
+        (["trian", "x.png"], "did you mean train?", "personamagic --help"),
+        (["world", "render", "3", "-o", "a.png", "--sed", "1"], "did you mean --seed?", "personamagic world render"),
+    ],
+)
+def test_a_typo_names_the_flag_or_command_meant(argv, meant, help_of, capsys):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, meant, help_of)
+
+
+def test_a_flag_near_nothing_gets_no_guess(capsys):
+    code, _, err = run_cli(capsys, "train", "x.png", "-o", "c", "--zzzzzz", "3")
+    assert_one_line_error(code, err, "unrecognized arguments: --zzzzzz")
+    assert "did you mean" not in err
+
+
+def test_the_stage_plot_says_which_way_denoising_runs():
+    from personamagic.jobs.plots import stages_plot
+
+    stages = {"timesteps": [999, 500, 0], "window": [300, 700], "iou": [0.1, 0.5, 0.9],
+              "relative_iou": [0.1, 0.5, 1.0], "lambda1": 0.7, "lambda2": 0.8}
+    (ax,) = stages_plot(stages).axes
+    left, right = ax.get_xlim()
+    assert left > right  # T on the left, 0 on the right
+    assert "left to right" in ax.get_xlabel()
+
+
+def test_train_many_counts_one_identity_in_the_singular(tmp_path, astronaut, capsys):
+    photos = tmp_path / "people"
+    photos.mkdir()
+    shutil.copy(astronaut, photos / "ann.png")
+    code, out, err = run_cli(capsys, "train-many", photos, "-o", tmp_path / "concepts", "--model", "tiny",
+                             "--steps", "1", "--stage-window", "400:800", "--checkpoint-every", "0")
+    assert code == 0, err
+    assert "trained 1 identity in" in out
+
+
+def test_evaluate_names_its_scores_file_as_a_path(tmp_path, capsys):
+    from personamagic.world.render import render, save_render
+
+    images = tmp_path / "out"
+    images.mkdir()
+    save_render(render(7, None, 0), images / "a.png", 0)
+    code, out, err = run_cli(capsys, "evaluate", "images", f"{images}/", "-r", images / "a.png",
+                             "--metrics", "world", "--prompt", "a photo of a face")
+    assert code == 0, err
+    assert f"scores written to {images / 'scores.json'}" in out and "//" not in out
