@@ -477,18 +477,32 @@ def test_an_unwritable_output_folder_fails_before_the_model_loads(concept_dir, t
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_output_folder_is_one_line(concept_dir, tmp_path, capsys):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """(folder, what the OS says) for a folder nobody can write into: mode 0500 for a user; for root,
+    whom modes do not stop (CI runs as root), a read-only tmpfs mounted there."""
+    import subprocess
+
     folder = tmp_path / "ro"
     folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, "-o", folder)
-        assert_one_line_error(code, err, "cannot write", "Permission denied")
-        code, _, err = run_cli(capsys, "export", concept_dir, "-o", folder / "me.safetensors")
-        assert_one_line_error(code, err, "cannot write", "Permission denied")
-    finally:
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield folder, "Permission denied"
         folder.chmod(0o700)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("root, and cannot mount a read-only tmpfs here")
+    yield folder, "Read-only file system"
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_output_folder_is_one_line(concept_dir, read_only_folder, capsys):
+    folder, reason = read_only_folder
+    code, _, err = run_cli(capsys, "generate", concept_dir, "-p", "S*", *GENERATE_FAST, "-o", folder)
+    assert_one_line_error(code, err, "cannot write", reason)
+    code, _, err = run_cli(capsys, "export", concept_dir, "-o", folder / "me.safetensors")
+    assert_one_line_error(code, err, "cannot write", reason)
     assert not any(folder.iterdir())
 
 
