@@ -161,6 +161,25 @@ def test_an_untrained_concept_samples_as_diffusers_sdxl_does(offline_hub, astron
     assert np.abs(ours * 255 - theirs * 255).max() <= 1.0
 
 
+@pytest.mark.parametrize("negative_prompt", [None, ""])
+def test_a_missing_negative_prompt_is_zeros_an_empty_one_is_text_as_in_diffusers(offline_hub, astronaut,
+                                                                                  negative_prompt):
+    import diffusers
+
+    base = load_base_model(SDXL)
+    pipe = PersonaMagicPipeline.from_base(base, scheduler="euler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(untrained_concept(base, astronaut))
+    ours = pipe("a photo of S*", negative_prompt=negative_prompt, num_inference_steps=3,
+                generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(SDXL, add_watermarker=False, dtype=torch.float32)
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a photo of face", negative_prompt=negative_prompt, num_inference_steps=3, guidance_scale=8.0,
+                       generator=torch.Generator().manual_seed(4), output_type="np").images[0]
+    assert np.abs(ours * 255 - theirs * 255).max() <= 1.0
+
+
 def test_an_sgm_single_file_loads_the_weights_of_the_repo(offline_hub):
     single = load_base_model(str(offline_hub["sdxl_safetensors"]))
     repo = load_base_model(SDXL)

@@ -349,7 +349,7 @@ class _Worker:
             kwargs["photomaker_images" if "photomaker" in unit.plugin else "ip_adapter_image"] = photos
         return pipe(
             prompts,
-            negative_prompt=settings.negative_prompt,
+            negative_prompt=settings.negative_prompt or None,  # none given: the family's default
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             generator=[torch.Generator(self.sampler.device).manual_seed(item.seed) for item in items],

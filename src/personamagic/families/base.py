@@ -34,7 +34,7 @@ class ModelFamily:
     te_layer: int
     partition_resolution: int  # side of the grid the partition's cross-attention maps are averaged on
     addition_embed_type: str | None = None  # the UNet's added conditioning (SDXL: "text_time")
-    zero_empty_negative: bool = False  # an empty negative prompt is all zeros rather than the encoded ""
+    zero_empty_negative: bool = False  # a missing negative prompt is all zeros rather than the encoded ""
     # a single-file checkpoint of this family has keys starting with each of these (original LDM/SGM layout)
     checkpoint_prefixes: tuple[str, ...]
     # diffusers' default hub repo whose configs turn a single file of this family into a pipeline

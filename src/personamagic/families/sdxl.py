@@ -5,7 +5,7 @@ The UNet's cross-attention reads the *penultimate* hidden states of both, side b
 diffusers' `StableDiffusionXLPipeline.encode_prompt` builds them; its added conditioning is the pooled,
 projected end-of-text embedding of encoder 2 (`text_embeds`) and six size numbers (`time_ids`: original
 size, crop top-left, target size). Both depend on the prompt, so S* reaches them too and they follow
-the stages. An empty negative prompt is all zeros (`force_zeros_for_empty_prompt` of the base model).
+the stages. A missing negative prompt is all zeros (`force_zeros_for_empty_prompt` of the base model; an explicit "" is encoded, as in diffusers).
 
 Choices of PersonaMagic on this family (see docs/method.md):
 * the tandem-equilibrium loss reads layer -2 of each encoder, the last layer whose output reaches the

@@ -638,7 +638,7 @@ class _Session:
         try:
             images = self.pipe(
                 [p for p, _ in jobs],
-                negative_prompt=self.config.negative_prompt,
+                negative_prompt=self.config.negative_prompt or None,  # none given: the family's default
                 num_inference_steps=self.config.num_inference_steps,
                 guidance_scale=self.config.guidance_scale,
                 generator=generators,

@@ -285,8 +285,9 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
             negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         if len(negatives) != batch_size:
             raise ValueError(f"{len(negatives)} negative prompts for {batch_size} prompts")
-        # An empty negative prompt is all zeros on families that ask for it (SDXL), as diffusers does.
-        zero_negative = do_cfg and self.family.zero_empty_negative and not any(n.strip() for n in negatives)
+        # A missing negative prompt (None) is all zeros on families that ask for it (SDXL's
+        # force_zeros_for_empty_prompt), as diffusers does; an explicit "" is encoded like any text.
+        zero_negative = do_cfg and self.family.zero_empty_negative and negative_prompt is None
         return (negatives if do_cfg else []) + prompts, batch_size, zero_negative
 
     def _initial_latents(self, batch_size: int, height: int, width: int, generator, latents):
