@@ -181,3 +181,39 @@ def test_a_prompt_without_the_trigger_gets_a_note(weights):
     pipe = photomaker_pipe(weights)
     notes = pipe.check_photomaker_prompts(["a photo of S* img as a knight", "a photo of S* as a knight"])
     assert notes == ["prompt 'a photo of S* as a knight' has no 'S* img': PhotoMaker's ID is not used in it"]
+
+
+def test_the_default_merge_step_is_a_fifth_of_the_steps_capped_at_30_as_in_the_demo():
+    spec = PhotoMakerSpec(weights="pm.bin")
+    assert spec.merge_step_for(50) == 10
+    assert spec.merge_step_for(100) == 20
+    assert spec.merge_step_for(200) == 30 and spec.merge_step_for(1000) == 30
+    assert PhotoMakerSpec(weights="pm.bin", merge_step=40).merge_step_for(200) == 40  # a given one is kept
+
+
+def test_a_concept_of_several_vectors_is_refused_with_photomaker_in_one_line(weights, photo, astronaut, tmp_path,
+                                                                               capsys):
+    from cli_helpers import assert_one_line_error, run_cli
+
+    base = build_tiny_sdxl_components()
+    pipe = PersonaMagicPipeline.from_base(base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(random_concept(base, num_vectors=2))
+    pipe.load_photomaker(PhotoMakerSpec(weights=str(weights)))
+    with pytest.raises(UserError, match="one-vector concept; 'S\\*' has 2 vectors"):
+        pipe("a photo of S* img", photomaker_images=[photo], num_inference_steps=2)
+    concept = random_concept(base, num_vectors=2)
+    concept.base_model = "tiny-sdxl"
+    concept.save(tmp_path / "c")
+    code, _, err = run_cli(capsys, "generate", tmp_path / "c", "-p", "a photo of S* img", "--steps", 2,
+                           "--photomaker", weights, "--photomaker-image", astronaut, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "has 2 vectors", "--num-vectors 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_photomaker_prompt_without_a_concept_is_noted(weights):
+    base = build_tiny_sdxl_components()
+    pipe = PersonaMagicPipeline.from_base(base)
+    pipe.load_photomaker(PhotoMakerSpec(weights=str(weights)))
+    (note,) = pipe.check_photomaker_prompts(["a photo of a man img", "a photo of a man"])
+    assert "no concept is loaded" in note and "a man img" in note

@@ -36,6 +36,7 @@ from ..errors import UserError
 from .photomaker import HUB_REPO, TRIGGER_WORD, apply_photomaker_lora, id_image_processor, load_photomaker
 
 DEFAULT_MERGE_FRACTION = 0.2  # share of the steps before the ID is merged (official: 10 of 50)
+MAX_DEFAULT_MERGE_STEP = 30  # the official demo caps its merge step at 30 whatever the steps
 
 
 @dataclass
@@ -58,7 +59,7 @@ class PhotoMakerSpec:
     def merge_step_for(self, num_inference_steps: int) -> int:
         if self.merge_step is not None:
             return self.merge_step
-        return int(DEFAULT_MERGE_FRACTION * num_inference_steps)
+        return min(int(DEFAULT_MERGE_FRACTION * num_inference_steps), MAX_DEFAULT_MERGE_STEP)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -194,9 +194,14 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
     def check_photomaker_prompts(self, prompts: list[str]) -> list[str]:
         """With PhotoMaker loaded: warnings for prompts without its trigger after a placeholder
         (`S* img`), in which PhotoMaker's ID is not used."""
-        if self.photomaker is None or not self.concepts:
+        if self.photomaker is None:
             return []
-        trigger, names = self.photomaker.spec.trigger, [c.tokens.placeholder for c in self.concepts]
+        trigger = self.photomaker.spec.trigger
+        if not self.concepts:
+            return [f"prompt {p!r} says {trigger!r} but no concept is loaded: PhotoMaker fuses its ID into a "
+                    f"concept's placeholder ('S* {trigger}'), so this prompt uses no ID"
+                    for p in prompts if re.search(r"\b" + re.escape(trigger) + r"\b", p)]
+        names = [c.tokens.placeholder for c in self.concepts]
         return [
             f"prompt {p!r} has no '{names[0]} {trigger}': PhotoMaker's ID is not used in it"
             for p in prompts
@@ -404,6 +409,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
             return plain
         (placeholder,) = classes
         token_ids = next(c.tokens.ids for c in self.concepts if c.tokens.placeholder == placeholder)
+        check_photomaker_vectors(placeholder, len(token_ids))
         merged = self.encode_schedule(self.tokenize(fused), timesteps)
         merged = merged.replaced(self.photomaker.fuse(merged.hidden, merged.ids, token_ids, id_embeds))
         # official: steps i <= start_merge_step use the text-only prompt
@@ -447,6 +453,13 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
                     next_t = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the end
                     latents = blend_latents(latents, noised_background(self.scheduler, known, noise, next_t), region_mask)
         return latents
+
+
+def check_photomaker_vectors(placeholder: str, num_vectors: int) -> None:
+    """PhotoMaker fuses its ID embedding into one token: a concept of several vectors cannot take it."""
+    if num_vectors != 1:
+        raise UserError(f"PhotoMaker fuses its ID into a one-vector concept; {placeholder!r} has {num_vectors} "
+                        "vectors (--num-vectors): train it with --num-vectors 1, or generate without --photomaker")
 
 
 def attach_concepts(
