@@ -195,7 +195,8 @@ def test_bad_photo(kind, message, tmp_path, astronaut, capsys):
         (["--device", "tpu"], "device"),
         (["--model", "no-such-model"], "unknown model"),
         # offline (as the tests are), a hub id that is not cached is named with the other downloads
-        (["--model", "SomeOrg/Not-A-Model"], "SomeOrg/Not-A-Model (or --model tiny"),
+        (["--model", "SomeOrg/Not-A-Model", "--mask", "landmarks", "--image-encoder", "tiny"],
+         "SomeOrg/Not-A-Model (or --model tiny"),
         (["--mask", "nowhere.png"], "--mask"),
         (["--seed", str(2**63)], "--seed"),  # torch cannot take it: was a raw "Overflow when unpacking long long"
         (["--crop", "eyes"], "--crop"),

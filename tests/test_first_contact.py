@@ -59,3 +59,16 @@ def test_evaluate_names_its_scores_file_as_a_path(tmp_path, capsys):
                              "--metrics", "world", "--prompt", "a photo of a face")
     assert code == 0, err
     assert f"scores written to {images / 'scores.json'}" in out and "//" not in out
+
+
+def test_offline_downloads_are_one_per_line_and_an_sdxl_model_suggests_the_sdxl_toy(astronaut, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "stabilityai/stable-diffusion-xl-base-1.0",
+                           "-o", tmp_path / "c")
+    lines = err.strip().splitlines()
+    assert code == 2 and lines[0].startswith("error: offline, and 3 downloads") and len(lines) == 4, err
+    assert all(len(line) < 160 for line in lines)
+    (model,) = [line for line in lines if "stable-diffusion-xl-base-1.0" in line]
+    assert "--model tiny-sdxl" in model
+    code, _, err = run_cli(capsys, "train", astronaut, "--model", "SomeOrg/Not-A-Model", "--mask", "landmarks",
+                           "--image-encoder", "tiny", "-o", tmp_path / "c")
+    assert_one_line_error(code, err, "a download this command needs", "(or --model tiny (an offline toy)")

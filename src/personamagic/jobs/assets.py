@@ -71,16 +71,28 @@ def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None
     missing = [a for a in assets if not cached(a)]
     if not missing or (not local_files_only and hub_reachable()):
         return
-    listed = "; ".join(f"{a.what} {a.spec} (or {a.flag})" for a in missing)
-    raise UserError(
-        f"offline, and {len(missing)} download(s) this command needs are not in the local hub cache: {listed}. "
-        "Download them once with a network, or use the alternatives named"
-    )
+    advice = "download them once with a network, or use the alternatives named"
+    if len(missing) == 1:
+        (a,) = missing
+        raise UserError(f"offline, and a download this command needs is not in the local hub cache: {a.what} "
+                        f"{a.spec} (or {a.flag}); {advice.replace('them', 'it').replace('alternatives', 'alternative')}")
+    listed = "".join(f"\n  {a.what} {a.spec} (or {a.flag})" for a in missing)
+    raise UserError(f"offline, and {len(missing)} downloads this command needs are not in the local hub cache "
+                    f"({advice}):{listed}")
 
 
 def base_model_asset(model: str) -> Asset:
-    return Asset("the base model", model, "--model tiny (an offline toy) or a local folder or file",
+    toy = "tiny-sdxl" if looks_like_sdxl(model) else "tiny"
+    return Asset("the base model", model, f"--model {toy} (an offline toy) or a local folder or file",
                  filename="model_index.json")
+
+
+def looks_like_sdxl(model: str) -> bool:
+    """Whether a hub id not yet downloaded is most likely an SDXL model: one the SDXL family suggests, or
+    one that says "xl" in its name (its config, which would tell, is what is missing)."""
+    from ..families import family_named
+
+    return model in family_named("sdxl").suggested_models or "xl" in model.split("/")[-1].lower()
 
 
 def model_assets(model: str, *, model_config: str | None = None, vae: str | None = None, photomaker=None,
