@@ -6,7 +6,7 @@ import pytest
 from _concepts import random_concept
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
 from personamagic.jobs.generate import GenerateConfig, localized_size, read_image_metadata, read_prompts_file
@@ -143,3 +143,18 @@ def test_prompts_file_skips_blank_lines_and_comments(tmp_path):
     assert read_prompts_file(path) == ["first S*", "second S*"]
     with pytest.raises(ValueError, match="multiple of 8"):
         GenerateConfig(prompts=["S*"], width=100)
+
+
+def test_an_image_made_again_keeps_its_own_name_and_never_replaces_itself(concepts, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "generate", concepts[0], "-p", "a photo of S*", "--steps", "2", "--num-images", "2",
+                           "-o", tmp_path / "out")
+    assert code == 0, err
+    second = sorted((tmp_path / "out").glob("001-*.png"))[0]
+    code, _, err = run_cli(capsys, "generate", "--from-image", second, "-o", tmp_path / "again")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "again").glob("*.png")] == [second.name]  # was 000-…
+    assert np.array_equal(pixels(tmp_path / "again" / second.name), pixels(second))
+    before = second.read_bytes()
+    code, _, err = run_cli(capsys, "generate", "--from-image", second, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, "holds", second.name, "another folder")
+    assert second.read_bytes() == before

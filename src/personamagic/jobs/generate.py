@@ -840,6 +840,9 @@ def regenerate(
                             f"whole number from 0 to {MAX_SEED - 1}, got {seed})")
 
     output = Path(output)
+    path = output / image.name  # the image keeps its own name
+    if path.resolve() == image.resolve():
+        raise UserError(f"--output {output} holds {image.name} itself; make it again into another folder")
     result = GenerateResult()
     with _stopping(output, result):
         dtype = dtype or meta.get("dtype", "auto")
@@ -853,7 +856,6 @@ def regenerate(
         if meta.get("batch") and len(jobs) > 1:
             logger.info("sampling the image's batch of %d again to reproduce it exactly", len(jobs))
         new_image = session.sample(jobs)[index]
-        path = output / safe_filename(0, meta["prompt"], meta["seed"])
         session.save(new_image, path, jobs, index)
         result.images.append(GeneratedImage(path, meta["prompt"], meta["seed"]))
     return result
