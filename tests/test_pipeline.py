@@ -218,6 +218,15 @@ def test_attach_concepts_to_a_stable_diffusion_pipeline(tiny_base):
     assert attach_concepts(sd, [], scheduler="dpm++").scheduler.__class__.__name__ == "DPMSolverMultistepScheduler"
 
 
+def test_attaching_a_renamed_concept_to_an_unnamed_pipeline_says_so_in_its_own_words(tiny_base, caplog):
+    sd = stable_diffusion_pipeline(tiny_base)  # built from modules: no name_or_path
+    with caplog.at_level("WARNING", logger="personamagic"):
+        attach_concepts(sd, [random_concept(tiny_base)], placeholders=["<ann>"])
+    (message,) = [r.getMessage() for r in caplog.records if "was trained on" in r.getMessage()]
+    assert message.startswith("concept '<ann>' was trained on tiny;") and "cannot be checked" in message
+    assert not message.rstrip().endswith("generating with")
+
+
 def test_package_root_exports_lazily():
     code = "import sys, personamagic; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -214,38 +214,44 @@ class Concept:
         return digest.hexdigest()[:16]
 
     def check_compatible(self, hidden_size: int, num_train_timesteps: int, base_model: str,
-                         family: str = "sd1", encoder_widths: list[int] | None = None) -> list[str]:
+                         family: str = "sd1", encoder_widths: list[int] | None = None,
+                         placeholder: str | None = None) -> list[str]:
         """Raise UserError if the concept cannot drive a base model of this family and shape (its text
-        width; with `encoder_widths`, each text encoder's width in order); return warnings."""
+        width; with `encoder_widths`, each text encoder's width in order); return warnings. `placeholder`:
+        what the concept is called in this run (a renamed placeholder), for the messages."""
+        name = placeholder or self.placeholder
         if family != self.family:
             from .families import FAMILIES
 
             trained = FAMILIES[self.family].title if self.family in FAMILIES else self.family
             now = FAMILIES[family].title if family in FAMILIES else family
             raise UserError(
-                f"concept {self.placeholder!r} was trained on a {trained} model ({self.base_model}); "
+                f"concept {name!r} was trained on a {trained} model ({self.base_model}); "
                 f"{base_model} is a {now} model. Use --model {self.base_model} or another {trained} model"
             )
         # The mapper's own width decides what it can drive; the recorded one must agree with it.
         if hidden_size != self.text_encoder_hidden_size or hidden_size != self.mapper_config.get("text_embed_dim"):
             raise UserError(
-                f"concept {self.placeholder!r} was trained on {self.base_model} (text width "
+                f"concept {name!r} was trained on {self.base_model} (text width "
                 f"{self.text_encoder_hidden_size}); this base model's text width is {hidden_size}. "
                 f"Use --model {self.base_model} or a model of the same family"
             )
         trained_widths = list(self.mapper_config.get("encoder_widths") or [hidden_size])
         if encoder_widths is not None and trained_widths != list(encoder_widths):
             raise UserError(
-                f"concept {self.placeholder!r} was trained on text encoders of widths {trained_widths}; this base "
+                f"concept {name!r} was trained on text encoders of widths {trained_widths}; this base "
                 f"model's are {list(encoder_widths)}. Use --model {self.base_model} or a model of the same family"
             )
         if num_train_timesteps != self.num_train_timesteps:
             raise UserError(
-                f"concept {self.placeholder!r} expects {self.num_train_timesteps} training timesteps, "
+                f"concept {name!r} expects {self.num_train_timesteps} training timesteps, "
                 f"the base model has {num_train_timesteps}"
             )
+        if not base_model:
+            return [f"concept {name!r} was trained on {self.base_model}; this pipeline's model does not say its "
+                    "name (no name_or_path), so whether it is the same model cannot be checked"]
         if base_model != self.base_model:
-            return [f"concept {self.placeholder!r} was trained on {self.base_model}, generating with {base_model}"]
+            return [f"concept {name!r} was trained on {self.base_model}, generating with {base_model}"]
         return []
 
     @property

@@ -154,12 +154,12 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         """Attach a concept (object or path); `placeholder` overrides the text that stands for it."""
         if not isinstance(concept, Concept):
             concept = Concept.load(concept)
+        placeholder = placeholder or concept.placeholder
         for warning in concept.check_compatible(
             self.hidden_size, self.scheduler.config.num_train_timesteps, self.base_model_name, self.family.name,
-            self.encoder_widths,
+            self.encoder_widths, placeholder=placeholder,
         ):
             logger.warning(warning)
-        placeholder = placeholder or concept.placeholder
         if any(c.tokens.placeholder == placeholder for c in self.concepts):
             raise UserError(
                 f"two concepts use the placeholder {placeholder!r}; give each its own "
