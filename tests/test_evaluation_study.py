@@ -269,6 +269,22 @@ def test_pareto_front_and_plot_with_paper_points(tmp_path):
         assert image.format == "PNG" and image.width > 300
 
 
+def test_methods_on_one_dot_of_the_pareto_plot_are_named_together():
+    from personamagic.evaluation.report import pareto_figure
+
+    def stat(mean):
+        return {"mean": mean, "std": 0.05, "n": 10}
+
+    # CLIP-S clamps at 0: two weak methods at -0.373 and -0.375 CLIP cosine both score 0
+    rows = [{"dataset": "world", "method": m, "t_sim": stat(x), "clip_s": stat(x),
+             "i_pre": {"paper": stat(y), "zero": stat(y), "excluded": stat(y)}}
+            for m, x, y in [("ti", 0.0, 0.2), ("neti", 0.0, 0.2001), ("personamagic", 0.6, 0.5)]]
+    (ax,) = pareto_figure(rows).axes
+    notes = [t.get_text() for t in ax.texts]
+    assert notes == ["overlap: ti, neti"]
+    assert ax.get_legend_handles_labels()[1] == ["ti", "neti", "personamagic"]
+
+
 # --------------------------------------------------------------------------------------------------
 # a tiny study end to end
 

@@ -189,13 +189,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(set(front))
 
 
+MARKERS = "osD^vP*Xh<>"  # one per method, so that points on top of each other stay distinguishable
+
+
 def pareto_plot(rows: list[dict], path: Path, *, text_metric: str = "clip_s", identity_convention: str = "paper",
                 datasets: list[tuple[str, str | None]] | None = None) -> Path:
-    """T-Sim vs I-Pre per dataset (one panel each), ours filled, the paper's Table 6 hollow (Fig. 8)."""
+    """`pareto_figure`, written to `path` (PNG)."""
+    from ..files import write_atomic
+
+    figure = pareto_figure(rows, text_metric=text_metric, identity_convention=identity_convention, datasets=datasets)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
+    return path
+
+
+def pareto_figure(rows: list[dict], *, text_metric: str = "clip_s", identity_convention: str = "paper",
+                  datasets: list[tuple[str, str | None]] | None = None):
+    """T-Sim vs I-Pre per dataset (one panel each), ours filled, the paper's Table 6 hollow (Fig. 8).
+    Methods whose points (nearly) coincide — CLIP-S clamps at 0, so two weak methods can share a dot —
+    are named together beside the dot."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from ..files import write_atomic
 
     datasets = datasets or list(dict.fromkeys((r["dataset"], None) for r in rows))
     figure = Figure(figsize=(5.0 * len(datasets), 4.5), layout="constrained")
@@ -207,13 +220,16 @@ def pareto_plot(rows: list[dict], path: Path, *, text_metric: str = "clip_s", id
             x, y = (row[text_metric] or {}).get("mean"), row["i_pre"][identity_convention].get("mean")
             if row["dataset"] != name or x is None or y is None:
                 continue
-            ours.append((x, y))
             ax.errorbar(x, y, xerr=_standard_error(row[text_metric]),
-                        yerr=_standard_error(row["i_pre"][identity_convention]), fmt="o", capsize=2,
-                        label=row["method"])
+                        yerr=_standard_error(row["i_pre"][identity_convention]), fmt=MARKERS[len(ours) % len(MARKERS)],
+                        capsize=2, label=row["method"])
+            ours.append((x, y, row["method"]))
         if len(ours) > 1:
-            front = pareto_front(ours)
+            front = pareto_front([(x, y) for x, y, _ in ours])
             ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="0.5", linewidth=0.8)
+        for (x, y), methods in overlapping_points(ours).items():
+            ax.annotate("overlap: " + ", ".join(methods), (x, y), textcoords="offset points", xytext=(5, -10),
+                        fontsize=7, color="0.15")
         # The paper's numbers are on the CLIP-S scale with no face = −1: only comparable on those axes.
         if reference in TABLE6 and text_metric == "clip_s" and identity_convention == "paper":
             for method, (x, y) in TABLE6[reference].items():
@@ -227,5 +243,22 @@ def pareto_plot(rows: list[dict], path: Path, *, text_metric: str = "clip_s", id
         if ours:
             ax.legend(fontsize=7, loc="best")
     figure.suptitle("T-Sim vs I-Pre (higher is better on both; error bars: standard error)", fontsize=10)
-    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
-    return path
+    return figure
+
+
+def overlapping_points(points: list[tuple[float, float, str]], tolerance: float = 0.01) -> dict:
+    """{(x, y): [methods]} for groups of two or more points closer than `tolerance` of each axis's span
+    (at least 1e-3 absolute), the first point of a group naming where it is drawn."""
+    if len(points) < 2:
+        return {}
+    spans = [max(max(p[i] for p in points) - min(p[i] for p in points), 0.1) for i in (0, 1)]
+    groups: list[list] = []
+    for x, y, method in points:
+        for group in groups:
+            gx, gy = group[0][:2]
+            if abs(x - gx) <= max(tolerance * spans[0], 1e-3) and abs(y - gy) <= max(tolerance * spans[1], 1e-3):
+                group.append((x, y, method))
+                break
+        else:
+            groups.append([(x, y, method)])
+    return {group[0][:2]: [m for _, _, m in group] for group in groups if len(group) > 1}
