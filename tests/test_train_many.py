@@ -3,6 +3,7 @@ is the concept trained alone; the command end to end (layouts, rerun, bad photos
 evaluation study training through it."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -446,3 +447,27 @@ def test_the_summary_says_how_many_identities_shared_a_step(tmp_path, capsys):
     photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png", DATA / "grace_hopper.jpg")
     assert main(["train-many", str(photos), "-o", str(tmp_path / "c"), "--identities-per-step", "5", *FAST]) == 0
     assert "up to 2 per step" in capsys.readouterr().out  # two identities, however large K is
+
+
+def test_a_concept_folder_is_never_the_photos_folder_nor_taken_for_a_person(tmp_path, astronaut, capsys):
+    from cli_helpers import assert_one_line_error, run_cli
+
+    photos = tmp_path / "w" / "people"
+    photos.mkdir(parents=True)
+    for name in ("people", "ann"):  # "people" would be written to w/people, the photos folder itself
+        shutil.copy(astronaut, photos / f"{name}.png")
+    code, _, err = run_cli(capsys, "train-many", photos, "-o", tmp_path / "w", *FAST)
+    assert_one_line_error(code, err, "'people'", "photos folder", "rename")
+    assert sorted(p.name for p in photos.iterdir()) == ["ann.png", "people.png"]
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["people"]
+    # a concept folder (as an earlier version could leave among the photos) is no person, nor a photos folder
+    few_shot = tmp_path / "few"
+    (few_shot / "bo").mkdir(parents=True)
+    shutil.copy(astronaut, few_shot / "bo" / "1.png")
+    concept = few_shot / "bo-concept"
+    concept.mkdir()
+    (concept / "concept.safetensors").write_bytes(b"")
+    Image.new("L", (8, 8)).save(concept / "mask.png")
+    assert [name for name, _ in discover_identities(few_shot)] == ["bo"]
+    with pytest.raises(UserError, match="is a concept folder"):
+        discover_identities(concept)

@@ -92,15 +92,24 @@ def _images_in(folder: Path) -> list[Path]:
                   and not p.name.lower().endswith(MASK_SUFFIX))
 
 
+def _written_by_us(folder: Path) -> bool:
+    """A concept folder (its concept or checkpoints): its pictures (mask.png, stages.png…) are never photos."""
+    return (folder / CONCEPT_FILENAME).is_file() or _has_checkpoint(folder)
+
+
 def discover_identities(photos_dir: str | Path, exclude: Path | None = None) -> list[tuple[str, tuple[Path, ...]]]:
     """(concept folder name, photos) of every identity in `photos_dir` (module docstring), by name."""
     root = Path(photos_dir)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; give a folder of photos (or of one sub-folder per person)")
+    if _written_by_us(root):
+        raise UserError(f"{root} is a concept folder (it holds {CONCEPT_FILENAME} or training checkpoints), not a "
+                        "folder of photos; give the folder of photos")
     exclude = exclude.resolve() if exclude is not None else None
     loose = _images_in(root)
     folders = [p for p in sorted(root.iterdir())
-               if p.is_dir() and not p.name.startswith(".") and p.resolve() != exclude and _images_in(p)]
+               if p.is_dir() and not p.name.startswith(".") and p.resolve() != exclude and not _written_by_us(p)
+               and _images_in(p)]
     if loose and folders:
         raise UserError(f"{root} holds both images ({loose[0].name}...) and sub-folders of images "
                         f"({folders[0].name}/...); use one layout: an image per person, or a sub-folder per person")
@@ -144,6 +153,7 @@ def train_many(
     shard = shard or Shard.from_environment()
     mine = identities[shard.index :: shard.count]
     jobs = [IdentityJob(name, tuple(str(p) for p in photos), output / name, config, mask) for name, photos in mine]
+    _check_concept_folders(jobs, Path(photos_dir))
     if shard.count > 1:
         logger.info("process %d of %d: %d of %d identities", shard.index, shard.count, len(mine), len(identities))
     made = [p for p in (output, *output.parents) if not p.exists()][::-1]  # outermost first
@@ -168,6 +178,17 @@ def _check_output(output: Path, photos_dir: Path) -> None:
     if out == root or (root in out.parents and out.parent != root):
         raise UserError(f"--output {output} would put the concepts among the photos of {photos_dir}; give a folder "
                         f"outside it (or directly inside it, e.g. {photos_dir}/concepts)")
+
+
+def _check_concept_folders(jobs: list[IdentityJob], photos_dir: Path) -> None:
+    """No concept folder is the photos folder, holds it, or lies among its photos (an output folder
+    above the photos: `-o w` for photos in `w/people/` and a person called `people`)."""
+    root = photos_dir.resolve()
+    for job in jobs:
+        folder = job.output.resolve()
+        if folder == root or folder in root.parents:
+            raise UserError(f"the concept of {job.name!r} would go to {job.output}, which is or holds the photos "
+                            f"folder {photos_dir}; give an --output outside the photos, or rename that person")
 
 
 def train_identities(
