@@ -471,3 +471,45 @@ def test_a_concept_folder_is_never_the_photos_folder_nor_taken_for_a_person(tmp_
     assert [name for name, _ in discover_identities(few_shot)] == ["bo"]
     with pytest.raises(UserError, match="is a concept folder"):
         discover_identities(concept)
+
+
+def test_runs_on_one_output_folder_share_the_identities(tmp_path, astronaut, capsys):
+    from cli_helpers import run_cli
+    from personamagic.files import FolderLock
+
+    photos = tmp_path / "people"
+    photos.mkdir()
+    for name in ("ann", "bo"):
+        shutil.copy(astronaut, photos / f"{name}.png")
+    out = tmp_path / "concepts"
+    (out / "ann").mkdir(parents=True)
+    with FolderLock(out / "ann"):  # a live run (here: this process, on its own open file) trains ann
+        code, stdout, err = run_cli(capsys, "train-many", photos, "-o", out, *FAST)
+    assert code == 0, err
+    assert "note: 1 being trained by another run, left to it: ann" in stdout and "error" not in err
+    assert (out / "bo" / "concept.safetensors").is_file() and not (out / "ann" / "concept.safetensors").exists()
+    code, stdout, err = run_cli(capsys, "train-many", photos, "-o", out, *FAST)  # that run ended: ann is free
+    assert code == 0, err
+    assert (out / "ann" / "concept.safetensors").is_file() and "skipped: bo" in stdout
+
+
+def test_an_identity_finished_by_another_run_meanwhile_is_skipped_not_failed(tmp_path, astronaut, capsys,
+                                                                             monkeypatch):
+    from cli_helpers import run_cli
+    from personamagic.jobs import personalize
+
+    photos = tmp_path / "people"
+    photos.mkdir()
+    shutil.copy(astronaut, photos / "ann.png")
+    out = tmp_path / "concepts"
+    enter = personalize.OutputFolder.__enter__
+
+    def finished_meanwhile(self):  # another run wrote ann's concept between discovery and our lock
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "concept.safetensors").write_bytes(b"theirs")
+        return enter(self)
+
+    monkeypatch.setattr(personalize.OutputFolder, "__enter__", finished_meanwhile)
+    code, stdout, err = run_cli(capsys, "train-many", photos, "-o", out, *FAST)
+    assert code == 0 and "--overwrite" not in err + stdout and "--resume" not in err + stdout, err
+    assert "skipped: ann" in stdout and (out / "ann" / "concept.safetensors").read_bytes() == b"theirs"

@@ -7,6 +7,10 @@ class UserError(Exception):
     exit_code = 2  # what the command exits with
 
 
+class FolderInUse(UserError):
+    """An output folder another live run holds (its lock): `train-many` leaves that identity to it."""
+
+
 class SettingsError(UserError):
     """A mistake in the run's settings that no photo changes (e.g. more S* vectors than the prompts hold):
     a job over many identities stops at the first instead of reporting it for each."""

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError
+from .errors import FolderInUse, UserError
 
 
 def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -131,8 +131,8 @@ class FolderLock:
                 file.seek(0)
                 holder = file.read().strip() or "unknown"
                 file.close()
-                raise UserError(f"{self.path.parent} is in use by another run (pid {holder}); wait for it to end "
-                                "or choose another --output")
+                raise FolderInUse(f"{self.path.parent} is in use by another run (pid {holder}); wait for it to end "
+                                  "or choose another --output")
             if _same_file(file, self.path):
                 break
             # The holder released it (and removed the file) between our open and our lock: the lock

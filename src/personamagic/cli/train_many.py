@@ -99,6 +99,8 @@ def run(args) -> int:
         print(f"{name}: concept written to {trained.concept_path} (dynamic stage {lo} <= t < {hi}{resumed})")
     if result.skipped:
         print(f"{len(result.skipped)} already trained, skipped: {', '.join(result.skipped)}")
+    if result.held:
+        print(f"note: {len(result.held)} being trained by another run, left to it: {', '.join(result.held)}")
     if result.trained:
         train_s = result.timings.get("train_s", 0.0)
         per_step = max(r.timings.get("identities_per_step", 1) for r in result.trained.values())

@@ -70,14 +70,19 @@ def file_sha256(path) -> str:
         raise UserError(f"cannot read {path} ({err.strerror or err})") from None
 
 
-def check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing concept unless asked; refuse a resume with nothing to resume."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume exclude each other")
+def check_folder_path(output: Path) -> None:
+    """The output can be a folder: it is not a file, nor under one."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; give a folder")
     if any(parent.exists() and not parent.is_dir() for parent in output.parents):
         raise UserError(f"--output {output} lies under a file; give a folder path")
+
+
+def check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber an existing concept unless asked; refuse a resume with nothing to resume."""
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume exclude each other")
+    check_folder_path(output)
     if resume:
         if latest_checkpoint(output / CHECKPOINT_DIR) is None:
             raise UserError(f"nothing to resume in {output} (no checkpoints/); train without --resume")

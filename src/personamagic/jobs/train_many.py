@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..concept import CONCEPT_FILENAME
-from ..errors import SettingsError, UserError
+from ..errors import FolderInUse, SettingsError, UserError
 from ..files import remove_empty_folders
 from ..faces import load_photo
 from ..models import load_base_model, resolve_device, resolve_dtype
@@ -45,7 +45,7 @@ from .personalize import (
     _write_outputs,
     check_model_name,
     check_resolution,
-    check_output_folder,
+    check_folder_path,
     describe_partition,
 )
 
@@ -71,6 +71,7 @@ class TrainManyResult:
 
     trained: dict[str, PersonalizeResult] = field(default_factory=dict)  # name -> its concept, notes, timings
     skipped: list[str] = field(default_factory=list)  # already held a concept
+    held: dict[str, str] = field(default_factory=dict)  # name -> why: another live run is training it
     failed: dict[str, str] = field(default_factory=dict)  # name -> what went wrong, in one line
     identities: int = 0  # in the photos folder, every shard together
     shard: tuple[int, int] = (0, 1)  # (this process, processes)
@@ -226,7 +227,7 @@ def train_identities(
         try:
             if job.mask not in MASK_METHODS and not Path(job.mask).is_file():
                 raise UserError(f"--mask {job.mask!r} is not {', '.join(MASK_METHODS)}, nor an existing mask file")
-            check_output_folder(job.output, overwrite=False, resume=_has_checkpoint(job.output))
+            check_folder_path(job.output)  # what is in it is looked at once its lock is ours
             for photo in job.photos:
                 load_photo(photo)  # fail on an unreadable photo before the model loads
         except UserError as err:
@@ -306,15 +307,27 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
     with ExitStack() as stack:
         while queue and len(slots) < size:
             slot = _Slot(*queue.pop(0))
-            resume = _has_checkpoint(slot.job.output)
             try:
                 slot.folder.__enter__()
+            except FolderInUse as err:  # another run (another process, another machine) has it: its job
+                result.held[slot.job.name] = str(err)
+                continue
             except UserError as err:
                 _failed(result, slot.job.name, err)
                 continue
             stack.push(_release(slot))
+            # Now that the folder is ours, look again: a run that held it may have finished it, or left
+            # checkpoints to resume.
+            if (slot.job.output / CONCEPT_FILENAME).is_file():
+                result.skipped.append(slot.job.name)
+                slot.folder.__exit__(None, None, None)
+                slot.folder = None
+                continue
+            resume = _has_checkpoint(slot.job.output)
             try:
-                check_output_folder(slot.job.output, overwrite=False, resume=resume)  # again, now that it is ours
+                if not resume and any((slot.job.output / CHECKPOINT_DIR).glob("*")):
+                    raise UserError(f"{slot.job.output / CHECKPOINT_DIR} holds no usable checkpoint; delete it to "
+                                    "train this identity again")
                 data, slot.prepared, slot.masks, _ = slot.run.prepare(base, device, dtype, local_files_only, None,
                                                                       models)
                 slot.facts = slot.run.job_facts(base)
