@@ -197,6 +197,23 @@ def test_a_single_file_without_configs_offline_names_model_config(offline_hub, t
     assert base.scheduler_config["_class_name"] == "PNDMScheduler"
 
 
+def test_model_config_on_a_model_that_brings_its_own_is_refused(offline_hub, tmp_path):
+    for model in (SD14, str(offline_hub["sd14_folder"]), "tiny"):
+        with pytest.raises(UserError, match="--model-config is for a single .safetensors/.ckpt file"):
+            load_base_model(model, model_config=str(offline_hub["sd14_folder"]))
+    with pytest.raises(UserError, match="--model-config"):  # a single file, its configs pointing at nothing
+        load_base_model(str(offline_hub["sd14_safetensors"]), model_config=str(tmp_path / "nowhere"))
+
+
+def test_a_vae_of_another_latent_space_is_refused(offline_hub):
+    from hub_fixture import SDXL
+
+    # SD-1.x's VAE has SDXL's shape (4 latent channels) but scales by 0.18215, not 0.13025
+    with pytest.raises(UserError, match=r"--vae .* does not fit .*scales latents by 0.18215, the model's own VAE by 0.13025"):
+        load_base_model(SDXL, vae=str(offline_hub["snapshots"][SD14]))
+    assert load_base_model(SDXL, vae=str(offline_hub["snapshots"][SDXL])).vae.config.scaling_factor == 0.13025
+
+
 # -- refusals and broken files: one line --------------------------------------------------------------
 
 

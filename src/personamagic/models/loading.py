@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import BAD_JSON, UserError
@@ -64,18 +66,36 @@ def load_base_model(
     diffusers folder whose configs a single file uses; `vae`: another VAE (hub id or folder of an
     AutoencoderKL, e.g. an fp16-fixed SDXL VAE) to use instead of the model's. Raises UserError for
     models PersonaMagic cannot drive."""
+    if model_config is not None and not Path(name).expanduser().is_file():
+        raise UserError(f"--model-config is for a single .safetensors/.ckpt file, and {name} is not one (it brings "
+                        "its own configs); drop --model-config")
     components = _components(name, device=device, dtype=dtype, local_files_only=local_files_only, revision=revision,
                              model_config=model_config)
     problems = components.family.problems(components)
     if problems:
         raise UserError(f"{name} is not a {components.family.title} model PersonaMagic can drive: {'; '.join(problems)}")
     if vae is not None:
+        own = components.vae.config
         components.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
-        problems = components.family.problems(components)
+        problems = components.family.problems(components) + latent_space_problems(components.vae.config, own)
         if problems:
             raise UserError(f"--vae {vae} does not fit {name} ({components.family.title}): {'; '.join(problems)}; "
                             "give a VAE made for this model family")
     return components.freeze().to(device=device, dtype=dtype)
+
+
+def latent_space_problems(config, own) -> list[str]:
+    """How another VAE's latent space differs from the model's own VAE's (its scaling factor, and the
+    per-channel latents_mean/latents_std some VAEs have): a UNet is trained in one latent space only."""
+    problems = []
+    if not math.isclose(config.scaling_factor, own.scaling_factor, rel_tol=1e-3):
+        problems.append(f"it scales latents by {config.scaling_factor:g}, the model's own VAE by "
+                        f"{own.scaling_factor:g} (another latent space)")
+    for key in ("latents_mean", "latents_std"):
+        theirs, ours = getattr(config, key, None), getattr(own, key, None)
+        if (theirs is None) != (ours is None) or (theirs is not None and not np.allclose(theirs, ours, rtol=1e-3)):
+            problems.append(f"its {key} differs from the model's own VAE's")
+    return problems
 
 
 def load_vae(name: str, *, dtype=None, local_files_only: bool = False):
@@ -293,6 +313,9 @@ def load_single_file(path: Path, *, model_config: str | None = None, local_files
     family = family_of_checkpoint(path, checkpoint_tensor_shapes(path))
     config = model_config or family.checkpoint_config_repo
     if model_config is not None:
+        if not Path(model_config).expanduser().is_dir() and not is_hub_id(model_config):
+            raise UserError(f"--model-config {model_config} is neither a folder nor a hub id; give the diffusers "
+                            f"folder (or hub id) of a {family.title} model whose configs {path.name} uses")
         index, _ = read_json_file(model_config, "model_index.json")
         if family_of_index(model_config, index) is not family:
             raise UserError(f"--model-config {model_config} is not a {family.title} model, but {path} is")
