@@ -180,6 +180,30 @@ def test_a_missing_negative_prompt_is_zeros_an_empty_one_is_text_as_in_diffusers
     assert np.abs(ours * 255 - theirs * 255).max() <= 1.0
 
 
+def test_a_vae_with_latents_mean_and_std_decodes_as_diffusers_does(offline_hub, astronaut):
+    import diffusers
+
+    stats = {"latents_mean": [0.3, -0.2, 0.1, 0.0], "latents_std": [1.5, 0.8, 1.2, 2.0]}  # as FLUX-era VAEs carry
+    base = load_base_model(SDXL)
+    base.vae.register_to_config(**stats)
+    pipe = PersonaMagicPipeline.from_base(base, scheduler="euler")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_concept(untrained_concept(base, astronaut))
+    ours = pipe("a photo of S*", num_inference_steps=3, generator=torch.Generator().manual_seed(5),
+                output_type="np").images[0]
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(SDXL, add_watermarker=False, dtype=torch.float32)
+    reference.vae.register_to_config(**stats)
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference("a photo of face", num_inference_steps=3, guidance_scale=8.0,
+                       generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    assert np.abs(ours * 255 - theirs * 255).max() <= 1.0
+    from personamagic.models.latents import LatentScale
+
+    scale, raw = LatentScale.of(base.vae), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(scale.decode(scale.encode(raw)), raw, atol=1e-5)  # training encodes as sampling decodes
+
+
 def test_an_sgm_single_file_loads_the_weights_of_the_repo(offline_hub):
     single = load_base_model(str(offline_hub["sdxl_safetensors"]))
     repo = load_base_model(SDXL)

@@ -28,6 +28,7 @@ import torch
 
 from . import __version__
 from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, TINY_MODELS, TINY_SDXL, load_base_model, resolve_device
+from .models.latents import LatentScale
 from .models.tiny import RANDOM_SDXL
 
 logger = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> 
             parts["unet_graph_ms"] = _part_ms(setup, lambda: graphed(latents, t, conditioning))
     noise_pred = latents[:1].float()
     parts["scheduler_step_ms"] = _part_ms(setup, lambda: pipe.scheduler.step(noise_pred, t, noise_pred))
-    decode_input = (latents[:1] / setup.base.vae.config.scaling_factor).to(setup.base.vae.dtype)
+    decode_input = LatentScale.of(setup.base.vae).decode(latents[:1]).to(setup.base.vae.dtype)
     parts["vae_decode_ms"] = _part_ms(setup, lambda: setup.base.vae.decode(decode_input))
     unet_ms = parts.get("unet_graph_ms", parts["unet_eager_ms"])
     parts["sum_for_one_image_s"] = (parts["text_conditioning_ms"] + steps * (unet_ms + parts["scheduler_step_ms"])

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.latents import LatentScale
+
 
 def latent_region(region: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """Pixel mask (B, 1, H, W) in [0, 1] -> latent mask (B, 1, h, w) in {0, 1}.
@@ -55,7 +57,7 @@ def prepare_localized(pipe, background, region, batch_size: int, height: int, wi
     pixels = pipe.image_processor.preprocess(background, height=height, width=width)
     mask = pipe.mask_processor.preprocess(region, height=height, width=width)
     pixels = pixels.to(pipe.device, pipe.vae.dtype)
-    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    latents = LatentScale.of(pipe.vae).encode(pipe.vae.encode(pixels).latent_dist.mean.float())
     if latents.shape[0] not in (1, batch_size):
         raise ValueError(f"{latents.shape[0]} backgrounds for {batch_size} images")
     region = latent_region(mask.to(pipe.device), latents.shape[-2:])

@@ -38,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..adapters.ip_adapter import prepare_ip_adapter
 from ..concept import Concept
 from ..errors import UserError
+from ..models.latents import LatentScale
 from ..families import family_of_modules
 from ..method.attention import attention_processors
 from ..method.conditioning import (
@@ -382,7 +383,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         if upcast:
             vae.to(torch.float32)
         try:
-            return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+            return vae.decode(LatentScale.of(vae).decode(latents).to(vae.dtype)).sample
         finally:
             if upcast:
                 vae.to(torch.float16)

@@ -87,14 +87,14 @@ class Batch:
 
 
 def sample_batch(data: TrainingData, batch_size: int, window: tuple[int, int], generator: torch.Generator,
-                 *, scaling_factor: float, bypass_drop: float, num_te_prompts: int) -> Batch:
+                 *, latent_scale, bypass_drop: float, num_te_prompts: int) -> Batch:
     """Draw one batch with t ~ U[window) from `generator` (in this fixed order, so that a resumed or
     regrouped run repeats the same draws)."""
     lo, hi = window
     g, B, d = generator, batch_size, data.latent_mean.device
     image_index = torch.randint(0, data.num_images, (B,), generator=g, device=d)
     latent_noise = torch.randn(data.latent_mean[image_index].shape, generator=g, device=d)
-    latents = (data.latent_mean[image_index] + data.latent_std[image_index] * latent_noise) * scaling_factor
+    latents = latent_scale.encode(data.latent_mean[image_index] + data.latent_std[image_index] * latent_noise)
     noise = torch.randn(latents.shape, generator=g, device=d)
     timesteps = torch.randint(lo, hi, (B,), generator=g, device=d)
     keep = (torch.rand((B,), generator=g, device=d) >= bypass_drop).float()

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import SettingsError
 from ..faces.alignment import warp_faces
+from ..models.latents import LatentScale
 from ..method.attention import attention_processors
 from ..method.conditioning import LayerAttention, TextConditioner, UNetConditioning, add_residuals
 from ..method.losses import (
@@ -73,7 +74,7 @@ class Objective:
             raise ValueError(f"{base.name} predicts {self.prediction_type!r}; PersonaMagic trains "
                              f"{' and '.join(PREDICTION_TYPES)} models")
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-        self.scaling_factor = base.vae.config.scaling_factor
+        self.latent_scale = LatentScale.of(base.vae)
         self.conditioner = TextConditioner(base)
         self._prepare_prompts()
         use_id = config.use_id_loss and config.id_weight > 0
@@ -255,7 +256,7 @@ class Objective:
             indices, size, patch_theta = self.id_patches
             x0 = gather_patches(x0, indices[batch.image_index], size)
             theta = patch_theta[batch.image_index]
-        images = self.vae_decode((x0 / self.scaling_factor).to(self.base.vae.dtype)).sample
+        images = self.vae_decode(self.latent_scale.decode(x0).to(self.base.vae.dtype)).sample
         faces = warp_faces(images.float(), theta, self.identity_encoder.input_size)
         per_sample = identity_loss(self.identity_encoder(faces), self.data.identity_reference[batch.image_index])
         return (identity_weight(batch.timesteps, self.num_train_timesteps) * per_sample).mean()
@@ -306,7 +307,7 @@ class Objective:
             else:
                 part = gather_patches(part, torch.cat([patches[i][0][j] for i, j in zip(members, index)]), size)
                 theta = torch.cat([patches[i][2][j] for i, j in zip(members, index)])
-            images = self.vae_decode((part / self.scaling_factor).to(self.base.vae.dtype)).sample
+            images = self.vae_decode(self.latent_scale.decode(part).to(self.base.vae.dtype)).sample
             faces.append(warp_faces(images.float(), theta, self.identity_encoder.input_size))
         image_index = torch.cat([batch.image_index[slices[i]] for i in order])
         timesteps = torch.cat([batch.timesteps[slices[i]] for i in order])
@@ -324,7 +325,7 @@ class Objective:
         """Mean masked MSE of photo 0 at fixed `timesteps` (K,) and `noise` (K, 4, h, w), without the
         residual dropout; `use_mapper=False` conditions S* on the plain supercategory word."""
         K = timesteps.shape[0]
-        latents = (self.data.latent_mean[:1] * self.scaling_factor).expand(K, -1, -1, -1)
+        latents = self.latent_scale.encode(self.data.latent_mean[:1]).expand(K, -1, -1, -1)
         noisy = self.add_noise(latents, noise, timesteps)
         embeddings, residuals = mapper(timesteps, self.data.image_embeds[:1].expand(K, -1))
         if not use_mapper:

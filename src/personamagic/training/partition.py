@@ -66,7 +66,7 @@ def capture_attention(trainer, num_timesteps: int, resolution: int, chunk: int =
     grid.set_timesteps(num_timesteps)
     timesteps = grid.timesteps.to(device)
     generator = torch.Generator(device).manual_seed(trainer.config.seed + 1)
-    latents = trainer.data.latent_mean[:1] * objective.scaling_factor
+    latents = objective.latent_scale.encode(trainer.data.latent_mean[:1])
     noise = torch.randn(latents.shape, generator=generator, device=device)
     prompt = objective._rewrite(CAPTURE_PROMPT.format(trainer.config.placeholder))
     ids = objective.conditioner.tokenize([prompt], device)

@@ -151,7 +151,7 @@ class Trainer:
             raise RuntimeError("no stage window yet: call find_stage_window() first or set one in TrainConfig")
         return sample_batch(
             self.data, self.config.train_batch_size, window or self.stage_window, generator or self.generator,
-            scaling_factor=self.objective.scaling_factor, bypass_drop=self.config.bypass_drop,
+            latent_scale=self.objective.latent_scale, bypass_drop=self.config.bypass_drop,
             num_te_prompts=self.objective.te_ids[0].shape[0],
         )
 
