@@ -6,7 +6,7 @@ import pytest
 import torch
 from hub_fixture import SDXL
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from personamagic.concept import Concept
 from personamagic.errors import UserError
 from personamagic.faces import prepare_photo
@@ -264,7 +264,7 @@ def test_a_concept_of_one_family_is_refused_on_the_other(xl):
         PersonaMagicPipeline.from_base(sd1).load_concept(random_concept(xl))
 
 
-def test_a_concept_whose_encoder_widths_are_swapped_is_refused(xl, tmp_path):
+def test_a_concept_whose_encoder_widths_are_swapped_is_refused(xl, tmp_path, capsys):
     concept = random_concept(xl)
     widths = concept.mapper_config["encoder_widths"]
     assert len(widths) == 2 and widths[0] != widths[1]
@@ -272,6 +272,12 @@ def test_a_concept_whose_encoder_widths_are_swapped_is_refused(xl, tmp_path):
     with pytest.raises(UserError, match=rf"trained on text encoders of widths \[{widths[1]}, {widths[0]}\]"):
         PersonaMagicPipeline.from_base(xl).load_concept(concept)
     PersonaMagicPipeline.from_base(xl).load_concept(random_concept(xl))  # the right order loads
+    concept.save(tmp_path / "swapped")  # nor is it exported with clip_l and clip_g of each other's widths
+    code, _, err = run_cli(capsys, "export", tmp_path / "swapped", "-o", tmp_path / "ti.safetensors")
+    assert_one_line_error(code, err, "swapped", "nothing was written")
+    assert not (tmp_path / "ti.safetensors").exists()
+    random_concept(xl).save(tmp_path / "right")
+    assert run_cli(capsys, "export", tmp_path / "right", "-o", tmp_path / "ti.safetensors")[0] == 0
 
 
 def test_a_lower_resolution_and_another_vae(offline_hub, astronaut, tmp_path, capsys):

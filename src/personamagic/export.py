@@ -129,7 +129,12 @@ def export_textual_inversion(
         })
     }
     family = family_named(concept.family)
-    parts = embedding.split(concept.mapper_config.get("encoder_widths") or [embedding.shape[1]], dim=-1)
+    widths = list(concept.mapper_config.get("encoder_widths") or [embedding.shape[1]])
+    problems = family.encoder_width_problems(widths)
+    if problems:
+        raise UserError(f"{source}: its metadata does not fit {family.title} ({'; '.join(problems)}); nothing was "
+                        "written (the concept is damaged: train it again)")
+    parts = embedding.split(widths, dim=-1)
     tensors = family.export_tensors(token, [part.contiguous() for part in parts])
     try:
         save_safetensors_atomic(tensors, header, output)

@@ -66,6 +66,13 @@ class ModelFamily:
         """Size conditioning of one image, (6,) as (h, w, top, left, h, w); None if the family has none."""
         return None
 
+    def encoder_width_problems(self, widths: list[int]) -> list[str]:
+        """What is wrong with a concept's per-encoder widths, by what every model of the family has (empty
+        when nothing is known to be wrong); the loaded model's own widths are checked on load."""
+        if len(widths) != len(self.encoders):
+            return [f"{len(widths)} encoder width(s) for the family's {len(self.encoders)} text encoder(s)"]
+        return []
+
     def export_tensors(self, token: str, vectors: list) -> dict:
         """The textual-inversion file's tensors for per-encoder (n, D_i) embeddings."""
         keys = [e.export_key for e in self.encoders]

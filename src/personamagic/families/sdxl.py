@@ -63,6 +63,13 @@ class StableDiffusionXL(ModelFamily):
                            "conditioner.embedders.1.model.")
     checkpoint_config_repo = "stabilityai/stable-diffusion-xl-base-1.0"
 
+    def encoder_width_problems(self, widths: list[int]) -> list[str]:
+        found = super().encoder_width_problems(widths)
+        if not found and widths[0] >= widths[1]:  # CLIP ViT-L (768) comes first, OpenCLIP bigG (1280) second
+            found.append(f"encoder widths {widths}: clip_l (encoder 1) is narrower than clip_g (encoder 2) in every "
+                         "SDXL model, so these are swapped")
+        return found
+
     def recognizes_index(self, index: dict) -> bool:
         components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
         needed = {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
