@@ -72,3 +72,16 @@ def test_offline_downloads_are_one_per_line_and_an_sdxl_model_suggests_the_sdxl_
     code, _, err = run_cli(capsys, "train", astronaut, "--model", "SomeOrg/Not-A-Model", "--mask", "landmarks",
                            "--image-encoder", "tiny", "-o", tmp_path / "c")
     assert_one_line_error(code, err, "a download this command needs", "(or --model tiny (an offline toy)")
+
+
+def test_the_same_train_command_run_again_has_nothing_to_do(tmp_path, astronaut, capsys):
+    argv = ["train", astronaut, "-o", tmp_path / "c", "--model", "tiny", "--steps", "2", "--stage-window", "400:800",
+            "--checkpoint-every", "0"]
+    assert run_cli(capsys, *argv)[0] == 0
+    before = (tmp_path / "c" / "concept.safetensors").read_bytes()
+    code, out, err = run_cli(capsys, *argv)  # as `make`: the README's one-liner can be run twice
+    assert code == 0, err
+    assert "already holds the concept of these photos and settings; nothing to do" in out
+    assert (tmp_path / "c" / "concept.safetensors").read_bytes() == before
+    code, _, err = run_cli(capsys, *argv[:-4], "--steps", "3", "--stage-window", "400:800", "--checkpoint-every", "0")
+    assert_one_line_error(code, err, "already holds a concept", "--overwrite", train=True)  # other settings

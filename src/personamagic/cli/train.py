@@ -201,6 +201,8 @@ def run(args) -> int:
         progress.close()
     for note in result.notes:
         print(f"note: {note}")
+    if result.up_to_date:
+        return 0
     c = result.concept
     t = result.timings
     print(f"concept {c.placeholder!r} ({c.supercategory}) written to {result.concept_path}")

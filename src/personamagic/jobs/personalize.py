@@ -11,6 +11,7 @@ behind (only checkpoints a `--resume` can continue from are kept).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class PersonalizeResult:
     concept: Concept
     notes: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    up_to_date: bool = False  # the folder already held the concept of these photos and settings: nothing ran
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -176,10 +178,22 @@ def personalize(
         raise UserError("give at least one photo")
     if mask not in MASK_METHODS and not Path(mask).is_file():
         raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, world, nor an existing mask file")
-    check_output_folder(output, overwrite=overwrite, resume=resume)
     check_resolution(resolution)
     if crop not in CROP_METHODS:
         raise UserError(f"--crop {crop!r} is not one of {', '.join(CROP_METHODS)}")
+    def key() -> str:
+        return run_key(photos, config, model=model, mask=mask, image_encoder=image_encoder,
+                       identity_model=identity_model, revision=revision, model_config=model_config, vae=vae,
+                       resolution=resolution, crop=crop, ip_adapter=ip_adapter, photomaker=photomaker, device=device,
+                       dtype=dtype)
+
+    if not overwrite and not resume and (output / CONCEPT_FILENAME).is_file():
+        for photo in photos:
+            load_photo(photo)  # an unreadable photo is named as always
+        done = _same_run_done(output, key())
+        if done is not None:
+            return done
+    check_output_folder(output, overwrite=overwrite, resume=resume)
     run = _Run(photos, output, config, model, mask, image_encoder, identity_model, crop)
     run.resolution, run.vae = resolution, vae
     check_model_name(model, photomaker=photomaker is not None)
@@ -207,9 +221,42 @@ def personalize(
         data, prepared, masks, ip_adapter = run.prepare(base, device_, dtype_, local_files_only, ip_adapter)
         run.plug_in_photomaker(photomaker, base, data, [p.image for p in prepared], local_files_only)
         concept, trainer = run.train(base, data, resume, progress, ip_adapter, device_, dtype_)
+        concept.extra["run_key"] = key()
         concept_path = _write_outputs(output, concept, trainer, prepared[0].image, masks[0])
     run.timings["total_s"] = time.perf_counter() - started
     return PersonalizeResult(concept_path, concept, run.notes, run.timings)
+
+
+def run_key(photos: list[str], config: TrainConfig, **settings) -> str:
+    """A fingerprint of a `personalize` call as given — the photos' and a mask file's contents, the
+    TrainConfig and every other setting — recorded in the concept, so that the same command run again
+    on its folder has nothing to do (as `make` would)."""
+    def described(value):
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        return getattr(value, "to_dict", lambda: repr(value))()
+
+    mask = settings["mask"]
+    record = {"photos": [file_sha256(p) for p in photos], "config": config.to_dict(),
+              **{k: described(v) for k, v in sorted(settings.items())},
+              "mask": mask if mask in MASK_METHODS else f"file {file_sha256(mask)}"}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _same_run_done(output: Path, key: str) -> PersonalizeResult | None:
+    """The result of a finished run with the same `run_key` in `output`, or None."""
+    path = output / CONCEPT_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        concept = Concept.load(output)
+    except UserError:
+        return None  # a damaged concept: the usual refusal names it
+    if concept.extra.get("run_key") != key:
+        return None
+    note = (f"{output} already holds the concept of these photos and settings; nothing to do (pass --overwrite "
+            "to train it again)")
+    return PersonalizeResult(path, concept, [note], {}, up_to_date=True)
 
 
 # the alignment of a photo taken as a crop (--crop none): the identity network reads the whole image
