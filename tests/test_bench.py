@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,14 @@ def test_unknown_section_is_a_one_line_error(capsys):
     assert main(["bench", "--sections", "steps,speed"]) == 2
     err = capsys.readouterr().err
     assert "unknown --sections speed" in err and err.count("\n") == 1
+
+
+def test_bench_writes_where_it_is_run_and_its_help_lists_the_sections(capsys):
+    from cli_helpers import run_cli
+    from personamagic.bench import SECTIONS, default_output
+
+    path = default_output("CPU (x86_64, 2 threads)")
+    assert path.parent == Path(".") and path.name.startswith("bench-cpu-x86-64-2-threads-")
+    _, out, _ = run_cli(capsys, "bench", "--help")
+    text = " ".join(out.split())
+    assert all(section in text for section in SECTIONS) and "default: steps,personalize" in text

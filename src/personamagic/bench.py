@@ -6,7 +6,7 @@ with SDXL-base sizes (tiny-sdxl on a CPU). Every figure is measured in the
 same run as the plain step (optimisations off), and printed as a ratio to it; the whole personalize job
 runs in a fresh process, as `personamagic train` would. The throughput section times K identities in
 one grouped step (`training.group`) and gives identities per hour, as a ratio to K = 1. Results: a
-table and a JSON file (device, versions, date, every figure) under benchmarks/results/.
+table and a JSON file (device, versions, date, every figure), by default in the working directory.
 
     personamagic bench                      # this machine, defaults per device
     python benchmarks/bench.py --steps 1000 # the same script
@@ -28,6 +28,7 @@ import torch
 
 from . import __version__
 from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, TINY_MODELS, TINY_SDXL, load_base_model, resolve_device
+from .cli.bench import SECTIONS
 from .models.latents import LatentScale
 from .models.tiny import RANDOM_SDXL
 
@@ -328,14 +329,13 @@ def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> 
     return parts
 
 
-SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile", "throughput", "sdxl")
 
 
 def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: int | None = None,
                   photo: Path = PHOTO, generation_batches=None, output: Path | None = None,
                   sections=SECTIONS, identities_per_step=IDENTITIES_PER_STEP) -> dict:
     """Measure the chosen `sections` (the plain step always); returns the result dict, also written
-    as JSON to `output` (default benchmarks/results/<device>-<date>.json) after every section."""
+    as JSON to `output` (default ./bench-<device>-<date>.json) after every section."""
     if not Path(photo).is_file():
         from .errors import UserError
 
@@ -383,10 +383,7 @@ class _Bench:
             "versions": _versions(), "steps": self.steps, "partition_warmup_steps": self.warmup_steps,
             "sections": list(sections), "errors": {}, "variants": {},
         }
-        if output is None:
-            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40]
-            output = Path("benchmarks") / "results" / f"{slug}-{time.strftime('%Y%m%d-%H%M')}.json"
-        self.output = Path(output)
+        self.output = Path(output) if output is not None else default_output(name)
         self.result["output"] = str(self.output)
         self.setup = Setup(device, self.dtype, self.model, photo)
         self.config = TrainConfig(stage_window=(400, 800), max_train_steps=10**6, seed=0)
@@ -538,6 +535,12 @@ def _versions() -> dict:
     return versions
 
 
+def default_output(device_name: str) -> Path:
+    """Where results go without --output: `bench-<device>-<date>.json` in the working directory."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:40]
+    return Path(f"bench-{slug}-{time.strftime('%Y%m%d-%H%M')}.json")
+
+
 def format_table(result: dict) -> str:
     """The figures as a plain-text table, each with its ratio to the plain step where it applies."""
     plain = result["plain_step_ms"]
@@ -577,11 +580,14 @@ def format_table(result: dict) -> str:
                      f"{v['schedule_ms']:.1f} ms at once", f"{v['ratio']:.2f}x"))
     if "sampling_parts" in result:
         parts = result["sampling_parts"]
-        rows.append(("1 image, parts (ms): " + ", ".join(k[:-3] for k in parts if k.endswith("_ms")),
+        rows.append(("1 image, each part timed alone (median of 10 isolated calls, ms): "
+                     + ", ".join(k[:-3] for k in parts if k.endswith("_ms")),
                      ", ".join(f"{v:.1f}" for k, v in parts.items() if k.endswith("_ms")),
-                     f"sum {parts['sum_for_one_image_s']:.2f} s"))
+                     f"estimate from the parts {parts['sum_for_one_image_s']:.2f} s (isolated calls miss the warm "
+                     "caches of a run: compare with the measured call below)"))
     if result.get("gen_single_image_s") is not None:
-        rows.append(("generate 1 image (50 DDIM, CFG 8)", f"{result['gen_single_image_s']:.2f} s", ""))
+        rows.append(("generate 1 image (50 DDIM, CFG 8), the whole pipeline call measured",
+                     f"{result['gen_single_image_s']:.2f} s", ""))
         rows.append((f"generate, best batch ({result['gen_best_batch']})", f"{result['gen_images_per_s_best']:.2f} img/s", ""))
     if "sdxl" in result:
         x = result["sdxl"]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from .argtypes import non_negative_int, positive_int
 
+# what `personamagic.bench` can measure; here, so that --help does not import torch
+SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile", "throughput", "sdxl")
+DEFAULT_SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "throughput")
+
 
 def add_parser(commands) -> None:
     bench = commands.add_parser("bench", help="measure personalize and generate speed on this machine")
@@ -12,9 +16,11 @@ def add_parser(commands) -> None:
     bench.add_argument("--warmup-steps", type=non_negative_int, default=None,
                        help="partition warm-up steps (100 on GPU, 10 on CPU)")
     bench.add_argument("--photo", default=None, help="face photo (default: the repository's test photo)")
-    bench.add_argument("--output", "-o", default=None, help="JSON file (default: benchmarks/results/<device>-<date>.json)")
-    bench.add_argument("--sections", default="steps,personalize,generation,variants,equivalence,throughput",
-                       help="comma-separated parts to measure (the plain step is always measured)")
+    bench.add_argument("--output", "-o", default=None,
+                       help="JSON file (default: bench-<device>-<date>.json in the working directory)")
+    bench.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                       help="comma-separated parts to measure, from: " + ", ".join(SECTIONS) + " (default: "
+                            + ",".join(DEFAULT_SECTIONS) + "; the plain step is always measured)")
 
 
 def run(args) -> int:
