@@ -214,3 +214,15 @@ def test_staged_export_refusals(tmp_path, tiny_base, capsys):
         code, _, err = run_cli(capsys, "export", tmp_path / "c", *argv)
         assert_one_line_error(code, err, message)
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_export_fidelity_measures_each_export_against_the_full_mapper(tiny_base):
+    from personamagic.evaluation.export_fidelity import export_fidelity, fidelity_markdown
+
+    report = export_fidelity(tiny_base, random_concept(tiny_base, window=(300, 800)), ["a photo of S*"], seeds=1,
+                             steps=3, bins=(1, 4), score=lambda images, prompts: {"images": float(len(images))})
+    rows = report["variants"]
+    assert list(rows) == ["full mapper", "mapper, no residual", "1 bin", "4 bins", "one vector (textual inversion)"]
+    assert rows["full mapper"]["pixel_difference"] == 0.0 and rows["one vector (textual inversion)"]["pixel_difference"] > 0
+    assert all(row["images"] == 1.0 for row in rows.values())
+    assert "| 4 bins |" in fidelity_markdown(report, "tiny")
