@@ -365,6 +365,9 @@ def run(config: BaseTrainingConfig, work: Path, output: Path) -> None:
 def training_summary(work: Path, every: int = 100) -> dict:
     """The run's log condensed: mean VAE MSE and UNet loss per `every` steps, and the UNet stage's time."""
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines() if line.strip()]
+    config = json.loads((work / "config.json").read_text())
+    final = {"vae": config["vae_steps"], "unet": config["unet_steps"]}  # a run cut short: steps past its end
+    records = [r for r in records if r["step"] <= final.get(r["stage"], r["step"])]  # were never kept
     summary = {}
     for stage, key in (("vae", "mse"), ("unet", "loss")):
         rows = {r["step"]: r for r in records if r["stage"] == stage}  # a resumed step: its last record
