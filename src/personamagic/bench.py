@@ -28,7 +28,7 @@ import torch
 
 from . import __version__
 from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, TINY_MODELS, TINY_SDXL, load_base_model, resolve_device
-from .cli.bench import SECTIONS
+from .bench_sections import SECTIONS
 from .models.latents import LatentScale
 from .models.tiny import RANDOM_SDXL
 

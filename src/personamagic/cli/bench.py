@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from .argtypes import non_negative_int, positive_int
-
-# what `personamagic.bench` can measure; here, so that --help does not import torch
-SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "compile", "throughput", "sdxl")
-DEFAULT_SECTIONS = ("steps", "personalize", "generation", "variants", "equivalence", "throughput")
+from ..bench_sections import DEFAULT_SECTIONS, SECTIONS
 
 
 def add_parser(commands) -> None:
