@@ -276,7 +276,8 @@ def test_offline_every_missing_download_is_named_at_once(offline_hub, astronaut,
     monkeypatch.setattr(job, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     code, _, err = run_cli(capsys, "train", astronaut, "--output", tmp_path / "c", "--identity-model",
                            "lithiumice/ArcFace_PyTorch/ms1mv3_arcface_r100_fp16.pth")
-    assert code == 2 and err.count("\n") == 1
+    lines = err.strip().splitlines()  # the error, then one download per line
+    assert code == 2 and lines[0].startswith("error: offline, and 4 downloads") and len(lines) == 5, err
     for needed in (SD14, "CIDAS/clipseg-rd64-refined", CLIP_B32, "ms1mv3_arcface_r100_fp16.pth",
                    "--mask landmarks", "--image-encoder", "--no-id-loss", "--model tiny"):
         assert needed in err

@@ -63,8 +63,21 @@ class LowercaseLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when a record is written (not the stream it was made with),
+    so that a command run in-process after sys.stderr was swapped and closed still reports."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it
+        pass
+
+
 def configure_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(LowercaseLevelFormatter("%(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -114,7 +114,7 @@ def score_images(
         **summarize(records),
         "clip_model": text_similarity.name,
         "face_model": identity.name,
-        "face_detector": getattr(identity, "detector", "yunet-2023mar-int8"),
+        "face_detector": getattr(identity, "detector_name", "yunet-2023mar-int8"),
         "supercategory": supercategory,
         "references": [str(r) for r in references],
         "conventions": {name: CONVENTIONS_NOTE[name] for name in NO_FACE_CONVENTIONS},

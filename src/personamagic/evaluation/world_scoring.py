@@ -43,7 +43,7 @@ class WorldIdentityPreservation:
     """World I-Pre: the world identity encoder's cosine to the reference photo(s), mean over them."""
 
     name = "world-judge"
-    detector = "none (a world image shows one face)"
+    detector_name = "none (a world image shows one face)"
 
     def __init__(self, judge: WorldJudge):
         from ..world.judge import WorldIdentityEncoder
