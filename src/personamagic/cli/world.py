@@ -31,7 +31,7 @@ def add_parser(commands) -> None:
     base = sub.add_parser("train-base", help="train the world's base model from scratch (resumable)")
     base.add_argument("--work", default="runs/world-train", help="working folder: data, checkpoints, grids, log")
     base.add_argument("--output", "-o", default=None, help="diffusers folder to write (default: WORK/model)")
-    base.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (5000)")
+    base.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (7000)")
     base.add_argument("--vae-steps", type=positive_int, default=None, help="VAE steps (1200)")
     judge = sub.add_parser("train-judge", help="train the world's judge on renders (needs train-base's data)")
     judge.add_argument("--work", default="runs/world-train", help="train-base's working folder (its data.npz)")

@@ -38,7 +38,7 @@ class BaseTrainingConfig:
     vae_batch: int = 32
     vae_lr: float = 1.5e-3  # VAE AdamW learning rate
     vae_kl: float = 1e-6  # weight of the VAE's KL term (SD's VAE: small, so latents stay informative)
-    unet_steps: int = 5000  # UNet + text encoder steps (batch unet_batch)
+    unet_steps: int = 7000  # UNet + text encoder steps (batch unet_batch)
     unet_batch: int = 32
     unet_lr: float = 5e-4  # AdamW learning rate after warm-up
     warmup_steps: int = 300  # linear learning-rate warm-up of the UNet stage
