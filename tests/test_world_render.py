@@ -139,3 +139,11 @@ def test_a_saved_render_records_what_redraws_its_mask(tmp_path):
     assert np.array_equal(np.asarray(recorded_mask(tmp_path / "p.png")), np.asarray(item.mask))
     item.image.save(tmp_path / "plain.png")
     assert recorded_mask(tmp_path / "plain.png") is None
+
+
+def test_a_caption_of_a_context_alone_names_only_the_context():
+    rng = np.random.default_rng(4)
+    context = random_context(rng)
+    text = caption(context)  # the prompt-following test's captions: a context, no person
+    assert text.startswith(("a photo of a face", "a sketch of a face", "a painting of a face"))
+    assert "hair" not in text and "eyes" not in text

@@ -59,7 +59,7 @@ def add_commands(evaluate) -> None:
 
 def _add_world(actions) -> None:
     """`evaluate world`: the learning world's figures (docs/world.md)."""
-    from ..cli.argtypes import positive_int
+    from ..cli.argtypes import positive_int, stage_window
 
     figures = actions.add_parser("world", help="measure the world model: prompt-following, likeness from one photo")
     figures.add_argument("--output", "-o", default="benchmarks/results/world-figures.json", help="JSON report")
@@ -68,6 +68,9 @@ def _add_world(actions) -> None:
     figures.add_argument("--steps", type=positive_int, default=400, help="training steps per person (400)")
     figures.add_argument("--seeds", type=positive_int, default=4, help="seeds per editing prompt (4)")
     figures.add_argument("--captions", type=positive_int, default=100, help="captions of the prompt-following test")
+    figures.add_argument("--learning-rate", type=float, default=None, help="the concepts' learning rate (train's: 5e-5)")
+    figures.add_argument("--stage-window", type=stage_window, default=None, metavar="LO:HI",
+                         help="a fixed dynamic stage instead of the automatic partition")
 
 
 def run(args) -> int:
@@ -187,8 +190,13 @@ def _world(args) -> int:
     from ..files import write_atomic
     from .world_figures import world_report
 
+    options = {}
+    if args.learning_rate is not None:
+        options["learning_rate"] = args.learning_rate
+    if args.stage_window is not None:
+        options["stage_window"] = args.stage_window
     report = world_report(people=args.people, steps=args.steps, seeds=args.seeds, captions=args.captions,
-                          images=Path(args.images), log=print)
+                          images=Path(args.images), train_options=options, log=print)
     text = json.dumps(report, indent=2) + "\n"
     write_atomic(Path(args.output), lambda tmp: Path(tmp).write_text(text))
     print(f"figures written to {args.output}")

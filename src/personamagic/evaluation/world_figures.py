@@ -88,13 +88,15 @@ class LikenessRun:
     t_sim_supercategory: float
     stages: dict = field(default_factory=dict)  # the partition's details (IoU curve)
     per_prompt: dict = field(default_factory=dict)  # prompt -> (I-Pre, T-Sim)
+    emergence: dict = field(default_factory=dict)  # `identity_emergence` of S* and of "a face", when asked
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def likeness(identity: int, judge: WorldJudge, *, steps: int, seeds: int = 4, train_options: dict | None = None,
-             settings: SamplingSettings = SamplingSettings(), work: Path | None = None, break_with=None):
+             settings: SamplingSettings = SamplingSettings(), work: Path | None = None,
+             emergence: bool = False):
     """Train a concept on the reference photo of `identity` with `personalize` (the normal path:
     --model world, --crop none, the renderer's --mask), sample the editing prompts with S* and with the
     supercategory, and score both. Returns (LikenessRun, concept images, supercategory images)."""
@@ -117,8 +119,6 @@ def likeness(identity: int, judge: WorldJudge, *, steps: int, seeds: int = 4, tr
     pipe = PersonaMagicPipeline.from_base(base)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_concept(result.concept_path)
-    if break_with is not None:
-        break_with(pipe)
     concept_prompts = [p.format("S*") for p in EDITING_PROMPTS for _ in range(seeds)]
     plain_prompts = [p.format("a face") for p in EDITING_PROMPTS for _ in range(seeds)]
     seed_list = [i % seeds for i in range(len(concept_prompts))]
@@ -131,10 +131,41 @@ def likeness(identity: int, judge: WorldJudge, *, steps: int, seeds: int = 4, tr
         rows = slice(k * seeds, (k + 1) * seeds)
         per_prompt[prompt.format("S*")] = [float(np.mean(i_pre[rows])), float(np.mean(t_sim[rows]))]
     concept = result.concept
+    curves = {}
+    if emergence:
+        for subject in ("S*", "a face"):
+            curves[subject] = identity_emergence(pipe, judge, photo, f"a photo of {subject}", seeds, settings)
     run = LikenessRun(identity, steps, list(concept.stage_window), train_seconds, float(np.mean(i_pre)),
                       float(np.mean(t_sim)), float(np.mean(i_plain)), float(np.mean(t_plain)),
-                      stages=concept.stages, per_prompt=per_prompt)
+                      stages=concept.stages, per_prompt=per_prompt, emergence=curves)
     return run, concept_images, plain_images
+
+
+def identity_emergence(pipe, judge: WorldJudge, photo, prompt: str, seeds: int = 4,
+                       settings: SamplingSettings = SamplingSettings()) -> dict:
+    """When is the identity painted in? Sample `prompt` and, at every step, decode the scheduler's
+    prediction of the clean image (x̂0) and take its world I-Pre against `photo`: the curve's rise is
+    where the sampler decides who the face is. Returns {"timesteps", "i_pre"} (mean over seeds)."""
+    scheduler = pipe.scheduler
+    step, predictions = scheduler.step, []
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        predictions.append(out.pred_original_sample)
+        return out
+
+    scheduler.step = recording_step  # an instance attribute: the pipeline's scheduler only, removed below
+    try:
+        sample(pipe, [prompt] * seeds, list(range(seeds)), settings)
+    finally:
+        del scheduler.step
+    timesteps = scheduler.timesteps.tolist()
+    curve = []
+    with torch.no_grad():
+        for x0 in predictions:
+            images = pipe.image_processor.postprocess(pipe.decode(x0).float(), output_type="pil")
+            curve.append(float(np.mean(world_i_pre(judge, images, photo))))
+    return {"prompt": prompt, "seeds": seeds, "timesteps": timesteps, "i_pre": curve}
 
 
 def likeness_people(count: int, start: int = 0) -> list[int]:
@@ -158,6 +189,22 @@ def vae_figures(vae, judge: WorldJudge, count: int = 256) -> dict:
     return {"reconstruction_mse": mse, "images": count, "judge_on_reconstructions": report}
 
 
+def emergence_figure(run: LikenessRun):
+    """The partition's IoU curve and stages (as `train` draws them) with the identity's emergence
+    over the sampler's steps: world I-Pre of x̂0 for S* and for "a face"."""
+    from ..jobs.plots import figure_to_image, stages_plot
+
+    figure = stages_plot(run.stages)
+    ax = figure.axes[0]
+    for subject, style in (("S*", "-"), ("a face", "--")):
+        curve = run.emergence[subject]
+        ax.plot(curve["timesteps"], curve["i_pre"], style, color="#238b45", linewidth=1.5,
+                label=f"world I-Pre of x̂0, {subject}")
+    ax.set_ylabel("IoU / world I-Pre")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure_to_image(figure)
+
+
 def contact_sheet(rows: list[list], side: int = 64):
     """A grid image of PIL image rows (for the docs)."""
     from PIL import Image
@@ -170,7 +217,8 @@ def contact_sheet(rows: list[list], side: int = 64):
     return sheet
 
 
-def world_report(*, people: int, steps: int, seeds: int, captions: int, images: Path, log=lambda text: None) -> dict:
+def world_report(*, people: int, steps: int, seeds: int, captions: int, images: Path, train_options: dict | None = None,
+                 log=lambda text: None) -> dict:
     """Every figure of docs/world.md: the judge, the VAE, the base model's prompt-following and the
     likeness of `people` held-out people; example sheets written into `images` (world-*.png)."""
     import datetime
@@ -197,7 +245,8 @@ def world_report(*, people: int, steps: int, seeds: int, captions: int, images: 
     log(f"base model: context accuracy {following['context_accuracy']:.3f} on {captions} held-out captions")
     runs = []
     for k, person in enumerate(likeness_people(people)):
-        run, concept_images, plain_images = likeness(person, judge, steps=steps, seeds=seeds)
+        run, concept_images, plain_images = likeness(person, judge, steps=steps, seeds=seeds, emergence=k == 0,
+                                                     train_options=train_options)
         runs.append(run.to_dict())
         log(f"person {person}: world I-Pre {run.i_pre:.3f} (supercategory {run.i_pre_supercategory:.3f}), "
             f"world T-Sim {run.t_sim:.3f}, window {run.stage_window}, {run.train_seconds:.0f} s")
@@ -206,5 +255,8 @@ def world_report(*, people: int, steps: int, seeds: int, captions: int, images: 
             rows = [[photo] + concept_images[s::seeds] for s in range(min(2, seeds))]
             rows.append([photo] + plain_images[0::seeds])
             contact_sheet(rows).save(images / "world-likeness.png")
-    report["likeness"] = {"steps": steps, "seeds": seeds, "people": runs}
+            if run.stages.get("method") == "auto":
+                emergence_figure(run).save(images / "world-stages.png")
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in (train_options or {}).items()}
+    report["likeness"] = {"steps": steps, "seeds": seeds, "train_options": options, "people": runs}
     return report

@@ -39,6 +39,8 @@ def caption(attributes: dict, *, subject: str = f"a {SUPERCATEGORY}", said: dict
 
 def _hair_phrase(attributes: dict, said: dict) -> str:
     """Hair style and colour in one phrase: "with long red hair", "with a red hair bun", "bald"."""
+    if not (said.get("hair_style") or said.get("hair_colour")):
+        return ""  # (a context alone, as the prompt-following test's captions, has no hair to name)
     style, colour = attributes["hair_style"], attributes["hair_colour"]
     say_style, say_colour = said.get("hair_style"), said.get("hair_colour") and style != "bald"
     if say_style and say_colour:

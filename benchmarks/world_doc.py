@@ -1,0 +1,132 @@
+"""Write the figures of `personamagic evaluate world` (and the learning test's broken runs) into
+docs/world.md between its `figures` markers, so that no number there is typed by hand.
+
+    python benchmarks/world_doc.py [benchmarks/results/world-figures.json] [benchmarks/results/world-breaks.json]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "world.md"
+
+
+def _mean_ci(values) -> str:
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return f"{values.mean():.3f}"
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    return f"{values.mean():.3f} ± {half:.3f}"
+
+
+def figures_markdown(report: dict, breaks: dict | None) -> str:
+    judge, vae, following, likeness = report["judge"], report["vae"], report["prompt_following"], report["likeness"]
+    lines = [f"Measured {report['date']} on {report['machine']} by `personamagic evaluate world` "
+             f"(`benchmarks/results/world-figures.json`).", ""]
+    log = ROOT / "src/personamagic/world/model/training_log.json"
+    if log.is_file():
+        training = json.loads(log.read_text())
+        config = training["config"]
+        lines += [f"**Training** (`src/personamagic/world/model/training_log.json`): the VAE's last 100-step mean "
+                  f"reconstruction MSE {training['vae'][-1][1]:.4f} after {config['vae_steps']:,} steps; the UNet and "
+                  f"text encoder {config['unet_steps']:,} steps in {training['unet_seconds'] / 60:.0f} minutes, last "
+                  f"100-step mean ε-MSE {training['unet'][-1][1]:.4f}.", "",
+                  "![Loss curves of the VAE and the UNet](../src/personamagic/world/model/loss.png)", ""]
+    lines += ["**The judge** on held-out people ({} people × {} random contexts of renders):".format(
+        judge["identities"], judge["contexts"]), "",
+        "| identity cosine, same person across contexts | different people | lowest attribute accuracy |",
+        "|---|---|---|",
+        f"| {judge['identity_cosine_same']:.3f} | {judge['identity_cosine_different']:.3f} | "
+        f"{min(judge['accuracy'].values()):.3f} ({min(judge['accuracy'], key=judge['accuracy'].get)}) |", ""]
+    rec = vae["judge_on_reconstructions"]
+    lines += [f"**The VAE**: reconstruction MSE {vae['reconstruction_mse']:.4f} (pixels in [−1, 1]) on "
+              f"{vae['images']} held-out renders; on reconstructions the judge's identity cosine is "
+              f"{rec['identity_cosine_same']:.3f} same / {rec['identity_cosine_different']:.3f} different, its "
+              f"lowest attribute accuracy {min(rec['accuracy'].values()):.3f} "
+              f"({min(rec['accuracy'], key=rec['accuracy'].get)}).", ""]
+    per = following["per_attribute"]
+    lines += [f"**The base model follows its prompts**: context accuracy {following['context_accuracy']:.3f} on "
+              f"{following['captions']} held-out captions that name every context attribute (DDIM 50, "
+              "guidance 8). Per attribute:", "",
+              "| " + " | ".join(per) + " |", "|" + "---|" * len(per),
+              "| " + " | ".join(f"{v:.2f}" for v in per.values()) + " |", "",
+              "![Base model samples of held-out captions](images/world-base.png)", ""]
+    people = likeness["people"]
+    options = likeness.get("train_options") or {}
+    lr = options.get("learning_rate", 5e-5)
+    window = options.get("stage_window")
+    stage = f"the fixed window {window[0]}–{window[1]}" if window else "the automatic partition after a 100-step warm-up"
+    lines += [f"**A held-out person from one photo** ({len(people)} people, {likeness['steps']} training steps "
+              f"each, learning rate {lr:g} (the paper: 5e-5 for 1,000 steps), the paper's other defaults — batch 2, "
+              f"{stage}; 10 editing prompts × {likeness['seeds']} seeds; mean ± 95% CI over people):", "",
+              "| prompt | world I-Pre | world T-Sim |", "|---|---|---|",
+              f"| concept (`a photo of S* …`) | {_mean_ci([p['i_pre'] for p in people])} | "
+              f"{_mean_ci([p['t_sim'] for p in people])} |",
+              f"| supercategory (`a photo of a face …`) | {_mean_ci([p['i_pre_supercategory'] for p in people])} | "
+              f"{_mean_ci([p['t_sim_supercategory'] for p in people])} |", "",
+              "| person | window found | I-Pre gain over the supercategory | T-Sim | training time |",
+              "|---|---|---|---|---|"]
+    for p in people:
+        lines.append(f"| {p['identity']} | {p['stage_window'][0]} ≤ t < {p['stage_window'][1]} | "
+                     f"{p['i_pre'] - p['i_pre_supercategory']:+.3f} | {p['t_sim']:.3f} | {p['train_seconds']:.0f} s |")
+    lines.append("")
+    lines += _emergence_markdown(people[0])
+    if breaks:
+        lines += ["**The learning test can fail** (`tests/test_world_learning.py`, one held-out person, "
+                  "`PERSONAMAGIC_WORLD_BREAKS=1`): what it reported with the method broken on purpose —", "",
+                  "| run | world I-Pre | supercategory | gain | world T-Sim | verdict |", "|---|---|---|---|---|---|"]
+        for name, run in breaks.items():
+            gain = run["i_pre"] - run["i_pre_supercategory"]
+            lines.append(f"| {name} | {run['i_pre']:.3f} | {run['i_pre_supercategory']:.3f} | {gain:+.3f} | "
+                         f"{run['t_sim']:.3f} | {run.get('verdict', '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def emergence_point(run: dict) -> int | None:
+    """The first timestep of the sampler (from T down) at which S*'s x̂0 is at least half of the way
+    from the supercategory's to S*'s final I-Pre: where the concept's identity is painted in."""
+    concept, plain = run["emergence"]["S*"], run["emergence"]["a face"]
+    gain = [c - p for c, p in zip(concept["i_pre"], plain["i_pre"])]
+    if gain[-1] <= 0:
+        return None
+    return next(t for t, g in zip(concept["timesteps"], gain) if g >= gain[-1] / 2)
+
+
+def _emergence_markdown(run: dict) -> list[str]:
+    if not run.get("emergence"):
+        return []
+    t_lo, t_hi = run["stage_window"]
+    t = emergence_point(run)
+    where = ("never: S*'s final image is no closer to the photo than the supercategory's" if t is None else
+             f"at t = {t}, " + ("inside the dynamic stage" if t_lo <= t < t_hi else
+                                "before the dynamic stage (in static 1)" if t >= t_hi else
+                                "after the dynamic stage (in static 2)"))
+    return [f"**The automatic partition on the world model** (person {run['identity']}): the IoU of S*'s "
+            f"attention with the face mask over the timesteps gave the dynamic stage {t_lo} ≤ t < {t_hi}. "
+            "To see whether that is where the identity is painted in, the sampler's prediction of the clean "
+            "image (x̂0) is decoded at every DDIM step and scored against the photo, for S* and for \"a face\" "
+            f"({run['emergence']['S*']['seeds']} seeds): S*'s lead reaches half of its final value {where}.", "",
+            "![The partition's IoU curve and stages, with world I-Pre of x̂0 over the steps](images/world-stages.png)",
+            ""]
+
+
+def main(argv: list[str]) -> int:
+    report = json.loads(Path(argv[0] if argv else ROOT / "benchmarks/results/world-figures.json").read_text())
+    breaks_path = Path(argv[1]) if len(argv) > 1 else ROOT / "benchmarks/results/world-breaks.json"
+    breaks = json.loads(breaks_path.read_text()) if breaks_path.is_file() else None
+    text = DOC.read_text()
+    block = "<!-- figures:start -->\n" + figures_markdown(report, breaks) + "\n<!-- figures:end -->"
+    DOC.write_text(re.sub(r"<!-- figures:start -->.*<!-- figures:end -->", lambda _: block, text, flags=re.S))
+    print(f"updated {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
