@@ -10,7 +10,8 @@ import torch
 from _concepts import random_concept
 
 from personamagic.pipeline import PersonaMagicPipeline
-from personamagic.stage_export import bin_edges, export_stages, piecewise_concept, stage_segments, static_segment
+from personamagic.stage_export import (bin_edges, export_stages, piecewise_concept, stage_segments, static_segment,
+                                        without_residual)
 
 
 def test_bins_cut_the_dynamic_stage_from_its_top_down():
@@ -54,8 +55,7 @@ def test_more_bins_come_closer_to_the_mapper_in_the_pipeline(tiny_base):
         if segments is not None:
             piecewise_concept(loaded, segments)
         else:  # the full mapper without its residual: what the bins approximate
-            vectors_at = loaded.vectors_at
-            loaded.vectors_at = lambda ts: (vectors_at(ts)[0], vectors_at(ts)[1] * 0)
+            without_residual(loaded)
         return pipe
 
     full = sample(pipe_with(None))

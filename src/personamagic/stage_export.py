@@ -90,6 +90,18 @@ def piecewise_concept(loaded, segments: list[Segment]) -> None:
     loaded.vectors_at = vectors_at
 
 
+def without_residual(loaded) -> None:
+    """Make an attached concept give its mapper's embeddings with no value residual: the full mapper as
+    far as an embedding can carry it (what the bins approximate)."""
+    vectors_at = loaded.vectors_at
+
+    def embeddings_only(timesteps):
+        embeddings, residuals = vectors_at(timesteps)
+        return embeddings, torch.zeros_like(residuals)
+
+    loaded.vectors_at = embeddings_only
+
+
 # -- ComfyUI ---------------------------------------------------------------------------------------
 # ComfyUI's ConditioningSetTimestepRange takes fractions of the schedule: `percent_to_sigma(p)` of its
 # discrete models is the sigma of timestep (1 − p)·999 (0: the start of sampling, the noisiest step; 1:

@@ -65,6 +65,11 @@ class PhotoMakerSpec:
         return asdict(self)
 
 
+def trigger_pattern(placeholder: str, trigger: str = TRIGGER_WORD) -> str:
+    """The regex of a placeholder followed by PhotoMaker's trigger (`S* img`): what asks for the fusion."""
+    return re.escape(placeholder) + r"\s+" + re.escape(trigger) + r"\b"
+
+
 class PhotoMaker:
     """PhotoMaker's ID encoder (frozen) and its LoRA applied to a UNet, for prompts with the trigger."""
 
@@ -103,7 +108,7 @@ class PhotoMaker:
     def split_prompt(self, prompt: str, placeholder: str, count: int) -> tuple[str, str] | None:
         """(text-only prompt, fused prompt) of a prompt with `placeholder trigger`, or None without the
         trigger: the text-only one drops the trigger, the fused one repeats the placeholder `count` times."""
-        pattern = re.escape(placeholder) + r"\s+" + re.escape(self.spec.trigger) + r"\b"
+        pattern = trigger_pattern(placeholder, self.spec.trigger)
         found = re.findall(pattern, prompt)
         if not found:
             return None

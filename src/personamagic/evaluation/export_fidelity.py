@@ -25,7 +25,7 @@ def export_fidelity(base, concept, prompts: list[str], seeds: int = 2, steps: in
     without its residual, K bins for each K in `bins`, and the one-vector export. `prompts` say the
     concept's placeholder; `score(pil_images, prompts)`: extra metrics (the world's), or None."""
     from ..pipeline import PersonaMagicPipeline
-    from ..stage_export import piecewise_concept, stage_segments, static_segment
+    from ..stage_export import piecewise_concept, stage_segments, static_segment, without_residual
 
     all_prompts = [p for p in prompts for _ in range(seeds)]
     all_seeds = [i % seeds for i in range(len(all_prompts))]
@@ -38,8 +38,7 @@ def export_fidelity(base, concept, prompts: list[str], seeds: int = 2, steps: in
         pipe.set_progress_bar_config(disable=True)
         loaded = pipe.load_concept(concept)
         if segments == "no residual":
-            vectors_at = loaded.vectors_at
-            loaded.vectors_at = lambda ts, f=vectors_at: (f(ts)[0], f(ts)[1] * 0)
+            without_residual(loaded)
         elif segments is not None:
             piecewise_concept(loaded, segments)
         images = _images(pipe, all_prompts, all_seeds, steps, guidance_scale)

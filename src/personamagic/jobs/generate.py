@@ -536,12 +536,12 @@ class _Session:
             inputs["ip_adapter"] = {"weights": config.ip_adapter, "scale": config.ip_adapter_scale,
                                     "images": [file_record(p, "--ip-adapter-image") for p in config.ip_adapter_images]}
         if config.photomaker is not None:
-            from ..adapters.photomaker_plugin import PhotoMakerSpec
+            from ..adapters.photomaker_plugin import trigger_pattern
             from ..pipeline.pipeline import check_photomaker_vectors
 
-            trigger = PhotoMakerSpec().trigger  # the concepts PhotoMaker fuses: those before its trigger
+            # the concepts PhotoMaker fuses: those before its trigger
             for concept, placeholder in zip(self.concepts, config.placeholders or [c.placeholder for c in self.concepts]):
-                if any(re.search(re.escape(placeholder) + r"\s+" + re.escape(trigger) + r"\b", p) for p in config.prompts):
+                if any(re.search(trigger_pattern(placeholder), p) for p in config.prompts):
                     check_photomaker_vectors(placeholder, concept.mapper_config["num_vectors"])
             inputs["photomaker"] = {"weights": config.photomaker, "merge_step": config.photomaker_merge_step,
                                     "lora_scale": config.photomaker_lora_scale,

@@ -195,6 +195,8 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
     def check_photomaker_prompts(self, prompts: list[str]) -> list[str]:
         """With PhotoMaker loaded: warnings for prompts without its trigger after a placeholder
         (`S* img`), in which PhotoMaker's ID is not used."""
+        from ..adapters.photomaker_plugin import trigger_pattern
+
         if self.photomaker is None:
             return []
         trigger = self.photomaker.spec.trigger
@@ -206,7 +208,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         return [
             f"prompt {p!r} has no '{names[0]} {trigger}': PhotoMaker's ID is not used in it"
             for p in prompts
-            if not any(re.search(re.escape(name) + r"\s+" + re.escape(trigger) + r"\b", p) for name in names)
+            if not any(re.search(trigger_pattern(name, trigger), p) for name in names)
         ]
 
     # -- conditioning ------------------------------------------------------------------------------
