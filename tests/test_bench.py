@@ -58,3 +58,20 @@ def test_bench_writes_where_it_is_run_and_its_help_lists_the_sections(capsys):
     _, out, _ = run_cli(capsys, "bench", "--help")
     text = " ".join(out.split())
     assert all(section in text for section in SECTIONS) and "default: steps,personalize" in text
+
+
+def test_the_table_says_what_each_step_figure_is_compared_with():
+    """The plain step has every speed-up off; a grouped step is the optimised one, K = 1 being the lone optimised
+    step again, and its ratio is to K = 1, not to the plain step: the rows cannot be read against each other."""
+    step = {"ms": 80.0, "first_step_s": 0.1, "peak_gib": None}
+    per_k = {"1": {**step, "identities_per_hour": 2250.0, "ratio_to_k1": 1.0},
+             "2": {**step, "ms": 150.0, "identities_per_hour": 2400.0, "ratio_to_k1": 1.07}}
+    table = format_table({"device": "CPU", "plain_step_ms": 120.0, "variants": {"optimized": step},
+                          "throughput": {"per_k": per_k, "steps_per_concept": 20}, "identities_per_hour": 2400.0,
+                          "identities_per_step_best": 2})
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "plain step (batch 2, ID loss), one identity, every speed-up off" in rows
+    assert "1.50x vs plain step" in rows["step: optimized"]
+    lone = rows["grouped step, 1 identity, optimised (the step of 'step: optimized', timed again)"]
+    assert "80.0 ms" in lone and "1.00x the identities/h of K = 1" in lone and "plain" not in lone
+    assert "1.07x the identities/h of K = 1" in rows["grouped step, 2 identities, optimised"]

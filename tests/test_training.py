@@ -1,6 +1,6 @@
 """The training loop on the tiny model: gradients, determinism, resume, divergence, learning."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -155,3 +155,78 @@ def test_unknown_compile_backend_is_refused_up_front():
     with pytest.raises(ValueError, match="unknown torch.compile backend 'fastest'; use inductor"):
         TrainConfig(compile=True, compile_backend="fastest")
     TrainConfig(compile=False, compile_backend="fastest")  # unused: not checked
+
+
+class EagerGraph:
+    """`GraphedStep`'s contract without CUDA: the step captured once is replayed on its static batch, into
+    which each step's draws are copied (so a capture that no longer fits its identities fails)."""
+
+    captures: list = []  # the batch size of each capture
+
+    def __init__(self, losses_fn, example_batch, parameters):
+        self.losses_fn, self.static, self.parameters = losses_fn, example_batch, list(parameters)
+        EagerGraph.captures.append(example_batch.size)
+
+    def step(self, batch):
+        for f in fields(batch):
+            getattr(self.static, f.name).copy_(getattr(batch, f.name))
+        for p in self.parameters:  # a replay writes the gradients afresh
+            p.grad = None
+        out = self.losses_fn(self.static)
+        out.total.backward()
+        return out
+
+
+def train_with_and_without_graph(monkeypatch, build, run):
+    """The mappers `run(build())` trains eagerly and on the graph path, and the graph path's captures."""
+    import personamagic.training.group as group
+
+    monkeypatch.setattr(group, "GraphedStep", EagerGraph)
+    monkeypatch.setattr(EagerGraph, "captures", [])
+    states = []
+    for graphed in (False, True):
+        trainers, stepper = build()
+        stepper.use_graph = graphed
+        run(stepper)
+        states.append([t.mapper.state_dict() for t in trainers])
+    return states, EagerGraph.captures
+
+
+def test_a_trainer_alone_captures_its_step_once_and_trains_as_eagerly(tiny_base, photo, monkeypatch):
+    data = make_data(tiny_base, photo)
+    config = base_config(stage_window=None, partition_warmup_steps=2, partition_timesteps=4, sync_every=2)
+
+    def build():
+        trainer = Trainer(tiny_base, data, config)
+        return [trainer], trainer.group
+
+    def run(group):
+        with group.trainers[0] as trainer:
+            trainer.find_stage_window()
+            trainer.train()
+
+    (eager, graphed), captures = train_with_and_without_graph(monkeypatch, build, run)
+    assert captures == [2]  # the warm-up's capture serves the training too: the same hooks, the same identity
+    assert all(torch.equal(graphed[0][k], v) for k, v in eager[0].items())
+
+
+def test_a_group_captures_its_step_again_when_who_steps_together_changes(tiny_base, photo, monkeypatch):
+    from personamagic.training import GroupTrainer
+
+    data = make_data(tiny_base, photo)
+    fixed = base_config(max_train_steps=3)  # trains at once, 3 steps
+    automatic = replace(fixed, seed=4, stage_window=None, partition_warmup_steps=2, partition_timesteps=4)
+
+    def build():
+        trainers = [Trainer(tiny_base, data, fixed), Trainer(tiny_base, data, automatic)]
+        return trainers, GroupTrainer(trainers)
+
+    def run(group):
+        with group:
+            assert group.train() == {}
+
+    (eager, graphed), captures = train_with_and_without_graph(monkeypatch, build, run)
+    # both (warm-up and training), both again after the partition took the group's hooks off, the second alone
+    assert captures == [4, 4, 2]
+    for mine, theirs in zip(graphed, eager):
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items())

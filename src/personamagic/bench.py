@@ -2,11 +2,16 @@
 
 On a GPU it runs Stable Diffusion 1.x at its real sizes with random weights (timing does not depend on
 the weights' values) in bf16; on a CPU it runs the tiny model in fp32. The SDXL section does the same
-with SDXL-base sizes (tiny-sdxl on a CPU). Every figure is measured in the
-same run as the plain step (optimisations off), and printed as a ratio to it; the whole personalize job
-runs in a fresh process, as `personamagic train` would. The throughput section times K identities in
-one grouped step (`training.group`) and gives identities per hour, as a ratio to K = 1. Results: a
-table and a JSON file (device, versions, date, every figure), by default in the working directory.
+with SDXL-base sizes (tiny-sdxl on a CPU). The plain step is one identity's training step with every
+speed-up off (`optimize=False`); the optimised step and its variants are measured in the same run and
+printed as a ratio to it. The throughput section times the optimised step of K identities together
+(`training.group`; K = 1 is the optimised step again, since a concept trained alone is a group of one)
+and gives identities per hour, as a ratio to K = 1. Every step figure is the median of steps that read
+their losses back, after a first step timed apart (`first_step_s`) and three more untimed. The sections
+run one after another: on a shared CPU they see different loads, so compare figures of one section or
+of repeated runs. The whole personalize job runs in a fresh process, as `personamagic train` would.
+Results: a table and a JSON file (device, versions, date, every figure), by default in the working
+directory.
 
     personamagic bench                      # this machine, defaults per device
     python benchmarks/bench.py --steps 1000 # the same script
@@ -101,27 +106,35 @@ class Setup:
         return Trainer(self.base, self.data, config, self.encoder)
 
 
+def _step_figures(group, device, repeats: int, warmup: int) -> dict:
+    """How `group.step()` (a `training.group.GroupTrainer`: a trainer's own group of one, or K identities)
+    runs: the median ms of `repeats` steps, each with its losses read back, after a first step timed apart
+    as `first_step_s` (CUDA graph capture, cuDNN autotune...) and `warmup` more untimed; the peak GiB."""
+    start = time.perf_counter()
+    group.step()
+    _sync(device)
+    first_s = time.perf_counter() - start
+    ms = _median_ms(group.step, device, repeats=repeats, warmup=warmup)
+    return {"ms": ms, "first_step_s": first_s, "peak_gib": _peak_gib(device), "cuda_graph": group.use_graph}
+
+
 def time_steps(setup: Setup, config, steps: int, warmup: int) -> dict:
-    """Median ms per training step (the loss read back every step, as a plain loop does) and peak GiB."""
+    """One identity's training step under `config` (`_step_figures`)."""
     _reset_peak(setup.device)
     with setup.trainer(config) as trainer:
-        start = time.perf_counter()
-        trainer.step()  # first step: CUDA graph capture, cuDNN autotune...
-        _sync(setup.device)
-        first_s = time.perf_counter() - start
-        ms = _median_ms(trainer.step, setup.device, repeats=steps, warmup=warmup)
-        graph = trainer.use_graph
-    return {"ms": ms, "first_step_s": first_s, "peak_gib": _peak_gib(setup.device), "cuda_graph": graph}
+        return _step_figures(trainer.group, setup.device, steps, warmup)
 
 
 IDENTITIES_PER_STEP = (1, 2, 4, 8)  # the K of the throughput section
 
 
 def time_throughput(setup: Setup, config, ks, steps_per_concept: int, repeats: int, warmup: int) -> dict:
-    """Median ms of one grouped step of K identities (`training.group`, each with its own mapper and
-    optimizer) for each K, and what it gives: identities/hour = 3600 / (steps_per_concept * step_s / K),
-    the training loop alone (no warm-up, photo preparation or model load). Each figure is also a ratio to
-    K = 1 in the same run (always measured); a K that runs out of GPU memory ends the series."""
+    """One step of K identities together under `config` (`training.group`, each with its own mapper and
+    optimizer; measured as `time_steps` measures one, `_step_figures`) for each K, and what it gives:
+    identities/hour = 3600 / (steps_per_concept * step_s / K), the training loop alone (no warm-up, photo
+    preparation or model load). K = 1 is the step `time_steps` times (a concept trained alone is a group of
+    one), measured again. Each figure is also a ratio to K = 1 in the same run (always measured); a K that
+    runs out of GPU memory ends the series."""
     from .training.group import GroupTrainer
 
     per_k = {}
@@ -130,19 +143,13 @@ def time_throughput(setup: Setup, config, ks, steps_per_concept: int, repeats: i
         trainers = [setup.trainer(replace(config, seed=config.seed + i)) for i in range(k)]
         try:
             with GroupTrainer(trainers) as group:
-                start = time.perf_counter()
-                group.step()  # first step: CUDA graph capture, cuDNN autotune...
-                _sync(setup.device)
-                first_s = time.perf_counter() - start
-                ms = _median_ms(group.step, setup.device, repeats=repeats, warmup=warmup)
-                graph = group.use_graph
+                figures = _step_figures(group, setup.device, repeats, warmup)
         except torch.cuda.OutOfMemoryError:
             per_k[str(k)] = {"error": "out of memory"}
             break
         finally:
             del trainers
-        per_k[str(k)] = {"ms": ms, "first_step_s": first_s, "peak_gib": _peak_gib(setup.device), "cuda_graph": graph,
-                         "identities_per_hour": 3600 * k / (steps_per_concept * ms / 1000)}
+        per_k[str(k)] = {**figures, "identities_per_hour": 3600 * k / (steps_per_concept * figures["ms"] / 1000)}
     measured = {k: v for k, v in per_k.items() if "ms" in v}
     for figures in measured.values():
         figures["ratio_to_k1"] = figures["identities_per_hour"] / measured["1"]["identities_per_hour"]
@@ -157,7 +164,7 @@ def check_equivalence(setup: Setup, config) -> dict:
     for name, cfg in (("plain", replace(config, optimize=False)), ("optimized", config)):
         with setup.trainer(cfg) as trainer:
             batch = trainer.sample_batch()
-            if trainer.use_graph:
+            if trainer.group.use_graph:
                 from .training.graph import GraphedStep
 
                 graphed = GraphedStep(trainer.losses, trainer.sample_batch(generator=torch.Generator(setup.device).manual_seed(0)),
@@ -542,18 +549,20 @@ def default_output(device_name: str) -> Path:
 
 
 def format_table(result: dict) -> str:
-    """The figures as a plain-text table, each with its ratio to the plain step where it applies."""
+    """The figures as a plain-text table, each with its ratio (to the plain step, or to what it names)."""
     plain = result["plain_step_ms"]
-    rows = [("figure", "value", "vs plain step"), ("device", result["device"], "")]
-    rows.append(("plain step (batch 2, ID loss)", f"{plain:.1f} ms", "1.00x"))
+    rows = [("figure", "value", "ratio"), ("device", result["device"], "")]
+    rows.append(("plain step (batch 2, ID loss), one identity, every speed-up off", f"{plain:.1f} ms",
+                 "1.00x vs plain step"))
     for name, v in result.get("variants", {}).items():
         peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
         rows.append((f"step: {name}", f"{v['ms']:.1f} ms{peak}, first step {v['first_step_s']:.1f} s",
-                     f"{plain / v['ms']:.2f}x"))
+                     f"{plain / v['ms']:.2f}x vs plain step"))
     if "train_loop_s" in result:
         steps = result["steps"]
         rows.append((f"training loop, {steps} steps", f"{result['train_loop_s']:.1f} s",
-                     f"{result['ratios_to_plain_step']['train_loop']:.2f}x ({plain * steps / 1000:.1f} s plain)"))
+                     f"{result['ratios_to_plain_step']['train_loop']:.2f}x vs plain step "
+                     f"({plain * steps / 1000:.1f} s plain)"))
         process = result.get("personalize", {}).get("process_s")
         rows.append(("whole personalize job, fresh process", f"{result['personalize_s']:.1f} s"
                      + (f" ({process:.1f} s with interpreter start)" if process else ""), ""))
@@ -562,13 +571,16 @@ def format_table(result: dict) -> str:
     if "throughput" in result:
         throughput = result["throughput"]
         for k, v in throughput["per_k"].items():
+            # K = 1 is the optimised step of one identity, not the plain step
+            label = ("grouped step, 1 identity, optimised (the step of 'step: optimized', timed again)" if k == "1"
+                     else f"grouped step, {k} identities, optimised")
             if "ms" not in v:
-                rows.append((f"grouped step, {k} identities", v["error"], ""))
+                rows.append((label, v["error"], ""))
                 continue
             peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
-            rows.append((f"grouped step, {k} identities", f"{v['ms']:.1f} ms{peak} -> {v['identities_per_hour']:.0f} "
+            rows.append((label, f"{v['ms']:.1f} ms{peak} -> {v['identities_per_hour']:.0f} "
                          f"identities/h ({throughput['steps_per_concept']} steps each)",
-                         f"{v['ratio_to_k1']:.2f}x vs 1 per step"))
+                         f"{v['ratio_to_k1']:.2f}x the identities/h of K = 1"))
         rows.append(("identities per hour, best K", f"{result['identities_per_hour']:.0f} at "
                      f"{result['identities_per_step_best']} per step", ""))
     for mode in ("generation", "generation_cuda_graph", "generation_compile"):
@@ -577,7 +589,7 @@ def format_table(result: dict) -> str:
                          f"first call {v['first_call_s']:.1f} s", ""))
     for batch, v in result.get("conditioning", {}).items():
         rows.append((f"text conditioning of 50 steps, {batch} image(s)", f"{v['per_step_ms']:.1f} ms step by step -> "
-                     f"{v['schedule_ms']:.1f} ms at once", f"{v['ratio']:.2f}x"))
+                     f"{v['schedule_ms']:.1f} ms at once", f"{v['ratio']:.2f}x faster at once"))
     if "sampling_parts" in result:
         parts = result["sampling_parts"]
         rows.append(("1 image, each part timed alone (median of 10 isolated calls, ms): "

@@ -108,3 +108,8 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
         return [batch]
     size = batch.size // parts
     return [batch.select(slice(i * size, (i + 1) * size)) for i in range(parts)]
+
+
+def concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along the batch, without copying a single part (a group of one identity)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -1,4 +1,5 @@
-"""Several identities trained in one step: many identities per GPU at the cost of little more than one.
+"""The training step and loop (docs/method.md), of one identity or of several sharing each step: a concept
+trained alone is a group of one (a `Trainer` trains itself so).
 
 At small batch the step waits on kernel launches, not arithmetic, so K identities sharing one UNet batch
 of 2K samples cost little more than one identity. Each identity stays a `Trainer` of its own: its mapper,
@@ -6,29 +7,36 @@ AdamW state, photos (mask, CLIP embedding, identity reference), stage window, ch
 torch.Generator, from which it draws exactly the batches it would draw alone (its own `sample_batch`).
 
 1. The batch: the identities' batches concatenated, in order; their photos' `TrainingData` concatenated
-   too, each batch's image indices offset to its identity's first photo.
+   too, each batch's image indices offset to its identity's first photo (a group of one: its own batch,
+   its own photos and its own `Objective`).
 2. The mappers: `GroupMapper` hands each identity's slice of timesteps and CLIP embeddings to its own
    mapper and concatenates what they return.
-3. The losses: `Objective.group_losses` runs the text encoders, the UNet and the VAE decoder once on the
-   whole batch and takes each identity's terms as means over its own samples (each keeps its own face
-   patch size for the identity loss, so a patch never depends on the group).
+3. The losses: `Objective.losses` runs the text encoders, the UNet and the VAE decoder once on the whole
+   batch and takes each identity's terms as means over its own samples (each keeps its own face patch
+   size for the identity loss, so a patch never depends on the group).
 4. The step: backward of the SUM of the identities' mean losses, then every optimizer steps. The mappers
    are disjoint and every network treats samples independently, so each mapper's gradient is the one it
    gets alone: grouping changes the speed, never the result (up to the rounding of batched kernels).
+   With `optimize` on CUDA the step (losses + backward) is replayed from a CUDA graph (`graph.GraphedStep`),
+   captured again when the identities stepping together change.
 
-The stage partition: the warm-up is a grouped step like any other (each identity over [0, T)); then each
-identity captures S*'s attention and cuts its own IoU curve (`Trainer.partition_after_warmup`), one at a
-time with the group's hooks off and its own on, exactly as it does alone. Identities may be in different
-phases (one resumed past its partition, another warming up): each slice draws from its own window.
-Every identity reads back, checks and reports its own losses; one that diverges is named, dropped from
-the group, and the others go on.
+The loop reads the losses back only every `sync_every` steps on the optimised path (a read waits for the
+device), checks them for NaN/inf there, and reports each step's values to `progress`. The stage partition:
+the warm-up is a step like any other (each identity over [0, T)); then each identity captures S*'s attention
+and cuts its own IoU curve (`Trainer.partition_after_warmup`), one at a time with the group's hooks off and
+its own on, exactly as it does alone. Identities may be in different phases (one resumed past its partition,
+another warming up): each slice draws from its own window. Every identity reads back, checks and reports its
+own losses; in a group, one that diverges is named, dropped from the group, and the others go on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,10 +44,12 @@ from ..errors import UserError
 from ..method.stages import PartitionError
 from . import checkpoints
 from .config import TrainConfig
-from .data import Batch, TrainingData, split_batch
+from .data import Batch, TrainingData, concat, split_batch
 from .graph import GraphedStep
 from .objective import Objective, StepLosses
-from .trainer import Trainer, TrainingDiverged
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +63,25 @@ SHARED_FIELDS = (
 )
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
 def group_key(config: TrainConfig) -> tuple:
     """What identities must have in common to train in one group (`SHARED_FIELDS`), hashable."""
     return tuple((name, getattr(config, name)) for name in SHARED_FIELDS)
+
+
+def read_losses(logs: dict[str, torch.Tensor], where: str, name: str | None = None) -> dict[str, float]:
+    """Read the loss terms back; raise TrainingDiverged on NaN/inf naming the step (and the identity, `name`)."""
+    values = {k: float(v) for k, v in logs.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
+        raise TrainingDiverged(
+            f"{name + ': ' if name else ''}training diverged at {where} ({bad}); lower --learning-rate, "
+            "use --dtype fp32, or check the photo and mask"
+        )
+    return values
 
 
 def concatenate_data(datas: list[TrainingData]) -> tuple[TrainingData, list[int]]:
@@ -85,7 +111,7 @@ class GroupMapper:
 
     def __call__(self, timesteps: torch.Tensor, image_embeds: torch.Tensor):
         outputs = [mapper(timesteps[s], image_embeds[s]) for mapper, s in zip(self.mappers, self.slices)]
-        return torch.cat([e for e, _ in outputs]), torch.cat([r for _, r in outputs])
+        return concat([e for e, _ in outputs]), concat([r for _, r in outputs])
 
 
 @dataclass
@@ -97,38 +123,40 @@ class GroupStepLosses:
 
 
 @dataclass
-class _Member:
-    """One identity of the group and where it stands."""
+class Member:
+    """One identity in a run of the loop (`GroupTrainer.run`) and where it stands."""
 
-    index: int
+    index: int  # its trainer's place in the group
     trainer: Trainer
-    name: str
-    phase: str = "warm-up"  # warm-up, train, done, failed
+    name: str | None  # how messages name it (None: a trainer alone, whose messages name no one)
+    phase: str  # warm-up, train, done, failed
+    until: int  # the step count its training ends at
     warmup_done: int = 0  # warm-up steps taken (the trainer's step_count counts the training steps)
     pending: list = field(default_factory=list)  # loss tensors not read back yet
-    checkpoint_dir: Path | None = None
-    job: dict | None = None
+    checkpoint_dir: Path | None = None  # where its checkpoints go (None: none are written)
+    job: dict | None = None  # what its checkpoints record besides the trainer (`Trainer.save_checkpoint`)
 
     @property
-    def window(self) -> tuple[int, int]:
+    def window(self) -> tuple[int, int] | None:
         if self.phase == "warm-up":
             return (0, self.trainer.num_train_timesteps)
-        return tuple(self.trainer.stage_window)
+        return self.trainer.stage_window
 
 
 class GroupTrainer:
-    """Trains several `Trainer`s (one per identity, on one base model) in shared steps. Use as a context
-    manager, like a Trainer (entering installs the group objective's hooks; leaving removes them):
+    """Trains one or several `Trainer`s (one per identity, on one base model) in shared steps. Use as a
+    context manager, like a Trainer (entering installs the group objective's hooks; leaving removes them):
 
         trainers = [Trainer(base, data_i, config_i, identity_encoder) for ...]
         with GroupTrainer(trainers, names) as group:
             errors = group.train(progress=...)
         concepts = [t.concept(...) for t in trainers]
 
-    Do not enter the member trainers: their own hooks go on only while each captures its attention.
+    Do not enter the member trainers: their own hooks go on only while each captures its attention. A
+    group of one runs its trainer's own objective (a `Trainer` trains itself as one).
     """
 
-    def __init__(self, trainers: list[Trainer], names: list[str] | None = None):
+    def __init__(self, trainers: list[Trainer], names: list[str | None] | None = None):
         if not trainers:
             raise ValueError("a group needs at least one trainer")
         first = trainers[0]
@@ -147,19 +175,25 @@ class GroupTrainer:
         self.trainers = list(trainers)
         self.names = list(names) if names is not None else [f"identity {i}" for i in range(len(trainers))]
         self.base, self.device, self.config = first.base, first.device, first.config
-        self.data, self.first_images = concatenate_data([t.data for t in trainers])
-        self.objective = Objective(self.base, self.data, first.config, first.tokens.ids, first.identity_encoder,
-                                   first.objective.photomaker)
+        if len(trainers) == 1:
+            self.data, self.first_images, self.objective = first.data, [0], first.objective
+        else:
+            self.data, self.first_images = concatenate_data([t.data for t in trainers])
+            self.objective = Objective(self.base, self.data, first.config, first.tokens.ids, first.identity_encoder,
+                                       first.objective.photomaker)
         self.id_patches = [self._global_patches(t, start) for t, start in zip(trainers, self.first_images)]
-        self.use_graph = first.use_graph
+        c = self.config
+        self.use_graph = (
+            c.optimize and c.cuda_graph and self.device.type == "cuda"
+            and c.gradient_accumulation_steps == 1 and not c.gradient_checkpointing
+        )
         self.graphed: GraphedStep | None = None
         self._graph_key: tuple | None = None
-        self._members: list[_Member] | None = None
 
     def _global_patches(self, trainer: Trainer, start: int):
         """The trainer's own face patches with rows at its photos' places in the group's photos."""
-        if trainer.objective.id_patches is None:
-            return None
+        if trainer.objective.id_patches is None or trainer.objective is self.objective:
+            return trainer.objective.id_patches
         indices, size, thetas = trainer.objective.id_patches
         n, total = indices.shape[0], self.data.num_images
         full_indices = indices.new_zeros(total, indices.shape[1])
@@ -180,43 +214,45 @@ class GroupTrainer:
 
     @property
     def sync_interval(self) -> int:
-        return self.trainers[0].sync_interval
+        """Steps between loss read-backs: every step on the plain path, `sync_every` when optimized."""
+        return self.config.sync_every if self.config.optimize else 1
 
-    # -- one group step ----------------------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------------
 
-    def losses(self, members: list[_Member], batch: Batch, slices: list[slice]) -> GroupStepLosses:
-        """Every member's loss terms on its slice of `batch` (differentiable w.r.t. the mappers)."""
-        mapper = GroupMapper([m.trainer.mapper for m in members], slices)
-        outs = self.objective.group_losses(mapper, batch, slices, [self.id_patches[m.index] for m in members])
+    def losses(self, indices: list[int], batch: Batch, slices: list[slice]) -> GroupStepLosses:
+        """The loss terms of trainers `indices`, each on its slice of `batch` (differentiable w.r.t. the mappers)."""
+        mapper = GroupMapper([self.trainers[i].mapper for i in indices], slices)
+        outs = self.objective.losses(mapper, batch, slices, [self.id_patches[i] for i in indices])
         return GroupStepLosses(sum(out.total for out in outs), outs)
 
-    def _concatenate(self, members: list[_Member], batches: list[Batch]) -> tuple[Batch, list[slice]]:
-        """One batch of the members' batches, image indices offset into the group's photos."""
-        joined = {f.name: torch.cat([getattr(b, f.name) for b in batches]) for f in fields(Batch)}
-        offsets = [self.first_images[m.index] for m in members]
-        joined["image_index"] = torch.cat([b.image_index + offset for b, offset in zip(batches, offsets)])
+    def _concatenate(self, indices: list[int], batches: list[Batch]) -> tuple[Batch, list[slice]]:
+        """One batch of the trainers' batches, image indices offset into the group's photos."""
+        joined = {f.name: concat([getattr(b, f.name) for b in batches]) for f in fields(Batch)}
+        offsets = [self.first_images[i] for i in indices]
+        joined["image_index"] = concat([b.image_index + offset for b, offset in zip(batches, offsets)])
         ends = [sum(b.size for b in batches[: i + 1]) for i in range(len(batches))]
         return Batch(**joined), [slice(end - b.size, end) for end, b in zip(ends, batches)]
 
-    def _optimize_step(self, members: list[_Member]) -> list[dict[str, torch.Tensor]]:
-        """Each member draws its batch from its own generator in its own window, then one shared forward
-        and backward, then each optimizer steps; returns each member's loss tensors (not read back)."""
-        batches = [m.trainer.sample_batch(m.window) for m in members]
-        key = tuple(m.index for m in members)
-        if self.use_graph and self._graph_key != key:
-            self._capture_graph(members, key)
+    def optimize_step(self, indices: list[int], windows: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Trainers `indices` each draw a batch with t in their window (windows[i]) from their own generator,
+        then one shared forward and backward, then each optimizer steps; returns each one's loss terms as
+        (device) tensors, without reading them back."""
+        trainers = [self.trainers[i] for i in indices]
+        batches = [t.sample_batch(window) for t, window in zip(trainers, windows)]
+        if self.use_graph and self._graph_key != tuple(indices):
+            self._capture_graph(indices, windows)
         if self.use_graph:
-            batch, _ = self._concatenate(members, batches)
+            batch, _ = self._concatenate(indices, batches)
             outs = self.graphed.step(batch).members
         else:
-            for m in members:
-                m.trainer.optimizer.zero_grad(set_to_none=True)
+            for t in trainers:
+                t.optimizer.zero_grad(set_to_none=True)
             accumulation = self.config.gradient_accumulation_steps
-            sums = [(0.0, {}) for _ in members]
+            sums = [(0.0, {}) for _ in trainers]
             parts = [split_batch(b, accumulation) for b in batches]
-            for micro in zip(*parts):  # micro-batch j of every member
-                batch, slices = self._concatenate(members, list(micro))
-                out = self.losses(members, batch, slices)
+            for micro in zip(*parts):  # micro-batch j of every trainer
+                batch, slices = self._concatenate(indices, list(micro))
+                out = self.losses(indices, batch, slices)
                 (out.total / accumulation).backward()
                 for i, member_out in enumerate(out.members):
                     total, terms = sums[i]
@@ -224,97 +260,95 @@ class GroupTrainer:
                         terms[k] = terms.get(k, 0.0) + v.detach() / accumulation
                     sums[i] = (total + member_out.total.detach() / accumulation, terms)
             outs = [StepLosses(total, terms) for total, terms in sums]
-        for m in members:
-            m.trainer.optimizer.step()
+        for t in trainers:
+            t.optimizer.step()
         # Copies: a graph replay overwrites its outputs, and these are read back steps later.
         return [{"loss": o.total.detach().clone(), **{k: v.detach().clone() for k, v in o.terms.items()}}
                 for o in outs]
 
-    def _capture_graph(self, members: list[_Member], key: tuple) -> None:
-        # As `Trainer._capture_graph`: on batches from generators of their own, so the training draws
-        # stay the same sequence whichever path trains.
+    def _capture_graph(self, indices: list[int], windows: list[tuple[int, int]]) -> None:
+        # The capture runs on batches from generators of their own: the training draws stay the same
+        # sequence whichever path trains.
         self._drop_graph()
-        example = [m.trainer.sample_batch(m.window, torch.Generator(self.device).manual_seed(0)) for m in members]
-        batch, slices = self._concatenate(members, example)
-        parameters = [p for m in members for p in m.trainer.mapper.parameters()]
+        example = [self.trainers[i].sample_batch(w, torch.Generator(self.device).manual_seed(0))
+                   for i, w in zip(indices, windows)]
+        batch, slices = self._concatenate(indices, example)
+        parameters = [p for i in indices for p in self.trainers[i].mapper.parameters()]
         try:
-            self.graphed = GraphedStep(lambda b: self.losses(members, b, slices), batch, parameters)
-            self._graph_key = key
+            self.graphed = GraphedStep(lambda b: self.losses(indices, b, slices), batch, parameters)
+            self._graph_key = tuple(indices)
         except RuntimeError as err:  # a capture-unsafe op in some library version: run eagerly
             logger.warning("CUDA graph capture failed (%s); training without it", str(err).splitlines()[0])
             self.use_graph = False
-            self._drop_graph()
+            for p in parameters:
+                p.grad = None
 
     def _drop_graph(self) -> None:
-        """Forget the captured step (its members changed); the gradients it owned go with it."""
+        """Forget the captured step (its trainers changed); the gradients it owned go with it."""
         if self.graphed is not None:
             for p in self.graphed.parameters:
                 p.grad = None
         self.graphed, self._graph_key = None, None
 
     def step(self) -> list[dict[str, float]]:
-        """One group step of every member in its dynamic stage (all need a stage window); returns each
-        member's loss terms as floats, checked."""
-        members = self._member_list()
-        for m in members:
-            m.phase = "train"
-            m.trainer.step_count += 1
-        values = []
-        for m, logs in zip(members, self._optimize_step(members)):
-            try:
-                values.append(m.trainer.check(logs, f"step {m.trainer.step_count}"))
-            except TrainingDiverged as err:
-                raise TrainingDiverged(f"{m.name}: {err}") from None
-        return values
+        """One step of every trainer in its dynamic stage (all need a stage window); returns each one's loss
+        terms as floats, checked."""
+        for t in self.trainers:
+            t.step_count += 1
+        logs = self.optimize_step(list(range(len(self.trainers))), [t.stage_window for t in self.trainers])
+        return [read_losses(out, f"step {t.step_count}", name) for t, out, name in zip(self.trainers, logs, self.names)]
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def train(self, progress=None, checkpoint_dirs: list[Path | None] | None = None,
               jobs: list[dict | None] | None = None) -> dict[int, UserError]:
-        """Run every member as `Trainer.find_stage_window` + `Trainer.train` would alone: the warm-up and
+        """Run every trainer as `Trainer.find_stage_window` + `Trainer.train` would alone: the warm-up and
         partition if it has no stage window yet, then training until its `max_train_steps`, with a
         checkpoint (recording jobs[i]) in checkpoint_dirs[i] every `checkpoint_every` steps.
 
-        progress(i, step, total, logs, phase) is called for every step of member i, phase "warm-up" or
-        "train" (in bursts of `sync_every` on the optimised path). Returns the members that failed (their
-        loss diverged, their partition failed) as {index: UserError naming the member}; the others finish.
+        progress(i, step, total, logs, phase) is called for every step of trainer i, phase "warm-up" or
+        "train" (in bursts of `sync_every` on the optimised path). Returns the trainers that failed (their
+        loss diverged, their partition failed) as {index: UserError naming the identity}; the others finish.
         """
-        members = self._member_list(checkpoint_dirs, jobs)
+        dirs, jobs = checkpoint_dirs or [None] * len(self.trainers), jobs or [None] * len(self.trainers)
+        members = [self.member(i, t.config.max_train_steps, checkpoint_dir=folder, job=job)
+                   for i, (t, folder, job) in enumerate(zip(self.trainers, dirs, jobs))]
         errors: dict[int, UserError] = {}
+        self.run(members, progress, errors)
+        return errors
+
+    def member(self, index: int, until: int, warm_up: bool | None = None, checkpoint_dir: Path | None = None,
+               job: dict | None = None) -> Member:
+        """Trainer `index` as a run starts it: warming up (`warm_up`; None: when it has no stage window yet),
+        else training until step `until`, or done."""
+        trainer = self.trainers[index]
+        warm_up = trainer.stage_window is None if warm_up is None else warm_up
+        phase = "warm-up" if warm_up else "train" if trainer.step_count < until else "done"
+        return Member(index, trainer, self.names[index], phase, until, checkpoint_dir=checkpoint_dir, job=job)
+
+    def run(self, members: list[Member], progress=None, errors: dict | None = None) -> None:
+        """Step `members` together until each is done: a warm-up ends in its partition, then it trains until
+        its `until`; progress(i, step, total, logs, phase) as in `train`. errors: where a member's failure goes
+        as {index: UserError naming it}, the others going on (None: raised as it is, the run stops)."""
         while True:
             self._partition_ready(members, errors)
             active = [m for m in members if m.phase in ("warm-up", "train")]
             if not active:
-                return errors
+                return
             for m in active:
                 if m.phase == "train":
                     m.trainer.step_count += 1
                 else:
                     m.warmup_done += 1
-            for m, logs in zip(active, self._optimize_step(active)):
+            for m, logs in zip(active, self.optimize_step([m.index for m in active], [m.window for m in active])):
                 m.pending.append(logs)
                 try:
                     self._after_step(m, progress)
                 except UserError as err:
                     self._fail(m, err, errors)
 
-    def _member_list(self, checkpoint_dirs=None, jobs=None) -> list[_Member]:
-        if self._members is None:
-            self._members = [_Member(i, t, name) for i, (t, name) in enumerate(zip(self.trainers, self.names))]
-        for m in self._members:
-            m.checkpoint_dir = checkpoint_dirs[m.index] if checkpoint_dirs else None
-            m.job = jobs[m.index] if jobs else None
-            if m.phase in ("done", "failed"):
-                continue
-            if m.trainer.stage_window is None:
-                m.phase = "warm-up"
-            else:
-                done = m.trainer.step_count >= m.trainer.config.max_train_steps
-                m.phase = "done" if done else "train"
-        return self._members
-
-    def _after_step(self, m: _Member, progress) -> None:
-        """Read back, check and report as the member's own loop would; checkpoint; end its phase."""
+    def _after_step(self, m: Member, progress) -> None:
+        """Read back, check and report when due; checkpoint; end the member's training at its `until`."""
         trainer, every = m.trainer, m.trainer.config.checkpoint_every
         report = None if progress is None else (lambda j, n, logs: progress(m.index, j, n, logs, m.phase))
         if m.phase == "warm-up":
@@ -322,7 +356,7 @@ class GroupTrainer:
             if k % self.sync_interval == 0 or k == total:
                 self._read_back(m, k, total, "warm-up step", report)
             return
-        step, total = trainer.step_count, trainer.config.max_train_steps
+        step, total = trainer.step_count, m.until
         checkpoint_due = m.checkpoint_dir is not None and every and step % every == 0 and step < total
         if step % self.sync_interval == 0 or step == total or checkpoint_due:
             self._read_back(m, step, total, "step", report)
@@ -332,36 +366,46 @@ class GroupTrainer:
         if step >= total:
             m.phase = "done"
 
-    def _read_back(self, m: _Member, last: int, total: int, label: str, report) -> None:
+    def _read_back(self, m: Member, last: int, total: int, label: str, report) -> None:
+        """Read back the member's losses of the steps that ended at step `last`, check each (naming it `label`
+        and its number), and report each to `report(step, total, logs)`."""
         pending, m.pending = m.pending, []
-        try:
-            m.trainer.read_back(pending, last, total, label, report)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"{m.name}: {err}") from None
+        for j, logs in enumerate(pending, start=last - len(pending) + 1):
+            values = read_losses(logs, f"{label} {j}", m.name)
+            if report is not None:
+                report(j, total, values)
 
-    def _partition_ready(self, members: list[_Member], errors: dict) -> None:
+    def _partition_ready(self, members: list[Member], errors: dict | None) -> None:
         """Capture and partition every member whose warm-up just ended, each with its own hooks on."""
         ready = [m for m in members if m.phase == "warm-up" and m.warmup_done >= m.trainer.config.warmup_steps]
         if not ready:
             return
-        self._drop_graph()  # the group's hooks come off: capture the step again afterwards
-        self.objective.__exit__(None, None, None)
+        alone = len(self.trainers) == 1  # then the group's objective is the trainer's: its hooks are on
+        if not alone:
+            self._drop_graph()  # the group's hooks come off: capture the step again afterwards
+            self.objective.__exit__(None, None, None)
         try:
             for m in ready:
                 try:
-                    with m.trainer:
+                    with nullcontext() if alone else m.trainer.objective:
                         m.trainer.partition_after_warmup()
                 except UserError as err:
                     self._fail(m, err, errors)
                     continue
                 except PartitionError as err:  # e.g. NaN attention maps: this identity's alone
+                    if errors is None:
+                        raise
                     self._fail(m, UserError(f"the stage partition failed ({err})"), errors)
                     continue
-                m.phase = "done" if m.trainer.step_count >= m.trainer.config.max_train_steps else "train"
+                m.phase = "done" if m.trainer.step_count >= m.until else "train"
         finally:
-            self.objective.__enter__()
+            if not alone:
+                self.objective.__enter__()
 
-    def _fail(self, m: _Member, err: UserError, errors: dict) -> None:
+    def _fail(self, m: Member, err: UserError, errors: dict | None) -> None:
+        """Record the member's failure in `errors` and drop it from the run (errors None: raise it)."""
+        if errors is None:
+            raise err
         message = str(err) if str(err).startswith(f"{m.name}: ") else f"{m.name}: {err}"
         logger.warning("%s; the other identities go on", message)
         errors[m.index] = type(err)(message)

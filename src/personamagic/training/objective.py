@@ -1,4 +1,5 @@
-"""The training objective of one batch (paper Eq. 5, docs/method.md) on a frozen base model of any family:
+"""The training objective of one batch (paper Eq. 5, docs/method.md) on a frozen base model of any family,
+for one identity or for several whose samples share the batch (`training.group`), each its own L:
 
     x_t = √ᾱ·z + √(1−ᾱ)·ε                                z drawn from the photo's cached VAE posterior
     e, r = mapper(t, clip_image_embed)                   S* embedding and its value residual
@@ -37,7 +38,7 @@ from ..method.losses import (
 from ..method.tokens import eos_positions
 from ..prompts import TANDEM_EQUILIBRIUM_PROMPTS
 from .config import TrainConfig
-from .data import Batch, TrainingData
+from .data import Batch, TrainingData, concat
 from .face_patches import face_patches, gather_patches
 from .graph import StaticTextEncoder
 
@@ -195,22 +196,39 @@ class Objective:
 
     # -- Eq. 5 -------------------------------------------------------------------------------------
 
-    def __call__(self, mapper, batch: Batch) -> StepLosses:
-        """All loss terms of one batch (differentiable w.r.t. the mapper)."""
-        noisy, embeddings, model_pred, target, te_attention = self._forward(mapper, batch)
-        terms = {"mse": masked_mse(model_pred, target, self.data.masks[batch.image_index])}
-        total = terms["mse"]
-        if self.config.te_weight > 0:
-            terms["te"] = self._tandem_equilibrium(embeddings, batch, te_attention)
-            total = total + self.config.te_weight * terms["te"]
+    def losses(self, mapper, batch: Batch, slices: list[slice] | None = None, id_patches=None) -> list[StepLosses]:
+        """Eq. 5 of each identity whose samples share `batch` (differentiable w.r.t. the mappers).
+
+        slices[i] holds identity i's samples (None: one identity, the whole batch) and `mapper` gives each
+        sample its own identity's output (`group.GroupMapper`). The text encoders, the UNet and the VAE
+        decoder run once on the whole batch; each identity's terms are means over its own samples, so they
+        (and its mapper's gradient) are what it gets on its batch alone: every network here treats samples
+        independently. id_patches: per slice, that identity's face patches (indices (N, ph*pw), (ph, pw),
+        thetas (N, 2, 3), rows indexed like this objective's photos), since identities' patch sizes differ;
+        None: this objective's own for every slice.
+        """
+        slices = slices or [slice(0, batch.size)]
+        noisy, model_pred, target, te_attention = self._forward(mapper, batch)
+        masks = self.data.masks[batch.image_index]
+        identity = [None] * len(slices)
         if self.identity_encoder is not None:
-            terms["id"] = self._identity(noisy, model_pred, batch)
-            total = total + self.config.id_weight * terms["id"]
-        return StepLosses(total, terms)
+            identity = self._identity(noisy, model_pred, batch, slices, id_patches or [self.id_patches] * len(slices))
+        losses = []
+        for s, identity_term in zip(slices, identity):
+            terms = {"mse": masked_mse(model_pred[s], target[s], masks[s])}
+            total = terms["mse"]
+            if self.config.te_weight > 0:
+                terms["te"] = self._tandem_equilibrium(batch.te_prompt_index[s], [a[s] for a in te_attention])
+                total = total + self.config.te_weight * terms["te"]
+            if identity_term is not None:
+                terms["id"] = identity_term
+                total = total + self.config.id_weight * terms["id"]
+            losses.append(StepLosses(total, terms))
+        return losses
 
     def _forward(self, mapper, batch: Batch):
-        """The shared forward of a batch: noisy latents, S*'s embeddings (B, V, D), the UNet's prediction
-        and its target, and the TE layers' attention on each sample's TE prompt (None without the TE loss)."""
+        """The shared forward of a batch: noisy latents, the UNet's prediction and its target, and the TE
+        layers' attention on each sample's TE prompt (None without the TE loss)."""
         B = batch.size
         noisy = self.add_noise(batch.latents, batch.noise, batch.timesteps)
         embeddings, residuals = mapper(batch.timesteps, self.data.image_embeds[batch.image_index])
@@ -237,81 +255,38 @@ class Objective:
                 te_attention = [layer.take() for layer in self._te_layers]
         model_pred = self.denoise(noisy, batch.timesteps, conditioning)
         target = denoising_target(self.prediction_type, batch.latents, batch.noise, self.alphas_cumprod, batch.timesteps)
-        return noisy, embeddings, model_pred, target, te_attention
+        return noisy, model_pred, target, te_attention
 
-    def _tandem_equilibrium(self, embeddings, batch: Batch, te_attention: list) -> torch.Tensor:
-        """Σ_i w_i · L_te of text encoder i on each sample's TE prompt (Eq. 1)."""
-        index = batch.te_prompt_index
+    def _tandem_equilibrium(self, te_prompt_index: torch.Tensor, te_attention: list) -> torch.Tensor:
+        """Σ_i w_i · L_te of text encoder i on each sample's TE prompt (Eq. 1); te_prompt_index (B,)."""
         loss = 0.0
         for weight, attention, mask, eos in zip(self.te_weights, te_attention, self.te_placeholder_mask, self.te_eos):
-            loss = loss + weight * tandem_equilibrium_loss(attention, mask[index], eos[index],
+            loss = loss + weight * tandem_equilibrium_loss(attention, mask[te_prompt_index], eos[te_prompt_index],
                                                            self.config.te_temperature, check=not self.optimized)
         return loss
 
-    def _identity(self, noisy, model_pred, batch: Batch) -> torch.Tensor:
-        """λ_id(t)-weighted 1 − cos of the decoded x̂0's face with the photo's (Eq. 3-4)."""
+    def _identity(self, noisy, model_pred, batch: Batch, slices: list[slice], id_patches: list) -> list[torch.Tensor]:
+        """Each slice's λ_id(t)-weighted 1 − cos of the decoded x̂0's face with its photo's (Eq. 3-4): one VAE
+        decode per face-patch size (slices of equal sizes share it), one identity-network call for all."""
         x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
-        theta = self.data.face_theta[batch.image_index]
-        if self.id_patches is not None:
-            indices, size, patch_theta = self.id_patches
-            x0 = gather_patches(x0, indices[batch.image_index], size)
-            theta = patch_theta[batch.image_index]
-        images = self.vae_decode(self.latent_scale.decode(x0).to(self.base.vae.dtype)).sample
-        faces = warp_faces(images.float(), theta, self.identity_encoder.input_size)
-        per_sample = identity_loss(self.identity_encoder(faces), self.data.identity_reference[batch.image_index])
-        return (identity_weight(batch.timesteps, self.num_train_timesteps) * per_sample).mean()
-
-    def group_losses(self, mapper, batch: Batch, slices: list[slice], id_patches=None) -> list[StepLosses]:
-        """The loss terms of several identities whose samples share `batch` (`training.group`).
-
-        slices[i] holds identity i's samples and `mapper` (a `group.GroupMapper`) gives each slice its own
-        mapper's output. The text encoders, the UNet and the VAE decoder run once on the whole batch; each
-        identity's terms are means over its own samples, so they (and its mapper's gradient) are what
-        `__call__` gives on its batch alone: every network here treats samples independently. id_patches:
-        per slice, that identity's face patches (indices (N, ph*pw), (ph, pw), thetas (N, 2, 3), rows
-        indexed like this objective's photos), since identities' patch sizes differ; None: the objective's.
-        """
-        noisy, embeddings, model_pred, target, te_attention = self._forward(mapper, batch)
-        masks = self.data.masks[batch.image_index]
-        identity = [None] * len(slices)
-        if self.identity_encoder is not None:
-            identity = self._group_identity(noisy, model_pred, batch, slices, id_patches)
-        losses = []
-        for i, s in enumerate(slices):
-            terms = {"mse": masked_mse(model_pred[s], target[s], masks[s])}
-            total = terms["mse"]
-            if self.config.te_weight > 0:
-                terms["te"] = self._tandem_equilibrium(embeddings[s], batch.select(s), [a[s] for a in te_attention])
-                total = total + self.config.te_weight * terms["te"]
-            if identity[i] is not None:
-                terms["id"] = identity[i]
-                total = total + self.config.id_weight * terms["id"]
-            losses.append(StepLosses(total, terms))
-        return losses
-
-    def _group_identity(self, noisy, model_pred, batch: Batch, slices: list[slice], id_patches) -> list:
-        """Each identity's λ_id-weighted identity term: one VAE decode per face-patch size (identities with
-        equal sizes share it), one identity-network call for all."""
-        x0 = predicted_original(self.prediction_type, noisy, model_pred, self.alphas_cumprod, batch.timesteps)
-        patches = id_patches or [self.id_patches] * len(slices)
         by_size: dict = {}
-        for i, patch in enumerate(patches):
+        for i, patch in enumerate(id_patches):
             by_size.setdefault(None if patch is None else patch[1], []).append(i)
         order = [i for members in by_size.values() for i in members]
         faces = []
         for size, members in by_size.items():
             index = [batch.image_index[slices[i]] for i in members]
-            part = torch.cat([x0[slices[i]] for i in members])
+            part = concat([x0[slices[i]] for i in members])
             if size is None:
-                theta = self.data.face_theta[torch.cat(index)]
+                theta = self.data.face_theta[concat(index)]
             else:
-                part = gather_patches(part, torch.cat([patches[i][0][j] for i, j in zip(members, index)]), size)
-                theta = torch.cat([patches[i][2][j] for i, j in zip(members, index)])
+                part = gather_patches(part, concat([id_patches[i][0][j] for i, j in zip(members, index)]), size)
+                theta = concat([id_patches[i][2][j] for i, j in zip(members, index)])
             images = self.vae_decode(self.latent_scale.decode(part).to(self.base.vae.dtype)).sample
             faces.append(warp_faces(images.float(), theta, self.identity_encoder.input_size))
-        image_index = torch.cat([batch.image_index[slices[i]] for i in order])
-        timesteps = torch.cat([batch.timesteps[slices[i]] for i in order])
-        per_sample = identity_loss(self.identity_encoder(torch.cat(faces)), self.data.identity_reference[image_index])
+        image_index = concat([batch.image_index[slices[i]] for i in order])
+        timesteps = concat([batch.timesteps[slices[i]] for i in order])
+        per_sample = identity_loss(self.identity_encoder(concat(faces)), self.data.identity_reference[image_index])
         weighted = identity_weight(timesteps, self.num_train_timesteps) * per_sample
         identity = [None] * len(slices)
         for i, share in zip(order, weighted.split([batch.timesteps[slices[i]].shape[0] for i in order])):

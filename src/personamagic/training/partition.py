@@ -1,6 +1,7 @@
 """The automatic stage partition's driver (docs/method.md): warm up, capture S*'s attention, cut the IoU curve.
 
-1. Warm-up: the mapper trains over the whole schedule [0, T) for `warmup_steps`.
+1. Warm-up: the mapper trains over the whole schedule [0, T) for `warmup_steps`, in the training loop
+   (`training.group`) like any other step.
 2. Capture: photo 0's latent is noised to each timestep of a DDIM grid with one fixed-seed noise draw,
    the UNet runs on "a photo of S*" with the current mapper, and S*'s cross-attention maps are averaged
    over heads, layers and vectors on the family's grid (16x16 on SD-1.x).
@@ -24,24 +25,9 @@ from ..method.stages import (
 CAPTURE_PROMPT = "a photo of {}"  # the prompt of the attention capture (paper, Fig. 2)
 
 
-def find_stage_window(trainer, progress=None) -> tuple[StagePartition, StageWindow, torch.Tensor]:
-    """Warm up `trainer` over the whole schedule, capture, partition; returns the partition (on the
-    grid), the window it gives on the whole schedule, and the maps (K, r, r).
-    `progress(step, total, logs)` is called after every warm-up step."""
-    c, T = trainer.config, trainer.num_train_timesteps
-    warmup = c.warmup_steps
-    pending = []
-    for k in range(1, warmup + 1):
-        pending.append(trainer.optimize_step((0, T)))
-        if k % trainer.sync_interval == 0 or k == warmup:
-            trainer.read_back(pending, k, warmup, "warm-up step", progress)
-            pending = []
-    return partition_after_warmup(trainer)
-
-
 def partition_after_warmup(trainer) -> tuple[StagePartition, StageWindow, torch.Tensor]:
-    """Steps 2-3 with the mapper as it is (warmed up): capture, IoU with photo 0's mask, cut; returns
-    what `find_stage_window` returns. `training.group` calls it after warming several identities up together."""
+    """Steps 2-3 with the mapper as it is (warmed up): capture, IoU with photo 0's mask, cut; returns the
+    partition (on the grid), the window it gives on the whole schedule, and the maps (K, r, r)."""
     c, T = trainer.config, trainer.num_train_timesteps
     timesteps, maps = capture_attention(trainer, c.partition_timesteps, trainer.partition_resolution)
     mask = trainer.data.masks[0, 0].cpu()

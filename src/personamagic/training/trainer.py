@@ -1,15 +1,12 @@
-"""Training one concept's stage mapper (docs/method.md): the optimizer loop around the Eq. 5 objective.
+"""Training one concept's stage mapper (docs/method.md): its state around the Eq. 5 objective.
 
 Everything but the mapper is frozen. All randomness comes from one torch.Generator on the training
 device, whose state is saved in checkpoints, so a resumed run repeats an uninterrupted one exactly.
-The loop reads the losses back only every `sync_every` steps on accelerators (a read waits for the
-device), checks them for NaN/inf there, and reports each step's values to `progress`.
+The step and the loop are `training.group`'s: a concept trained alone is a group of one.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from pathlib import Path
 
 import torch
@@ -21,16 +18,10 @@ from ..method.stages import StagePartition, StageWindow
 from ..method.tokens import PlaceholderTokens, single_token_id
 from . import checkpoints
 from .config import TrainConfig
-from .data import Batch, TrainingData, sample_batch, split_batch
-from .graph import GraphedStep
+from .data import Batch, TrainingData, sample_batch
+from .group import GroupTrainer
 from .objective import Objective, StepLosses
-from .partition import capture_attention, find_stage_window, partition_after_warmup
-
-logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+from .partition import capture_attention, partition_after_warmup
 
 
 def supercategory_embedding(base, word: str) -> torch.Tensor:
@@ -98,22 +89,18 @@ class Trainer:
             except ValueError as err:
                 raise UserError(f"--stage-window: {err}") from None
             self.stages = {"method": "fixed", "window": self.stage_window.to_list()}
+        self.partition: StagePartition | None = None  # the automatic partition, once found
         self.attention_maps: torch.Tensor | None = None  # (K, r, r) from the partition capture
-        self.graphed: GraphedStep | None = None
-        self.use_graph = (
-            config.optimize and config.cuda_graph and self.device.type == "cuda"
-            and config.gradient_accumulation_steps == 1 and not config.gradient_checkpointing
-        )
+        self.group = GroupTrainer([self], names=[None])  # what steps it: training alone is a group of one
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def __enter__(self) -> "Trainer":
-        self.objective.__enter__()
+        self.group.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.graphed = None
-        self.objective.__exit__(*exc)
+        self.group.__exit__(*exc)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -134,15 +121,6 @@ class Trainer:
                 value.copy_(self.initial_mapper_state[name])
         self.optimizer = self._make_optimizer()
 
-    @property
-    def optimized(self) -> bool:
-        return self.config.optimize
-
-    @property
-    def sync_interval(self) -> int:
-        """Steps between loss read-backs: every step on the plain path, `sync_every` when optimized."""
-        return self.config.sync_every if self.optimized else 1
-
     # -- one step ----------------------------------------------------------------------------------
 
     def sample_batch(self, window: tuple[int, int] | None = None, generator: torch.Generator | None = None) -> Batch:
@@ -157,86 +135,37 @@ class Trainer:
 
     def losses(self, batch: Batch) -> StepLosses:
         """All loss terms of one batch (differentiable w.r.t. the mapper)."""
-        return self.objective(self.mapper, batch)
+        return self.objective.losses(self.mapper, batch)[0]
 
     def step(self) -> dict[str, float]:
-        """One optimizer step in the dynamic stage; returns the loss terms as floats."""
-        self.step_count += 1
-        return self.check(self.optimize_step(self.stage_window), f"step {self.step_count}")
+        """One optimizer step in the dynamic stage; returns the loss terms as floats, checked."""
+        return self.group.step()[0]
 
     def optimize_step(self, window: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Draw a batch with t in `window` and take one optimizer step; returns the loss terms as
         (device) tensors, without reading them back."""
-        batch = self.sample_batch(window)
-        if self.use_graph and self.graphed is None:
-            self._capture_graph(window)
-        if self.use_graph:
-            out = self.graphed.step(batch)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            accumulation = self.config.gradient_accumulation_steps
-            total, terms = 0.0, {}
-            for micro in split_batch(batch, accumulation):
-                out = self.losses(micro)
-                (out.total / accumulation).backward()
-                total = total + out.total.detach() / accumulation
-                for k, v in out.terms.items():
-                    terms[k] = terms.get(k, 0.0) + v.detach() / accumulation
-            out = StepLosses(total, terms)
-        self.optimizer.step()
-        # Copies: a graph replay overwrites its outputs, and these are read back steps later.
-        return {"loss": out.total.detach().clone(), **{k: v.detach().clone() for k, v in out.terms.items()}}
-
-    def _capture_graph(self, window) -> None:
-        # The capture runs on a batch from its own generator: the training draws stay the same
-        # sequence whichever path trains.
-        example = self.sample_batch(window, torch.Generator(self.device).manual_seed(0))
-        try:
-            self.graphed = GraphedStep(self.losses, example, self.mapper.parameters())
-        except RuntimeError as err:  # a capture-unsafe op in some library version: run eagerly
-            logger.warning("CUDA graph capture failed (%s); training without it", str(err).splitlines()[0])
-            self.use_graph = False
-            for p in self.mapper.parameters():
-                p.grad = None
-
-    @staticmethod
-    def check(logs: dict[str, torch.Tensor], where: str) -> dict[str, float]:
-        """Read the loss terms back; raise TrainingDiverged on NaN/inf naming the step."""
-        values = {k: float(v) for k, v in logs.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            bad = ", ".join(f"{k}={v}" for k, v in values.items() if not math.isfinite(v))
-            raise TrainingDiverged(
-                f"training diverged at {where} ({bad}); lower --learning-rate, "
-                "use --dtype fp32, or check the photo and mask"
-            )
-        return values
-
-    def read_back(self, pending: list[dict], last: int, total: int, label: str, progress) -> None:
-        """Read back the losses of the steps that ended at step `last`, check each (naming it `label`
-        and its number), and report each to `progress(step, total, logs)`."""
-        for j, logs in enumerate(pending, start=last - len(pending) + 1):
-            values = self.check(logs, f"{label} {j}")
-            if progress is not None:
-                progress(j, total, values)
+        return self.group.optimize_step([0], [window])[0]
 
     # -- stage partition (docs/method.md) -----------------------------------------------------------------
 
     def find_stage_window(self, progress=None) -> StagePartition:
         """Warm up over the whole schedule, capture S*'s attention, partition, set `stage_window`.
 
-        progress(step, total, logs) is called after every warm-up step. Afterwards the mapper
-        restarts from its initial weights or continues, as `restart_after_partition` says.
+        progress(step, total, logs) is called after every warm-up step (in the optimized path in bursts of
+        `sync_every`). Afterwards the mapper restarts from its initial weights or continues, as
+        `restart_after_partition` says.
         """
-        return self._use_partition(*find_stage_window(self, progress))
+        self.group.run([self.group.member(0, until=self.step_count, warm_up=True)], _alone(progress))
+        return self.partition
 
     def partition_after_warmup(self) -> StagePartition:
-        """`find_stage_window` without its warm-up, done elsewhere (`training.group` warms several
-        identities up in one step): capture, partition, set `stage_window`, restart or continue."""
+        """`find_stage_window` after its warm-up (the loop's, `training.group`): capture, partition, set
+        `stage_window`, restart or continue."""
         return self._use_partition(*partition_after_warmup(self))
 
     def _use_partition(self, partition: StagePartition, window: StageWindow, maps: torch.Tensor) -> StagePartition:
         c = self.config
-        self.stage_window, self.attention_maps = window, maps
+        self.partition, self.stage_window, self.attention_maps = partition, window, maps
         self.stages = {
             "method": "auto",
             **partition.to_dict(),
@@ -264,19 +193,8 @@ class Trainer:
         a resumable checkpoint (recording `job`) is written there every that many steps.
         """
         total = num_steps if num_steps is not None else self.config.max_train_steps
-        every = self.config.checkpoint_every
-        pending = []
-        while self.step_count < total:
-            self.step_count += 1
-            pending.append(self.optimize_step(self.stage_window))
-            step = self.step_count
-            checkpoint_due = checkpoint_dir is not None and every and step % every == 0 and step < total
-            if step % self.sync_interval == 0 or step == total or checkpoint_due:
-                self.read_back(pending, step, total, "step", progress)
-                pending = []
-            if checkpoint_due:
-                self.save_checkpoint(checkpoint_dir / checkpoints.checkpoint_name(step), job)
-                checkpoints.remove_older_checkpoints(checkpoint_dir, keep=step)
+        member = self.group.member(0, until=total, warm_up=False, checkpoint_dir=checkpoint_dir, job=job)
+        self.group.run([member], _alone(progress))
 
     # -- evaluation, checkpoints, the concept ------------------------------------------------------
 
@@ -309,3 +227,10 @@ class Trainer:
             family=self.base.family.name,
             base_revision=self.base.revision,
         )
+
+
+def _alone(progress):
+    """A trainer's progress(step, total, logs) as the loop calls it, progress(i, step, total, logs, phase)."""
+    if progress is None:
+        return None
+    return lambda i, step, total, logs, phase: progress(step, total, logs)
