@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from personamagic.method.attention import PersonaMagicAttnProcessor, attention_processors
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.jobs.generate import read_image_metadata
+from personamagic.jobs.image_record import read_image_metadata
 from personamagic.adapters.ip_adapter import IPAdapterSpec
 from personamagic.pipeline import PersonaMagicPipeline
 from personamagic.method.stages import capturing_attention

@@ -14,15 +14,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from personamagic.adapters.photomaker import (
-    LORA_ADAPTER_NAME,
-    PhotoMakerIDEncoder,
-    apply_photomaker_lora,
-    build_tiny_photomaker,
-    load_photomaker,
-    save_tiny_photomaker_weights,
-    set_photomaker_lora_scale,
-)
+from personamagic.adapters.photomaker.encoder import PhotoMakerIDEncoder
+from personamagic.adapters.photomaker.lora import LORA_ADAPTER_NAME, apply_photomaker_lora, set_photomaker_lora_scale
+from personamagic.adapters.photomaker.weights import load_photomaker
+from personamagic.models.tiny import build_tiny_photomaker, save_tiny_photomaker_weights
 from personamagic.errors import UserError
 
 TEXT_WIDTH = 80  # tiny SDXL: 32 (first text encoder) + 48 (second)

@@ -7,7 +7,7 @@ import torch
 from _concepts import random_concept
 from PIL import Image
 
-from personamagic.adapters.photomaker import build_tiny_photomaker, save_tiny_photomaker_weights
+from personamagic.models.tiny import build_tiny_photomaker, save_tiny_photomaker_weights
 from personamagic.adapters.photomaker_plugin import PhotoMakerSpec
 from personamagic.errors import UserError
 from personamagic.models import build_tiny_components, build_tiny_sdxl_components

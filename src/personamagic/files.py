@@ -1,10 +1,12 @@
 """Files written so that a crash never leaves a half-written one: a temporary sibling, fsync, rename
-(and no folder left behind that a failed write created); safetensors read back with one clear error
-when they are not readable; the lock a run holds on its output folder; a filesystem fault as one line."""
+(and no folder left behind that a failed write created); weights files (safetensors, or PyTorch's pickle
+format without running any code it holds) read back with one clear error when they are not readable;
+the lock a run holds on its output folder; a filesystem fault as one line."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -15,16 +17,65 @@ from safetensors.torch import save_file
 
 from .errors import FolderInUse, UserError
 
+# safetensors' dtype names (the "dtype" of its header) -> torch dtypes, for shape-only reads
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "U16": torch.uint16, "I16": torch.int16,
+    "U32": torch.uint32, "I32": torch.int32, "U64": torch.uint64, "I64": torch.int64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
-def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and the string header of a safetensors file; a corrupt file is a UserError."""
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library errors can span many lines)."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_safetensors(
+    path: Path, *, advice: str = "", lazy: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and the string header of a safetensors file; a corrupt file is a UserError (ending in
+    `advice`). `lazy`: no tensor data is read; the tensors are empty ones on the meta device (names, shapes
+    and dtypes)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if lazy:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                tensors = {k: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES[s.get_dtype()], device="meta")
+                           for k, s in slices.items()}
+            else:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises SafetensorError / OSError for unreadable files
-        raise UserError(f"{path} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+        message = f"{path} is not a readable safetensors file ({first_line(err)})"
+        raise UserError(f"{message}; {advice}" if advice else message) from None
     return tensors, header
+
+
+def read_weights(path: Path, *, advice: str, lazy: bool = False):
+    """What a weights file holds, read without running any code it may hold: the tensors of a
+    `.safetensors` file (a flat dict, `load_safetensors`), else a weights-only `torch.load` onto the CPU
+    (`.bin`, `.pt`, `.pth`, `.ckpt`: dicts, lists and numbers of tensors, never other pickled objects).
+
+    `lazy`: the tensors' data is not read (memory-mapped, or on the meta device for safetensors), for a
+    look at names and shapes. Every failure is one UserError ending in `advice` (what to pass instead).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_safetensors(path, advice=advice, lazy=lazy)[0]
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
+    except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler names the class or function it would have had to import.
+        if "GLOBAL" in str(err):
+            raise UserError(
+                f"{path} holds pickled Python objects other than tensors (code that would run when loaded); "
+                f"refusing it: {advice}"
+            ) from None
+        raise UserError(f"{path} is not a PyTorch weights file (it does not unpickle); {advice}") from None
+    except Exception as err:  # torch.load raises RuntimeError, EOFError, ValueError... on a foreign file
+        raise UserError(f"{path} is not a PyTorch weights file ({first_line(err)}); {advice}") from None
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..files import first_line
+from ..hub import hub_reference
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +45,14 @@ class IPAdapterSpec:
         path = Path(text).expanduser()
         if path.is_file():
             return cls(model=str(path.parent), weight_name=path.name, scale=scale)
-        parts = text.split("/")
-        if len(parts) < 3 or text.startswith((".", "/", "~")) or not all(parts):
+        reference = hub_reference(text)
+        if reference is None or reference.filename is None:
             raise UserError(
                 f"--ip-adapter {text!r} is neither a file nor owner/repo/[subfolder/]file on the hub "
                 "(e.g. h94/IP-Adapter/models/ip-adapter_sd15.safetensors)"
             )
-        return cls(model="/".join(parts[:2]), subfolder="/".join(parts[2:-1]), weight_name=parts[-1], scale=scale)
+        subfolder, _, weight_name = reference.filename.rpartition("/")
+        return cls(model=reference.repo_id, subfolder=subfolder, weight_name=weight_name, scale=scale)
 
     def describe(self) -> str:
         """The text `parse` reads back (for metadata and messages)."""
@@ -72,7 +75,7 @@ def load_ip_adapter(pipe, spec: IPAdapterSpec, *, local_files_only: bool = False
             local_files_only=local_files_only,
         )
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         if "shape" in first and ("expected" in first or "mismatch" in first):
             raise UserError(f"the IP-Adapter {spec.describe()} does not fit this base model's UNet (its weights have "
                             "other shapes: made for another model family?); use one made for this model "

