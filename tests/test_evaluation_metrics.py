@@ -15,7 +15,8 @@ from personamagic.evaluation.identity_preservation import IdentityPreservation, 
 from personamagic.evaluation.statistics import identity_scores, mean_std, summarize
 from personamagic.evaluation.text_similarity import CLIP_S_WEIGHT, TextSimilarity, build_tiny_clip, replace_placeholders
 from personamagic.faces import load_photo
-from personamagic.jobs.generate import GenerateConfig, image_metadata, png_info
+from personamagic.jobs.generate import GenerateConfig
+from personamagic.jobs.image_record import image_metadata, png_info
 
 
 @pytest.fixture(scope="module")

@@ -196,7 +196,8 @@ def test_cancelled_personalization_leaves_nothing(studio, astronaut):
 
 def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
     import personamagic.models.resident
-    from personamagic.jobs.generate import GenerateConfig, read_image_metadata
+    from personamagic.jobs.generate import GenerateConfig
+    from personamagic.jobs.image_record import read_image_metadata
     from personamagic.training import TrainConfig
 
     loads = []  # the base model is loaded once and kept for the next jobs
@@ -455,7 +456,7 @@ def test_page_end_to_end(browser, server, tmp_path):
     # downloads are the original PNG files, metadata included
     links = page.locator("#downloads a[href]")
     assert links.count() == 2
-    from personamagic.jobs.generate import METADATA_KEY
+    from personamagic.jobs.image_record import METADATA_KEY
 
     body = context.request.get(links.first.get_attribute("href")).body()
     assert METADATA_KEY in Image.open(io.BytesIO(body)).text

@@ -5,6 +5,7 @@ modules on first use.
 """
 
 __version__ = "0.1.0"
+DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # the base model when none is given: SD 1.4, as in the paper
 
 # public name -> module that defines it
 _LAZY = {
@@ -15,7 +16,7 @@ _LAZY = {
     "PhotoMakerSpec": "personamagic.adapters.photomaker_plugin",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["DEFAULT_BASE_MODEL", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from .. import DEFAULT_BASE_MODEL
 from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int, stage_window, unit_float
 from .common import add_device_flags
 
@@ -29,7 +30,7 @@ def add_parser(commands) -> None:
 def add_training_arguments(parser, *, mask_file: bool = True) -> None:
     """The flags of the base model, the photos' encoders and the training that `train` shares with
     `train-many` (`train_config` reads them)."""
-    parser.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+    parser.add_argument("--model", default=DEFAULT_BASE_MODEL,
                         help="base model: hub id, diffusers folder, .safetensors/.ckpt file, or tiny (offline toy)")
     parser.add_argument("--vae", default=None,
                         help="another VAE: hub id or folder of an AutoencoderKL (e.g. madebyollin/sdxl-vae-fp16-fix)")

@@ -47,7 +47,7 @@ def list_images(folder: str | Path) -> list[Path]:
 def image_prompt(path: Path, prompt: str | None) -> tuple[str, dict[str, str | None]]:
     """(prompt, {placeholder: its concept's supercategory or None}) of an image: the given prompt,
     else the one in its PNG metadata with the concepts named there."""
-    from ..jobs.generate import read_image_metadata
+    from ..jobs.image_record import read_image_metadata
 
     if prompt is not None:
         return prompt, {}

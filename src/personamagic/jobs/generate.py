@@ -1,13 +1,9 @@
 """The `generate` job: concepts + prompts -> PNG files with their generation parameters inside.
 
 Each image is named from its prompt and seed with only `[a-z0-9-]` characters, so no prompt can
-write outside the output folder, and carries its parameters twice: an A1111-style `parameters` text
-chunk (read by A1111, ComfyUI and most image viewers) and a `personamagic` JSON chunk. The JSON holds
-everything needed to make the image again (`regenerate`, `personamagic generate --from-image`):
-prompt, seed, sampler settings, size, device and dtype, every concept's path as given and its
-fingerprint, the background/region/IP-Adapter files with their SHA-256, and the batch the image was
-sampled in (prompts and seeds), so that the regenerated image is computed exactly as the first one.
-A grid of the first `GRID_IMAGES` images is written beside them.
+write outside the output folder, and carries its record (`image_record`): everything needed to make
+it again (`regenerate`, `personamagic generate --from-image`), pixel for pixel on the same device type
+and dtype. A grid of the first `GRID_IMAGES` images is written beside them.
 
 Images are written as they are sampled (each atomically), so memory stays bounded whatever the number
 of images; a run that fails on the way keeps the images written before and names them
@@ -17,34 +13,26 @@ of images; a run that fails on the way keeps the images written before and names
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
-import json
 import logging
 import math
 import re
-import struct
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
-from .. import __version__
 from ..concept import Concept, resolve_concept_path
-from ..errors import BAD_JSON, Interrupted, UserError
+from ..errors import Interrupted, UserError
 from ..files import disk_error, make_folders, remove_empty_folders, write_atomic
 from ..models import TINY_MODELS, load_base_model, resolve_device, resolve_dtype
 from .assets import check_assets, model_assets
 from ..models.devices import DTYPE_NAMES, check_compile_backend
 
 logger = logging.getLogger(__name__)
-
-METADATA_KEY = "personamagic"
 
 # Bounds of the sampling settings, checked before anything loads.
 MAX_INFERENCE_STEPS = 1000  # Stable Diffusion's T: a schedule has no more steps (checked again against the model's T)
@@ -101,7 +89,7 @@ class GenerateConfig:
         for name, low, high in (("num_images", 1, MAX_IMAGES), ("num_inference_steps", 1, MAX_INFERENCE_STEPS),
                                 ("batch_size", 1, MAX_BATCH_SIZE), ("seed", 0, MAX_SEED - 1)):
             value = getattr(self, name)
-            if not _is_int(value) or value < low or (high is not None and value > high):
+            if not is_int(value) or value < low or (high is not None and value > high):
                 bound = f"from {low} to {high}" if high is not None else f">= {low}"
                 raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
         if self.seed + self.num_images - 1 >= MAX_SEED:
@@ -112,11 +100,11 @@ class GenerateConfig:
                              "images in one run; split the run")
         for name, high in (("guidance_scale", MAX_GUIDANCE_SCALE), ("ip_adapter_scale", MAX_IP_ADAPTER_SCALE)):
             value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value <= high:
+            if not is_number(value) or not 0 <= value <= high:
                 raise ValueError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 8 or value % 8 or value > MAX_SIDE):
+            if value is not None and (not is_int(value) or value < 8 or value % 8 or value > MAX_SIDE):
                 raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
         for placeholder in self.placeholders:
             if not isinstance(placeholder, str) or not placeholder.strip() or placeholder != placeholder.strip():
@@ -131,7 +119,7 @@ class GenerateConfig:
         if (self.photomaker is None) != (not self.photomaker_images):
             raise ValueError("PhotoMaker needs both its weights (--photomaker) and the person's photo(s) "
                              "(--photomaker-image)")
-        if self.photomaker_merge_step is not None and not (_is_int(self.photomaker_merge_step)
+        if self.photomaker_merge_step is not None and not (is_int(self.photomaker_merge_step)
                                                            and 0 <= self.photomaker_merge_step <= MAX_INFERENCE_STEPS):
             raise ValueError(f"photomaker_merge_step must be a whole number from 0 to {MAX_INFERENCE_STEPS}, "
                              f"got {self.photomaker_merge_step!r}")
@@ -139,7 +127,7 @@ class GenerateConfig:
         if self.photomaker is not None and self.photomaker_merge_step is not None and self.photomaker_merge_step >= steps - 1:
             raise ValueError(f"photomaker_merge_step {self.photomaker_merge_step} leaves none of the {steps} steps to "
                              "PhotoMaker (steps i <= it use the text-only prompt); give a smaller one or more steps")
-        if not _is_number(self.photomaker_lora_scale) or not 0 <= self.photomaker_lora_scale <= MAX_IP_ADAPTER_SCALE:
+        if not is_number(self.photomaker_lora_scale) or not 0 <= self.photomaker_lora_scale <= MAX_IP_ADAPTER_SCALE:
             raise ValueError(f"photomaker_lora_scale must be a number from 0 to {MAX_IP_ADAPTER_SCALE:g}, "
                              f"got {self.photomaker_lora_scale!r}")
 
@@ -154,11 +142,13 @@ class GenerateConfig:
             yield self.prompts[prompt_index], self.seed + i
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int that is not a bool (Python counts True as 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite int or float that is not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -198,171 +188,6 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
-# --------------------------------------------------------------------------------------------------
-# metadata
-
-
-def file_record(path: str | Path, flag: str | None = None) -> dict:
-    """How metadata refers to an input file: the path as given, absolute, and a short SHA-256. `flag`:
-    the option that named the file, for the error when it cannot be read."""
-    path = Path(path)
-    try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    except OSError as err:
-        given = f"{flag} {path}" if flag else str(path)
-        raise UserError(f"cannot read {given} ({err.strerror or err.__class__.__name__})") from None
-    return {"path": str(path), "abs_path": str(path.expanduser().resolve()), "sha256": digest}
-
-
-def image_metadata(prompt: str, seed: int, config: GenerateConfig, concepts: list[Concept], base_model: str,
-                   size: tuple[int, int], *, concept_paths: list[str] | None = None, extra: dict | None = None) -> dict:
-    """The `personamagic` metadata of one image. `concept_paths` (as given) let `regenerate` find the
-    concepts again; `extra` (inputs, batch, device, dtype) is merged in."""
-    placeholders = config.placeholders or [c.placeholder for c in concepts]
-    entries = []
-    for i, concept in enumerate(concepts):
-        entry = {"placeholder": placeholders[i], "supercategory": concept.supercategory,
-                 "fingerprint": concept.fingerprint(), "stage_window": list(concept.stage_window)}
-        if concept_paths is not None:
-            entry["path"] = str(concept_paths[i])
-            entry["abs_path"] = str(Path(concept_paths[i]).expanduser().resolve())
-        entries.append(entry)
-    return {
-        "prompt": prompt,
-        "negative_prompt": config.negative_prompt,
-        "seed": seed,
-        "scheduler": config.scheduler,
-        "steps": config.num_inference_steps,
-        "guidance_scale": config.guidance_scale,
-        "width": size[0],
-        "height": size[1],
-        "base_model": base_model,
-        "concepts": entries,
-        "personamagic_version": __version__,
-        **(extra or {}),
-    }
-
-
-def png_info(meta: dict) -> PngInfo:
-    info = PngInfo()
-    a1111 = (
-        f"{meta['prompt']}\nNegative prompt: {meta['negative_prompt']}\n"
-        f"Steps: {meta['steps']}, Sampler: {meta['scheduler']}, CFG scale: {meta['guidance_scale']}, "
-        f"Seed: {meta['seed']}, Size: {meta['width']}x{meta['height']}, Model: {meta['base_model']}"
-    )
-    info.add_text("parameters", a1111)
-    info.add_text(METADATA_KEY, json.dumps(meta))
-    return info
-
-
-def read_image_metadata(path: str | Path) -> dict:
-    """The `personamagic` metadata of a generated PNG, checked (`image_metadata_fault`): UserError if it
-    has none, or if it is not what `image_metadata` writes."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read {path} as an image ({reason})") from None
-    if not text:
-        raise UserError(f"{path} has no personamagic metadata (was it made by personamagic generate?)")
-    try:
-        meta = json.loads(text)
-    except BAD_JSON:
-        raise UserError(f"{path}: its personamagic metadata is not valid JSON (the file was edited or "
-                        "damaged)") from None
-    fault = image_metadata_fault(meta)
-    if fault is not None:
-        raise UserError(f"{path}: its personamagic metadata is damaged ({fault})")
-    return meta
-
-
-# key: (check, what it must be, required) of the metadata `image_metadata` writes
-_FILE_RECORD = {"path": (str, "text", True), "abs_path": (str, "text", True), "sha256": (str, "text", True)}
-_CONCEPT_ENTRY = {"placeholder": (str, "text", True), "fingerprint": (str, "text", True),
-                  "supercategory": (str, "text", False), "path": (str, "text", False), "abs_path": (str, "text", False)}
-_IMAGE_FIELDS = {
-    "prompt": (str, "text", True), "seed": (int, "a whole number", True), "steps": (int, "a whole number", True),
-    "guidance_scale": (float, "a number", True), "scheduler": (str, "text", True), "concepts": (list, "a list", True),
-    "negative_prompt": (str, "text", False), "width": (int, "a whole number", False),
-    "height": (int, "a whole number", False), "base_model": (str, "text", False), "device": (str, "text", False),
-    "dtype": (str, "text", False), "batch": (dict, "an object", False), "background": (dict, "an object", False),
-    "region": (dict, "an object", False), "ip_adapter": (dict, "an object", False),
-}
-
-
-def image_metadata_fault(meta) -> str | None:
-    """What is wrong with an image's metadata (None: it has every field `regenerate` reads, each of
-    its type): a JSON value that is no object, a missing key, a wrong type, a batch without the image."""
-    if not isinstance(meta, dict):
-        return f"a JSON {type(meta).__name__}, not an object"
-    fault = _fields_fault(meta, _IMAGE_FIELDS, "")
-    if fault:
-        return fault
-    if not meta["concepts"]:
-        return "concepts is empty (every image is made with at least one concept)"
-    for i, entry in enumerate(meta["concepts"]):
-        fault = _fields_fault(entry, _CONCEPT_ENTRY, f"concepts[{i}].")
-        if fault:
-            return fault
-    for name in ("background", "region"):
-        if name in meta and (fault := _fields_fault(meta[name], _FILE_RECORD, f"{name}.")):
-            return fault
-    if "ip_adapter" in meta:
-        ip = meta["ip_adapter"]
-        fault = _fields_fault(ip, {"weights": (str, "text", True), "scale": (float, "a number", True),
-                                   "images": (list, "a list", True)}, "ip_adapter.")
-        for i, record in enumerate(ip.get("images", []) if fault is None else []):
-            fault = fault or _fields_fault(record, _FILE_RECORD, f"ip_adapter.images[{i}].")
-        if fault:
-            return fault
-    if "photomaker" in meta:
-        pm = meta["photomaker"]
-        fault = _fields_fault(pm, {"weights": (str, "text", True), "lora_scale": (float, "a number", True),
-                                   "images": (list, "a list", True)}, "photomaker.")
-        if fault is None and pm.get("merge_step") is not None and not _is_int(pm["merge_step"]):
-            fault = f"photomaker.merge_step must be a whole number, got {pm['merge_step']!r}"
-        for i, record in enumerate(pm.get("images", []) if fault is None else []):
-            fault = fault or _fields_fault(record, _FILE_RECORD, f"photomaker.images[{i}].")
-        if fault:
-            return fault
-    for key in ("vae", "model_config"):
-        if key in meta and not isinstance(meta[key], str):
-            return f"{key} must be text, got {meta[key]!r}"
-    if "batch" in meta:
-        batch = meta["batch"]
-        jobs, index = batch.get("jobs"), batch.get("index")
-        if not isinstance(jobs, list) or not jobs or not all(
-            isinstance(job, list) and len(job) == 2 and isinstance(job[0], str) and _is_int(job[1]) for job in jobs
-        ):
-            return "batch.jobs must be a list of [prompt, seed] pairs"
-        if len(jobs) > MAX_BATCH_SIZE:
-            return f"batch.jobs holds {len(jobs)} images, more than a batch can ({MAX_BATCH_SIZE})"
-        if not _is_int(index) or not 0 <= index < len(jobs):
-            return f"batch.index must be a position in batch.jobs, got {index!r}"
-        if jobs[index] != [meta["prompt"], meta["seed"]]:
-            return "its batch does not hold its own prompt and seed"
-    return None
-
-
-def _fields_fault(record, fields: dict, prefix: str) -> str | None:
-    if not isinstance(record, dict):
-        return f"{prefix.rstrip('.') or 'the metadata'} must be an object, got {record!r}"
-    for key, (kind, description, required) in fields.items():
-        if key not in record:
-            if required:
-                return f"no {prefix}{key!r}"
-            continue
-        value = record[key]
-        ok = _is_int(value) if kind is int else _is_number(value) if kind is float else isinstance(value, kind)
-        if not ok:
-            return f"{prefix}{key} must be {description}, got {value!r}"
-    return None
-
-
 def make_grid(images: list[Image.Image]) -> Image.Image:
     columns = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
@@ -394,55 +219,6 @@ class GridTiles:
 
     def grid(self) -> Image.Image:
         return make_grid(self.tiles)
-
-
-# --------------------------------------------------------------------------------------------------
-# inputs of localized generation
-
-
-def localized_size(background_size: tuple[int, int], resolution: int, multiple: int) -> tuple[int, int]:
-    """(width, height) that keeps the background's shape: shorter side = the model's resolution, both
-    sides rounded to a multiple of `multiple`."""
-    w, h = background_size
-    scale = resolution / min(w, h)
-    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (w, h))
-
-
-def load_localized_inputs(background: str, region: str, size: tuple[int, int] | None, resolution: int,
-                          multiple: int) -> tuple[Image.Image, Image.Image]:
-    """Background (RGB) and region (L, 255 inside) at the output size, both cropped around their centre
-    to its shape (never squashed). The region is the white part of the mask, or its opaque part when it
-    has transparency."""
-    from ..faces.photos import open_image, to_rgb
-
-    image, mask = open_image(background), open_image(region)
-    if image.size != mask.size:
-        raise UserError(
-            f"region {region} is {mask.width}x{mask.height} but background {background} is "
-            f"{image.width}x{image.height}; draw the region on the background itself"
-        )
-    alpha = np.asarray(mask.convert("RGBA"))[:, :, 3] if mask.mode in ("RGBA", "LA", "PA") else None
-    values = alpha if alpha is not None and alpha.min() < 255 else np.asarray(to_rgb(mask).convert("L"))
-    mask = Image.fromarray(np.where(values > 127, 255, 0).astype(np.uint8))
-    if not np.asarray(mask).any():
-        raise UserError(f"region {region} marks nothing; paint the region white on black")
-    width, height = size or localized_size(image.size, resolution, multiple)
-    box = _centre_box(image.size, width / height)
-    image = to_rgb(image).crop(box).resize((width, height), Image.Resampling.LANCZOS)
-    mask = mask.crop(box).resize((width, height), Image.Resampling.NEAREST)
-    return image, mask
-
-
-def _centre_box(size: tuple[int, int], aspect: float) -> tuple[int, int, int, int]:
-    """The largest box of shape `aspect` (width/height) centred in an image of `size`."""
-    w, h = size
-    if w / h > aspect:
-        crop_w = round(h * aspect)
-        left = (w - crop_w) // 2
-        return (left, 0, left + crop_w, h)
-    crop_h = round(w / aspect)
-    top = (h - crop_h) // 2
-    return (0, top, w, top + crop_h)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,7 +265,7 @@ class _Session:
         self.ip_adapter = None  # its IPAdapterSpec, parsed by _check_inputs
         self._check_placeholders()
         # Check the settings and input files before the (possibly multi-GB) model load.
-        inputs = self._check_inputs()
+        self.inputs = self._check_inputs()
         self.model = model or self.concepts[0].base_model
         if self.model in TINY_MODELS:
             result.notes.append("tiny model: its images are noise-like by nature; use a real model for faces")
@@ -503,7 +279,6 @@ class _Session:
         self._load_pipeline(base)
         self._attach_concepts()
         self.call_kwargs = self._call_kwargs(base, local_files_only)
-        self.extra_meta = {**inputs, "device": self.device.type, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype))}
 
     def _check_placeholders(self) -> None:
         config = self.config
@@ -521,20 +296,16 @@ class _Session:
             )
 
     def _check_inputs(self) -> dict:
-        """The scheduler name and every input file, checked; their records for the images' metadata."""
+        """The scheduler name, the plug-ins and every input file, checked; the input files' records for
+        the images' records."""
         from ..adapters.ip_adapter import IPAdapterSpec
         from ..pipeline import scheduler_choice
+        from .image_record import input_records  # it builds on GenerateConfig: imported when used
 
         config = self.config
         scheduler_choice(config.scheduler)
-        inputs = {}
-        if config.background is not None:
-            inputs["background"] = file_record(config.background, "--background")
-            inputs["region"] = file_record(config.region, "--region")
         if config.ip_adapter is not None:
             self.ip_adapter = IPAdapterSpec.parse(config.ip_adapter, scale=config.ip_adapter_scale)
-            inputs["ip_adapter"] = {"weights": config.ip_adapter, "scale": config.ip_adapter_scale,
-                                    "images": [file_record(p, "--ip-adapter-image") for p in config.ip_adapter_images]}
         if config.photomaker is not None:
             from ..adapters.photomaker_plugin import trigger_pattern
             from ..pipeline.pipeline import check_photomaker_vectors
@@ -543,14 +314,7 @@ class _Session:
             for concept, placeholder in zip(self.concepts, config.placeholders or [c.placeholder for c in self.concepts]):
                 if any(re.search(trigger_pattern(placeholder), p) for p in config.prompts):
                     check_photomaker_vectors(placeholder, concept.mapper_config["num_vectors"])
-            inputs["photomaker"] = {"weights": config.photomaker, "merge_step": config.photomaker_merge_step,
-                                    "lora_scale": config.photomaker_lora_scale,
-                                    "images": [file_record(p, "--photomaker-image") for p in config.photomaker_images]}
-        if config.vae is not None:
-            inputs["vae"] = config.vae
-        if config.model_config is not None:
-            inputs["model_config"] = config.model_config
-        return inputs
+        return input_records(config)
 
     def _assets(self) -> list:
         """What the run downloads (`jobs.assets`), for the offline check."""
@@ -609,6 +373,7 @@ class _Session:
         """The pipeline's arguments that are the same for every batch: size, localized inputs, plug-ins."""
         from ..adapters.ip_adapter import load_ip_adapter
         from ..faces.photos import load_photo
+        from ..pipeline.localized import load_localized_inputs
 
         config, kwargs, size = self.config, {}, None
         if config.width or config.height:
@@ -663,12 +428,15 @@ class _Session:
         return self.pipe.image_processor.numpy_to_pil(images)
 
     def save(self, image: Image.Image, path: Path, jobs: list[tuple[str, int]], index: int) -> None:
+        """Image `index` of the batch `jobs`, written with its record."""
+        from .image_record import image_metadata, png_info  # it builds on GenerateConfig: imported when used
+
         prompt, seed = jobs[index]
-        extra = {**self.extra_meta, "batch": {"jobs": [list(job) for job in jobs], "index": index}}
-        meta = image_metadata(prompt, seed, self.config, self.concepts, self.model, image.size,
-                              concept_paths=self.concept_paths, extra=extra)
+        record = image_metadata(prompt, seed, self.config, self.concepts, self.model, image.size,
+                                concept_paths=self.concept_paths, inputs=self.inputs, device=self.device.type,
+                                dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), batch=(jobs, index))
         try:
-            write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
+            write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(record)))
         except OSError as err:
             raise disk_error(path, err) from None
 
@@ -801,7 +569,7 @@ def stopped_error(err: BaseException, result: GenerateResult, output: Path) -> G
 
 
 # --------------------------------------------------------------------------------------------------
-# regeneration from an image's own metadata
+# regeneration from an image's own record
 
 
 def regenerate(
@@ -816,28 +584,27 @@ def regenerate(
     resident=None,
     model_config: str | None = None,
 ) -> GenerateResult:
-    """Make a generated image again from its metadata; write it to the folder `output`.
+    """Make a generated image again from its record; write it to the folder `output`.
 
     The image's whole batch is sampled again (same prompts and seeds, so every number is computed as
     the first time) and only this image is kept: on the same device type and dtype the result is the
     same image, pixel for pixel. Concepts are found at the recorded paths (as given, then absolute)
     unless `concept_paths` says where they are now; each must match its recorded fingerprint.
     `dtype` defaults to the recorded one. `resident`: as in `generate`. `model_config`: the config
-    folder of a single-file model, when not where the image's metadata says.
+    folder of a single-file model, when not where the image's record says.
     """
+    from .image_record import read_image_metadata  # it builds on GenerateConfig: imported when used
+
     image = Path(image)
-    meta = read_image_metadata(image)
-    paths = _find_concepts(meta["concepts"], concept_paths)
-    config = _config_of(meta, image)
+    record = read_image_metadata(image)
+    paths = _find_concepts(record.concepts, concept_paths)
+    try:
+        config = record.generate_config()
+        jobs, index = record.batch_jobs()
+    except ValueError as err:
+        raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
     if model_config is not None:  # the single file's configs are elsewhere now
         config.model_config = model_config
-    batch = meta.get("batch") or {"jobs": [[meta["prompt"], meta["seed"]]], "index": 0}
-    jobs = [(prompt, seed) for prompt, seed in batch["jobs"]]
-    index = batch["index"]
-    for _, seed in jobs:  # the other images' seeds are sampled again too
-        if not 0 <= seed < MAX_SEED:
-            raise UserError(f"{image}: its personamagic metadata asks for settings out of range (seed must be a "
-                            f"whole number from 0 to {MAX_SEED - 1}, got {seed})")
 
     output = Path(output)
     path = output / image.name  # the image keeps its own name
@@ -845,57 +612,24 @@ def regenerate(
         raise UserError(f"--output {output} holds {image.name} itself; make it again into another folder")
     result = GenerateResult()
     with _stopping(output, result):
-        dtype = dtype or meta.get("dtype", "auto")
-        session = _Session(paths, config, model or meta.get("base_model"), device, dtype, local_files_only, result,
+        dtype = dtype or record.dtype or "auto"
+        session = _Session(paths, config, model or record.base_model, device, dtype, local_files_only, result,
                            resident)
-        if meta.get("device") and meta["device"] != session.device.type:
+        if record.device and record.device != session.device.type:
             result.notes.append(
-                f"the image was made on {meta['device']}, this run is on {session.device.type}: "
+                f"the image was made on {record.device}, this run is on {session.device.type}: "
                 "expect small differences (exact only on the same device type and dtype)"
             )
-        if meta.get("batch") and len(jobs) > 1:
+        if len(jobs) > 1:
             logger.info("sampling the image's batch of %d again to reproduce it exactly", len(jobs))
         new_image = session.sample(jobs)[index]
         session.save(new_image, path, jobs, index)
-        result.images.append(GeneratedImage(path, meta["prompt"], meta["seed"]))
+        result.images.append(GeneratedImage(path, record.prompt, record.seed))
     return result
 
 
-def _config_of(meta: dict, image: Path) -> GenerateConfig:
-    """The `GenerateConfig` an image's metadata records (its input files found and checked again)."""
-    inputs = {name: _find_file(meta[name], name) for name in ("background", "region") if name in meta}
-    ip, pm = meta.get("ip_adapter"), meta.get("photomaker")
-    try:
-        return GenerateConfig(
-            prompts=[meta["prompt"]],
-            negative_prompt=meta.get("negative_prompt", ""),
-            num_images=1,
-            seed=meta["seed"],
-            num_inference_steps=meta["steps"],
-            guidance_scale=meta["guidance_scale"],
-            scheduler=meta["scheduler"],
-            grid=False,
-            width=meta.get("width"),
-            height=meta.get("height"),
-            placeholders=[c["placeholder"] for c in meta["concepts"]],
-            background=inputs.get("background"),
-            region=inputs.get("region"),
-            ip_adapter=ip["weights"] if ip else None,
-            ip_adapter_images=[_find_file(r, "IP-Adapter image") for r in ip["images"]] if ip else [],
-            ip_adapter_scale=ip["scale"] if ip else 1.0,
-            photomaker=pm["weights"] if pm else None,
-            photomaker_images=[_find_file(r, "PhotoMaker image") for r in pm["images"]] if pm else [],
-            photomaker_merge_step=pm.get("merge_step") if pm else None,
-            photomaker_lora_scale=pm.get("lora_scale", 1.0) if pm else 1.0,
-            vae=meta.get("vae"),
-            model_config=meta.get("model_config"),
-        )
-    except ValueError as err:
-        raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
-
-
-def _find_concepts(entries: list[dict], given: list[str] | None) -> list[str]:
-    """Concept paths for the recorded entries, each checked against its fingerprint."""
+def _find_concepts(entries, given: list[str] | None) -> list[str]:
+    """Concept paths for a record's concept entries, each checked against its fingerprint."""
     if given:
         if len(given) != len(entries):
             raise UserError(f"the image was made with {len(entries)} concept(s); {len(given)} given")
@@ -927,15 +661,3 @@ def _is_concept(path: str) -> bool:
     except UserError:
         return False
     return True
-
-
-def _find_file(record: dict, what: str) -> str:
-    """A recorded input file (as given, then absolute) whose SHA-256 still matches."""
-    for option in (record["path"], record["abs_path"]):
-        if Path(option).is_file():
-            digest = file_record(option)["sha256"]
-            if digest != record["sha256"]:
-                raise UserError(f"the {what} {option} changed since the image was made (sha256 {digest}, "
-                                f"image says {record['sha256']})")
-            return option
-    raise UserError(f"the {what} {record['path']} that made the image is gone; put it back to regenerate")

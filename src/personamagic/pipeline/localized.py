@@ -7,13 +7,19 @@ background's latent, and the decoded image equals the background there up to the
 
 The background is noised with the same noise that starts the sampler (as diffusers' inpainting does),
 so the inside and the outside start from one draw and no extra random numbers are consumed.
+
+The background and the mask files are read at the output size (`load_localized_inputs`), cropped
+around their centre to its shape, never squashed.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from ..errors import UserError
 from ..models.latents import LatentScale
 
 
@@ -50,8 +56,6 @@ def noised_background(scheduler, background: torch.Tensor, noise: torch.Tensor, 
 def prepare_localized(pipe, background, region, batch_size: int, height: int, width: int):
     """Background image(s) and region mask(s) -> scaled background latents (B, C, h, w) and the latent
     region (B or 1, 1, h, w) in {0, 1}. Images are resized to (height, width)."""
-    from ..errors import UserError
-
     if (background is None) != (region is None):
         raise ValueError("localized generation needs both `background` and `region`")
     pixels = pipe.image_processor.preprocess(background, height=height, width=width)
@@ -64,3 +68,51 @@ def prepare_localized(pipe, background, region, batch_size: int, height: int, wi
     if not region.any():
         raise UserError("the region mask is empty at latent resolution; paint a larger white area")
     return latents.expand(batch_size, -1, -1, -1), region
+
+
+# -- the input files -------------------------------------------------------------------------------
+
+
+def localized_size(background_size: tuple[int, int], resolution: int, multiple: int) -> tuple[int, int]:
+    """(width, height) that keeps the background's shape: shorter side = the model's resolution, both
+    sides rounded to a multiple of `multiple`."""
+    w, h = background_size
+    scale = resolution / min(w, h)
+    return tuple(max(multiple, round(side * scale / multiple) * multiple) for side in (w, h))
+
+
+def load_localized_inputs(background: str, region: str, size: tuple[int, int] | None, resolution: int,
+                          multiple: int) -> tuple[Image.Image, Image.Image]:
+    """Background (RGB) and region (L, 255 inside) at the output size, both cropped around their centre
+    to its shape (never squashed). The region is the white part of the mask, or its opaque part when it
+    has transparency."""
+    from ..faces.photos import open_image, to_rgb
+
+    image, mask = open_image(background), open_image(region)
+    if image.size != mask.size:
+        raise UserError(
+            f"region {region} is {mask.width}x{mask.height} but background {background} is "
+            f"{image.width}x{image.height}; draw the region on the background itself"
+        )
+    alpha = np.asarray(mask.convert("RGBA"))[:, :, 3] if mask.mode in ("RGBA", "LA", "PA") else None
+    values = alpha if alpha is not None and alpha.min() < 255 else np.asarray(to_rgb(mask).convert("L"))
+    mask = Image.fromarray(np.where(values > 127, 255, 0).astype(np.uint8))
+    if not np.asarray(mask).any():
+        raise UserError(f"region {region} marks nothing; paint the region white on black")
+    width, height = size or localized_size(image.size, resolution, multiple)
+    box = _centre_box(image.size, width / height)
+    image = to_rgb(image).crop(box).resize((width, height), Image.Resampling.LANCZOS)
+    mask = mask.crop(box).resize((width, height), Image.Resampling.NEAREST)
+    return image, mask
+
+
+def _centre_box(size: tuple[int, int], aspect: float) -> tuple[int, int, int, int]:
+    """The largest box of shape `aspect` (width/height) centred in an image of `size`."""
+    w, h = size
+    if w / h > aspect:
+        crop_w = round(h * aspect)
+        left = (w - crop_w) // 2
+        return (left, 0, left + crop_w, h)
+    crop_h = round(w / aspect)
+    top = (h - crop_h) // 2
+    return (0, top, w, top + crop_h)

@@ -21,6 +21,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402  (the environment above must be set first)
 
 from ..errors import UserError  # noqa: E402
+from ..families import FAMILIES  # noqa: E402
+from ..models.tiny import TINY_MODELS  # noqa: E402
+from ..models.world import WORLD  # noqa: E402
 from .jobs import CANCELLED, DONE, FAILED, INTERNAL_ERROR, QUEUED, RUNNING  # noqa: E402
 from .studio import MASK_CHOICES, Studio  # noqa: E402
 
@@ -28,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often a tab with an unfinished job asks for its progress
 MAX_PLOT_POINTS = 400  # per loss term: longer curves are thinned before they are sent
-DEFAULT_MODELS = ("CompVis/stable-diffusion-v1-4", "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                  "stabilityai/stable-diffusion-xl-base-1.0", "world", "tiny", "tiny-sdxl")
+# the model menu: every family's suggested hub models (the default base model first), the learning world's
+# model and the offline toys
+DEFAULT_MODELS = (*(model for family in FAMILIES.values() for model in family.suggested_models), WORLD, *TINY_MODELS)
 EXTRA_SUPERCATEGORIES = ("cat", "dog")  # non-face examples: no face detection, no identity loss
 CONCEPT_PICTURES = (("stages.png", "stage partition"), ("attention.png", "S* attention"), ("mask.png", "training mask"))
 
@@ -296,11 +300,11 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
             return status_html("generating: queued", "queued", (0, 1)), state, gr.Timer(active=True)
 
         def regenerate_from(path, state):
-            job, meta = studio.submit_regenerate(path)
+            job, record = studio.submit_regenerate(path)
             state = {**state, "generate": job.id}
-            return (status_html(f"regenerating seed {meta['seed']}: queued", "queued", (0, 1)), state,
-                    gr.Timer(active=True), meta["prompt"], meta.get("negative_prompt", ""), 1, meta["seed"],
-                    meta["steps"], meta["guidance_scale"], meta["scheduler"])
+            return (status_html(f"regenerating seed {record.seed}: queued", "queued", (0, 1)), state,
+                    gr.Timer(active=True), record.prompt, record.negative_prompt or "", 1, record.seed,
+                    record.steps, record.guidance_scale, record.scheduler)
 
         @guarded(10, 0)
         def on_regenerate(state):

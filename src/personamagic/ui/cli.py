@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from .. import DEFAULT_BASE_MODEL
 from ..cli.argtypes import port, positive_float
 
 DEFAULT_HOST = "127.0.0.1"
@@ -26,7 +27,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     ui.add_argument("--port", type=port, default=DEFAULT_PORT, help=f"port ({DEFAULT_PORT})")
     ui.add_argument("--library", default=DEFAULT_LIBRARY,
                     help=f"folder of concepts and generated images (./{DEFAULT_LIBRARY})")
-    ui.add_argument("--model", default="CompVis/stable-diffusion-v1-4",
+    ui.add_argument("--model", default=DEFAULT_BASE_MODEL,
                     help="base model offered first: hub id, diffusers folder, .safetensors/.ckpt file, or tiny")
     ui.add_argument("--max-upload-mb", type=positive_float, default=50, help="largest photo accepted, in MB (50)")
     ui.add_argument("--share", action="store_true",

@@ -24,6 +24,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -33,6 +34,9 @@ from ..errors import UserError
 from ..models import TINY_MODELS, ResidentModels
 from ..models.world import WORLD
 from .jobs import Job, JobQueue, new_job_id
+
+if TYPE_CHECKING:  # the jobs load when a job runs
+    from ..jobs.image_record import ImageRecord
 
 logger = logging.getLogger(__name__)
 
@@ -366,18 +370,19 @@ class Studio:
         folders = [self.library.concept_folder(name) for name in concept_names]
         return self._submit_generate(folders, config, model, label=", ".join(concept_names))
 
-    def submit_regenerate(self, image_path) -> tuple[Job, dict]:
+    def submit_regenerate(self, image_path) -> tuple[Job, ImageRecord]:
         """Queue `generate.regenerate` of a generated PNG (same prompt, seed, settings and batch, so
-        the same pixels on the same device type and dtype); returns the job and the image's metadata
+        the same pixels on the same device type and dtype); returns the job and the image's record
         (so the page can show the settings). Its concepts are looked up in the library by fingerprint,
-        else where the metadata says they were."""
-        from ..jobs.generate import read_image_metadata, regenerate
+        else where the record says they were."""
+        from ..jobs.generate import regenerate
+        from ..jobs.image_record import read_image_metadata
 
         try:
-            meta = read_image_metadata(image_path)
+            record = read_image_metadata(image_path)
         except UserError as err:
             raise UserError(user_message(err, [image_path])) from None
-        found = [self.library.find_fingerprint(entry["fingerprint"]) for entry in meta.get("concepts", [])]
+        found = [self.library.find_fingerprint(entry["fingerprint"]) for entry in record.concepts]
         concept_paths = [str(folder) for folder in found] if found and all(found) else None
         job_id = new_job_id()
         folder = self.library.images_dir / job_id
@@ -391,8 +396,8 @@ class Studio:
                 raise UserError(user_message(err, [image_path])) from None
             return {"images": [image.path for image in result.images], "grid": None, "notes": result.notes}
 
-        job = Job("generate", folder, work, label=f"regenerate seed {meta['seed']}", id=job_id)
-        return self.jobs.submit(job), meta
+        job = Job("generate", folder, work, label=f"regenerate seed {record.seed}", id=job_id)
+        return self.jobs.submit(job), record
 
     def _submit_generate(self, folders: list[Path], config, model: str | None, label: str) -> Job:
         from ..jobs.generate import generate
