@@ -121,3 +121,95 @@ def test_only_front_ends_import_the_front_ends():
         if part in FRONT_ENDS or part == "bench":
             continue
         assert not targets & FRONT_ENDS, (part, targets & FRONT_ENDS)
+
+
+# --------------------------------------------------------------------------------------------------
+# the family seam is asked, not bypassed
+
+# Modules that still test a family outside `families/`, each with the question it should ask instead
+# (none today; an entry must name the module and the comparison, and is dropped once it is gone).
+FAMILY_TEST_ALLOWED: set[tuple[str, str]] = set()
+
+
+def _family_words() -> tuple[set[str], set[str]]:
+    """(strings that name a family, identifiers bound to a family or its short model names) outside
+    `families/`: the families' names, diffusers pipeline classes and built models' short names; the
+    family objects, their classes and the model-name constants of `models.tiny`."""
+    import personamagic.families as families
+    import personamagic.models.tiny as tiny
+
+    strings, names = set(), {"ModelFamily"}
+    for family in families.FAMILIES.values():
+        strings |= {family.name, family.pipeline_class, family.tiny_model, family.random_model}
+        names.add(type(family).__name__)
+    names |= {key for key, value in vars(families).items() if isinstance(value, families.ModelFamily)}
+    names |= {key for key, value in vars(tiny).items() if key.isupper() and isinstance(value, str) and value in strings}
+    # `tiny` also names every other offline toy (the image encoder, CLIP, the identity network), so a
+    # comparison with it says "a toy", not "SD-1.x"; `model in TINY_MODELS` is how to ask for any family's
+    strings.discard("tiny")
+    names.discard("TINY")
+    return strings, names
+
+
+def family_tests(source: str) -> list[str]:
+    """The comparisons and type checks in `source` that test which family something is: `==`, `!=`,
+    `in`, `is` against a family's name or short model name, or `isinstance`/`type` with a family's class.
+    A name looked up in a collection (`"sdxl" in sections`) is a lookup, not a family test."""
+    strings, names = _family_words()
+
+    def names_a_family(node) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return any(names_a_family(e) for e in node.elts)
+        if isinstance(node, ast.Constant):
+            return node.value in strings
+        if isinstance(node, ast.Name):
+            return node.id in names
+        return isinstance(node, ast.Attribute) and node.attr in names
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            for op, (left, right) in zip(node.ops, zip(operands, operands[1:])):
+                lookup = isinstance(op, (ast.In, ast.NotIn)) and isinstance(left, ast.Constant) and not isinstance(
+                    right, (ast.Tuple, ast.List, ast.Set))
+                if not lookup and (names_a_family(left) or names_a_family(right)):
+                    found.append(ast.unparse(node))
+                    break
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "type"):
+            if any(names_a_family(arg) for arg in node.args[1:]) or (
+                    node.func.id == "type" and any("family" in ast.unparse(arg) for arg in node.args)):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_the_family_test_finder_finds_name_and_type_tests_and_passes_questions():
+    tests = family_tests(
+        "if base.family.name != 'sdxl': pass\n"
+        "if model not in (TINY_SDXL, RANDOM_SDXL): pass\n"
+        "if family.pipeline_class == 'StableDiffusionPipeline': pass\n"
+        "if isinstance(family, StableDiffusionXL): pass\n"
+        "if pipe.family is SDXL: pass\n"
+        "if type(base.family).__name__ == 'X': pass\n"
+        "toy = model == 'random-sd1'\n"
+    )
+    assert len(tests) == 7, tests
+    assert family_tests(
+        "if not family.supports_photomaker: pass\n"
+        "toy = model in TINY_MODELS\n"
+        "encoder = TINY if name == TINY else other\n"
+        "if 'sdxl' in sections: pass\n"
+        "model = SDXL.random_model if gpu else SDXL.tiny_model\n"
+        "if concept.family != self.family.name: pass\n"
+    ) == []
+
+
+def test_no_module_outside_the_families_tests_which_family_it_has():
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("families/"):
+            continue
+        found |= {(relative, test) for test in family_tests(path.read_text())}
+    assert found <= FAMILY_TEST_ALLOWED, sorted(found - FAMILY_TEST_ALLOWED)
+    assert FAMILY_TEST_ALLOWED <= found, f"no longer there, drop from the allow-list: {FAMILY_TEST_ALLOWED - found}"

@@ -63,12 +63,13 @@ def _staged(args) -> int:
 
     from ..concept import Concept, resolve_concept_path
     from ..errors import UserError
+    from ..families import family_named
     from ..stage_export import DEFAULT_BINS, SamplerSettings, checkpoint_file, export_stages, segment_range
 
     if args.output is None:
         raise UserError(f"--format {args.format} writes a folder: give it with --output")
     concept = Concept.load(resolve_concept_path(args.concept))
-    side = 1024 if concept.family == "sdxl" else 512
+    side = family_named(concept.family).image_size
     settings = SamplerSettings(checkpoint=args.checkpoint or checkpoint_file(concept.base_model), steps=args.steps,
                                cfg=args.guidance_scale, seed=args.seed, width=args.width or side,
                                height=args.height or side, negative=args.negative_prompt)

@@ -26,7 +26,13 @@ class ModelFamily:
     name: str  # short id recorded in concepts ("sd1")
     title: str  # for messages ("Stable Diffusion 1.x")
     default_model: str  # hub id used when none is given
-    suggested_models: tuple[str, ...]  # hub ids shown in help texts and the web UI
+    suggested_models: tuple[str, ...]  # hub ids the web UI offers (the first is `default_model`)
+    # words in a hub repo's name that suggest this family while its files, which would tell, are not
+    # downloaded yet (the offline check's advice)
+    repo_name_hints: tuple[str, ...] = ()
+    tiny_model: str  # short name of its offline toy built in code: the real classes at a toy size (tests, CI)
+    random_model: str  # short name of its build at the real sizes with random weights (benchmarks)
+    image_size: int  # side of the images its base models are made for (tools that read no model default to it)
     pipeline_class: str  # the diffusers pipeline of this family (single-file loading, reference checks)
     encoders: tuple[TextEncoderSpec, ...]  # the text encoders, in the order their outputs are concatenated
     # index of the text-encoder layer whose self-attention the tandem-equilibrium loss reads: the last
@@ -35,6 +41,8 @@ class ModelFamily:
     partition_resolution: int  # side of the grid the partition's cross-attention maps are averaged on
     addition_embed_type: str | None = None  # the UNet's added conditioning (SDXL: "text_time")
     zero_empty_negative: bool = False  # a missing negative prompt is all zeros rather than the encoded ""
+    # PhotoMaker v1 plugs in: its ID encoder's fuse MLP reads and writes this family's prompt embeddings
+    supports_photomaker: bool = False
     # a single-file checkpoint of this family has keys starting with each of these (original LDM/SGM layout)
     checkpoint_prefixes: tuple[str, ...]
     # diffusers' default hub repo whose configs turn a single file of this family into a pipeline
@@ -56,6 +64,11 @@ class ModelFamily:
     def problems(self, components) -> list[str]:
         """What makes loaded `components` unusable as this family (empty when they fit)."""
         raise NotImplementedError
+
+    def pipeline_kwargs(self) -> dict:
+        """Arguments beyond its modules with which PersonaMagic builds the family's diffusers pipeline
+        (`pipeline_class`, e.g. from a single file); none unless the family needs some."""
+        return {}
 
     def added_conditioning(self, pooled, time_ids) -> dict:
         """The UNet's `added_cond_kwargs` for (B, P) pooled text embeddings and (B, 6) size ids (SDXL);

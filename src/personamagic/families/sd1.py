@@ -10,6 +10,8 @@ text encoder's last layer, whose output is what the UNet sees. Textual-inversion
 
 from __future__ import annotations
 
+from personamagic import DEFAULT_BASE_MODEL
+
 from .base import ModelFamily, TextEncoderSpec
 
 # CompVis/stable-diffusion-v1-4's scheduler/scheduler_config.json (SD 1.5 ships the same schedule): the
@@ -31,12 +33,15 @@ SCHEDULER_CONFIG = {
 class StableDiffusion1(ModelFamily):
     name = "sd1"
     title = "Stable Diffusion 1.x"
-    default_model = "CompVis/stable-diffusion-v1-4"
+    default_model = DEFAULT_BASE_MODEL
     suggested_models = (
-        "CompVis/stable-diffusion-v1-4",
+        DEFAULT_BASE_MODEL,
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "dreamlike-art/dreamlike-photoreal-2.0",
     )
+    tiny_model = "tiny"
+    random_model = "random-sd1"
+    image_size = 512
     pipeline_class = "StableDiffusionPipeline"
     encoders = (TextEncoderSpec("text_encoder", "tokenizer", hidden_layer=None, pooled=False, export_key=None),)
     te_layer = -1
@@ -47,6 +52,11 @@ class StableDiffusion1(ModelFamily):
     def recognizes_index(self, index: dict) -> bool:
         components = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
         return {"unet", "vae", "text_encoder", "tokenizer"} <= components and "text_encoder_2" not in components
+
+    def pipeline_kwargs(self) -> dict:
+        # diffusers' SD-1.x pipeline would load its NSFW safety checker (and warn without one); PersonaMagic
+        # runs none, as its own pipeline does
+        return {"safety_checker": None, "requires_safety_checker": False}
 
     def problems(self, components) -> list[str]:
         unet, vae = components.unet, components.vae

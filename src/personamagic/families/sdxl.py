@@ -50,6 +50,10 @@ class StableDiffusionXL(ModelFamily):
     title = "Stable Diffusion XL"
     default_model = "stabilityai/stable-diffusion-xl-base-1.0"
     suggested_models = ("stabilityai/stable-diffusion-xl-base-1.0",)
+    repo_name_hints = ("xl",)  # RealVisXL_V4.0, Juggernaut-XL-v9, ...
+    tiny_model = "tiny-sdxl"
+    random_model = "random-sdxl"
+    image_size = 1024
     pipeline_class = "StableDiffusionXLPipeline"
     encoders = (
         TextEncoderSpec("text_encoder", "tokenizer", hidden_layer=-2, pooled=False, export_key="clip_l"),
@@ -59,6 +63,7 @@ class StableDiffusionXL(ModelFamily):
     partition_resolution = 32
     addition_embed_type = "text_time"
     zero_empty_negative = True
+    supports_photomaker = True  # PhotoMaker v1 is made for SDXL: its fuse MLP is 2048 wide, CLIP-L + OpenCLIP-G
     checkpoint_prefixes = ("model.diffusion_model.", "conditioner.embedders.0.transformer.",
                            "conditioner.embedders.1.model.")
     checkpoint_config_repo = "stabilityai/stable-diffusion-xl-base-1.0"

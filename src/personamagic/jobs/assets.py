@@ -15,6 +15,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UserError
+from ..hub import hub_reference, is_hub_id
+
 
 def built_names() -> tuple[str, ...]:
     """Names of models built in code or shipped with the package (never downloaded)."""
@@ -40,14 +42,15 @@ def is_local_or_built(spec: str) -> bool:
 
 
 def cached(asset: Asset) -> bool:
-    """Whether the asset can be read without the network."""
+    """Whether the asset can be read without the network: it is local, built, in the hub cache, or no
+    hub reference at all (nothing to download: its loader says what is wrong with it)."""
     import huggingface_hub
 
-    if is_local_or_built(asset.spec):
+    reference = hub_reference(asset.spec)
+    if is_local_or_built(asset.spec) or reference is None:
         return True
-    owner, name, *rest = asset.spec.split("/")
-    filename = "/".join(rest) or asset.filename
-    return isinstance(huggingface_hub.try_to_load_from_cache(f"{owner}/{name}", filename), str)
+    filename = reference.filename or asset.filename
+    return isinstance(huggingface_hub.try_to_load_from_cache(reference.repo_id, filename), str)
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,17 +85,12 @@ def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None
 
 
 def base_model_asset(model: str) -> Asset:
-    toy = "tiny-sdxl" if looks_like_sdxl(model) else "tiny"
+    """A hub model, with the offline toy of the family it most likely has as the alternative."""
+    from ..families import likely_family
+
+    toy = likely_family(model).tiny_model
     return Asset("the base model", model, f"--model {toy} (an offline toy) or a local folder or file",
                  filename="model_index.json")
-
-
-def looks_like_sdxl(model: str) -> bool:
-    """Whether a hub id not yet downloaded is most likely an SDXL model: one the SDXL family suggests, or
-    one that says "xl" in its name (its config, which would tell, is what is missing)."""
-    from ..families import family_named
-
-    return model in family_named("sdxl").suggested_models or "xl" in model.split("/")[-1].lower()
 
 
 def model_assets(model: str, *, model_config: str | None = None, vae: str | None = None, photomaker=None,
@@ -100,7 +98,7 @@ def model_assets(model: str, *, model_config: str | None = None, vae: str | None
     """What loading `model` with these options downloads: the model (or, for a single file without
     `model_config`, its family's config repo), another VAE, PhotoMaker's weights, an IP-Adapter's
     weights and image encoder."""
-    from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint, is_hub_id
+    from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint
 
     found = []
     if is_hub_id(model):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import DEFAULT_BASE_MODEL
 from ..concept import CONCEPT_FILENAME, Concept
 from ..errors import UserError
 from ..faces import FaceDetector, load_photo, prepare_photo
@@ -27,13 +28,13 @@ from ..faces.alignment import alignment_theta
 from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
 from ..files import FolderLock, disk_error, write_atomic
 from ..identity.loading import default_identity_model, identity_file_reference, load_identity_model
-from ..models import (BUILT_MODELS, DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, TINY_SDXL, load_base_model,
-                      load_image_encoder, resolve_device, resolve_dtype)
+from ..families import FAMILIES, family_of_built_model
+from ..hub import is_hub_id
+from ..models import (BUILT_MODELS, DEFAULT_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, load_image_encoder,
+                      resolve_device, resolve_dtype)
 from ..adapters.ip_adapter import IPAdapterSpec
 from .assets import Asset, check_assets, model_assets
 from ..models.devices import DTYPE_NAMES
-from ..models.loading import is_hub_id
-from ..models.tiny import RANDOM_SDXL
 from ..models.world import WORLD
 from ..training import TrainConfig, Trainer, latest_checkpoint, prepare_training_data
 from .plots import attention_figure, stages_figure
@@ -136,7 +137,7 @@ def personalize(
     output: str | Path,
     config: TrainConfig = TrainConfig(),
     *,
-    model: str = "CompVis/stable-diffusion-v1-4",
+    model: str = DEFAULT_BASE_MODEL,
     device: str = "auto",
     dtype: str = "auto",
     mask: str = "auto",
@@ -194,7 +195,7 @@ def personalize(
         if done is not None:
             return done
     check_output_folder(output, overwrite=overwrite, resume=resume)
-    run = _Run(photos, output, config, model, mask, image_encoder, identity_model, crop)
+    run = PersonalizeRun(photos, output, config, model, mask, image_encoder, identity_model, crop)
     run.resolution, run.vae = resolution, vae
     check_model_name(model, photomaker=photomaker is not None)
     spec = ip_adapter if ip_adapter is None or not isinstance(ip_adapter, str) else IPAdapterSpec.parse(ip_adapter)
@@ -274,17 +275,19 @@ def check_resolution(resolution: int | None) -> None:
 
 def check_model_name(model: str, *, photomaker: bool = False) -> None:
     """Before anything loads: `model` names something loadable, and PhotoMaker is not asked of a model
-    built in code that is not SDXL (a downloaded model's family is checked once it has loaded)."""
+    built in code whose family it does not fit (a downloaded model's family is checked once it has loaded)."""
     if not (model in BUILT_MODELS or model == WORLD or Path(model).expanduser().exists() or is_hub_id(model)):
         raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
-                        f"CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}")
-    if photomaker and model in BUILT_MODELS and model not in (TINY_SDXL, RANDOM_SDXL):
-        raise UserError(f"PhotoMaker works on SDXL models; {model} is a Stable Diffusion 1.x model (try --model "
-                        f"{TINY_SDXL})")
+                        f"{DEFAULT_BASE_MODEL}, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}")
+    family = family_of_built_model(model)
+    if photomaker and family is not None and not family.supports_photomaker:
+        toy = next(f.tiny_model for f in FAMILIES.values() if f.supports_photomaker)
+        raise UserError(f"PhotoMaker works on SDXL models; {model} is a {family.title} model (try --model {toy})")
 
 
-class _Run:
-    """The steps of one personalize job and what they learn on the way (notes, timings, job facts)."""
+class PersonalizeRun:
+    """The steps of one personalize job and what they learn on the way (notes, timings, job facts); the
+    jobs that train several concepts at once (`jobs.train_many`) run these steps for each."""
 
     def __init__(self, photos, output: Path, config: TrainConfig, model: str, mask: str, image_encoder: str,
                  identity_model: str, crop: str = "auto"):
@@ -389,7 +392,7 @@ class _Run:
             return
         from ..adapters.photomaker_plugin import PhotoMaker, PhotoMakerSpec
 
-        if base.family.name != "sdxl":
+        if not base.family.supports_photomaker:
             raise UserError(f"PhotoMaker works on SDXL models; {base.name} is a {base.family.title} model")
         spec = spec if isinstance(spec, PhotoMakerSpec) else PhotoMakerSpec(weights=str(spec))
         self.photomaker = PhotoMaker.load(spec, base.unet, device=base.device, dtype=base.dtype,
@@ -434,10 +437,6 @@ class _Run:
             **({"ip_adapter": {"weights": ip_adapter.describe(), "scale": ip_adapter.scale}} if ip_adapter else {}),
             **({"photomaker": self.photomaker.spec.to_dict()} if self.photomaker else {}),
         }
-
-
-# The steps of one concept's job, for jobs that train several at once (`jobs.train_many`).
-PersonalizeRun = _Run
 
 
 class PhotoModels:

@@ -26,6 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import DEFAULT_BASE_MODEL
 from ..concept import CONCEPT_FILENAME
 from ..errors import FolderInUse, SettingsError, UserError
 from ..files import remove_empty_folders
@@ -196,7 +197,7 @@ def train_identities(
     jobs: list[IdentityJob],
     *,
     identities_per_step: int = 1,
-    model: str = "CompVis/stable-diffusion-v1-4",
+    model: str = DEFAULT_BASE_MODEL,
     device: str = "auto",
     dtype: str = "auto",
     image_encoder: str = "auto",

@@ -27,28 +27,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import DEFAULT_BASE_MODEL
 from ..errors import BAD_JSON, UserError
 from ..families import FAMILIES, ModelFamily
+from ..files import first_line, read_weights
+from ..hub import is_hub_id, resolve_file
 from .components import BaseComponents
 from .world import WORLD, world_model_folder
 from .tiny import BUILT_MODELS, TINY, build_model
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"
 SCHEDULER_CONFIG_FILE = "scheduler_config.json"
 HALF_VARIANT = "fp16"  # the variant name SD repos use for their half-precision files
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (library errors can span many lines)."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def is_hub_id(name: str) -> bool:
-    """`owner/name` that is not a local path."""
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
 
 
 def load_base_model(
@@ -138,7 +129,7 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
         return load_diffusers(name, local_files_only=local_files_only, revision=revision, dtype=dtype)
     raise UserError(
         f"unknown model {name!r}: not a file, not a folder, not a hub id (owner/name); "
-        f"use e.g. CompVis/stable-diffusion-v1-4, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}"
+        f"use e.g. {DEFAULT_BASE_MODEL}, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}"
     )
 
 
@@ -149,23 +140,12 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
 def read_json_file(name: str, filename: str, *, subfolder: str = "", revision: str | None = None,
                    local_files_only: bool = False) -> tuple[dict, Path]:
     """A JSON object from a model folder or hub repo, and the local path it was read from."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        path = folder / subfolder / filename
-        if not path.is_file():
-            raise UserError(f"{name} has no {Path(subfolder) / filename}; is it a complete diffusers model?")
-    else:
-        import huggingface_hub
-
-        try:
-            path = Path(huggingface_hub.hf_hub_download(
-                name, filename, subfolder=subfolder or None, revision=revision, local_files_only=local_files_only
-            ))
-        except Exception as err:  # hub errors come in many classes; all mean "cannot read it"
-            raise UserError(
-                f"could not read {Path(subfolder) / filename} of {name!r} ({first_line(err)}); check the id, "
-                "your network and hub login, or use --model tiny to try offline"
-            ) from None
+    path = resolve_file(
+        name, what="model file", filename="/".join(part for part in (subfolder, filename) if part),
+        advice="check that it is a complete diffusers model (folder or hub id), your network and hub login, "
+        "or use --model tiny to try offline",
+        revision=revision, local_files_only=local_files_only,
+    )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, *BAD_JSON) as err:
@@ -259,28 +239,16 @@ def _load_part(cls, name: str, subfolder: str, hub: dict, *, variant=None, dtype
 
 
 def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple]:
-    """Tensor names and shapes of a single-file checkpoint, without loading its weights (safetensors)
-    or with a weights-only, memory-mapped `torch.load` (.ckpt)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"{path} is not a readable .safetensors file ({first_line(err)})") from None
-    if path.suffix in (".ckpt", ".pt", ".pth"):
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # pickle / zip errors: the file cannot be read safely
-            raise UserError(
-                f"{path} cannot be read as a weights-only checkpoint ({first_line(err)}); convert it to .safetensors"
-            ) from None
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            raise UserError(f"{path} holds no state dict of tensors; pass a Stable Diffusion checkpoint")
-        return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    raise UserError(f"{path}: unknown model file type {path.suffix!r}; use .safetensors or .ckpt")
+    """Tensor names and shapes of a single-file checkpoint, without reading its weights (the
+    safetensors header, or a weights-only, memory-mapped `torch.load` of a .ckpt)."""
+    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+        raise UserError(f"{path}: unknown model file type {path.suffix!r}; use .safetensors or .ckpt")
+    checkpoint = read_weights(path, lazy=True, advice="convert it to .safetensors where you trust it, or pass a "
+                              "diffusers folder")
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no state dict of tensors; pass a Stable Diffusion checkpoint")
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def family_of_checkpoint(path: Path, shapes: dict[str, tuple]) -> ModelFamily:
@@ -329,9 +297,9 @@ def load_single_file(path: Path, *, model_config: str | None = None, local_files
             f"download of {family.checkpoint_config_repo}) or run once online"
         ) from None
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    if family.pipeline_class == "StableDiffusionPipeline":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs = family.pipeline_kwargs()
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
     try:
         pipe = pipeline_class.from_single_file(str(path), config=config, local_files_only=local_files_only, **kwargs)
     except Exception as err:  # shape mismatches, missing configs, corrupt tensors: each its own class

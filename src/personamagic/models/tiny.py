@@ -1,14 +1,17 @@
-"""Models built in code: `tiny` (real diffusers / transformers classes at a toy size, seeded) for tests,
-CI and trying the tool offline, and `random-sd1` (real SD-1.x sizes, random weights) for benchmarks.
+"""Models built in code, two per family under the names the family gives them: `tiny` / `tiny-sdxl`
+(real diffusers / transformers classes at a toy size, seeded) for tests, CI and trying the tool offline,
+`random-sd1` / `random-sdxl` (the real sizes, random weights) for benchmarks; and tiny random plug-ins for
+tests (a CLIPSeg, a PhotoMaker ID encoder and its weights file).
 
 The tiny models' images are noise-like by nature: they exist so the whole method runs offline on a CPU
-in seconds. They use the real SD-1.x tokenizer (built from the shipped BPE vocabulary) and the real
-SD-1.4 noise schedule, so their token ids and timesteps mean what they mean on a real model.
+in seconds. They use the real tokenizers (built from the shipped BPE vocabulary) and their family's real
+noise schedule, so their token ids and timesteps mean what they mean on a real model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,10 +21,11 @@ from ..families.sdxl import SCHEDULER_CONFIG as SDXL_SCHEDULER_CONFIG
 from .components import BaseComponents
 from .tokenizer import clip_tokenizer
 
-TINY = "tiny"
-TINY_SDXL = "tiny-sdxl"
-RANDOM_SD1 = "random-sd1"  # SD-1.x sizes, random weights: for benchmarks (timing does not depend on weights)
-RANDOM_SDXL = "random-sdxl"  # SDXL base sizes, random weights: for benchmarks
+# the short names of the models built here, as each family names its own
+TINY = SD1.tiny_model
+TINY_SDXL = SDXL.tiny_model
+RANDOM_SD1 = SD1.random_model  # SD-1.x sizes, random weights: for benchmarks (timing does not depend on weights)
+RANDOM_SDXL = SDXL.random_model  # SDXL base sizes, random weights: for benchmarks
 RANDOM_IMAGE_ENCODER = "random-clip-vit-b32"  # CLIP ViT-B/32 vision tower sizes, random weights
 # names of models built in code rather than loaded
 BUILT_MODELS = (TINY, TINY_SDXL, RANDOM_SD1, RANDOM_SDXL)
@@ -29,15 +33,14 @@ TINY_MODELS = (TINY, TINY_SDXL)  # the offline toys: tiny stand-ins for every ot
 
 
 def build_model(name: str, device=None) -> BaseComponents:
-    """The model built in code under `name` (one of BUILT_MODELS)."""
-    if name == TINY:
-        return build_tiny_components()
-    if name == TINY_SDXL:
-        return build_tiny_sdxl_components()
-    if name == RANDOM_SD1:
-        return build_random_sd1_components(device)
-    if name == RANDOM_SDXL:
-        return build_random_sdxl_components(device)
+    """The model built in code under `name` (one of BUILT_MODELS): a toy on the CPU (moved later), or a
+    real-size one directly on `device`."""
+    toys = {TINY: build_tiny_components, TINY_SDXL: build_tiny_sdxl_components}
+    real_size = {RANDOM_SD1: build_random_sd1_components, RANDOM_SDXL: build_random_sdxl_components}
+    if name in toys:
+        return toys[name]()
+    if name in real_size:
+        return real_size[name](device)
     raise ValueError(f"no built model named {name!r}; known: {', '.join(BUILT_MODELS)}")
 
 
@@ -317,3 +320,75 @@ def build_random_image_encoder(device=None):
     with torch.device(device or "cpu"):
         model = CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
     return model, CLIPImageProcessor()
+
+
+def build_tiny_photomaker(
+    seed: int = 0,
+    *,
+    text_width: int = 80,
+    projection_dim: int = 32,
+    projection_dim_2: int = 48,
+    fuse_hidden_dim: int | None = None,
+):
+    """A tiny random PhotoMaker ID encoder (same classes, 32x32 images) and its image processor, for tests.
+
+    `text_width` is the prompt embedding width of the SDXL it fuses into (a tiny SDXL: 32 + 48). The
+    weights follow `seed` alone; the global RNG is left as it was.
+    """
+    from transformers import CLIPVisionConfig
+
+    from ..adapters.photomaker.encoder import (
+        PhotoMakerConfig,
+        PhotoMakerIDEncoder,
+        clip_attention_heads,
+        id_image_processor,
+    )
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=clip_attention_heads(32),
+        image_size=32,
+        patch_size=8,
+        projection_dim=projection_dim,
+    )
+    config = PhotoMakerConfig.from_vision_config(
+        vision_config,
+        projection_dim_2=projection_dim_2,
+        prompt_embed_dim=text_width,
+        fuse_hidden_dim=fuse_hidden_dim or text_width,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = PhotoMakerIDEncoder(config)
+    return encoder.eval().requires_grad_(False), id_image_processor(config)
+
+
+def tiny_photomaker_lora(unet, *, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random LoRA for `unet` in PhotoMaker's `lora_weights` format: q/k/v/out of every attention layer."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for processor_name in unet.attn_processors:  # "<attention>.processor"
+        attention = unet.get_submodule(processor_name.removesuffix(".processor"))
+        for proj, linear in (
+            ("to_q", attention.to_q),
+            ("to_k", attention.to_k),
+            ("to_v", attention.to_v),
+            ("to_out", attention.to_out[0]),
+        ):
+            prefix = f"unet.{processor_name}.{proj}_lora"
+            lora[f"{prefix}.down.weight"] = (
+                torch.randn(rank, linear.in_features, generator=generator) / linear.in_features**0.5
+            )
+            lora[f"{prefix}.up.weight"] = torch.randn(linear.out_features, rank, generator=generator) * 0.1
+    return lora
+
+
+def save_tiny_photomaker_weights(path, id_encoder, unet, *, rank: int = 4, seed: int = 0) -> Path:
+    """Write `id_encoder` (a PhotoMakerIDEncoder) and a tiny LoRA for `unet` as a file laid out like
+    `photomaker-v1.bin`."""
+    path = Path(path)
+    state = {"id_encoder": id_encoder.state_dict(), "lora_weights": tiny_photomaker_lora(unet, rank=rank, seed=seed)}
+    torch.save(state, path)
+    return path

@@ -139,7 +139,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         with `S* img` then fuse the ID embedding of `photomaker_images` into S* (SDXL models only)."""
         from ..adapters.photomaker_plugin import PhotoMaker, PhotoMakerSpec
 
-        if self.family.name != "sdxl":
+        if not self.family.supports_photomaker:
             raise UserError(f"PhotoMaker works on SDXL models; this is a {self.family.title} model")
         self.photomaker = PhotoMaker.load(spec or PhotoMakerSpec(), self.unet, device=self.device, dtype=self.unet.dtype,
                                           local_files_only=local_files_only, encoder=encoder, lora=lora)
