@@ -253,6 +253,10 @@ def test_console_script_help_is_fast_and_errors_have_no_traceback(tmp_path):
     assert "torch" not in subprocess.run(
         [sys.executable, "-c", "import sys, personamagic.cli; print(' '.join(sys.modules))"],
         capture_output=True, text=True, env=env, timeout=60).stdout.split()
+    parser_modules = subprocess.run(  # building every sub-command's parser (evaluate's lists its studies) too
+        [sys.executable, "-c", "import sys; from personamagic.cli.main import build_parser; build_parser(); "
+         "print(' '.join(sys.modules))"], capture_output=True, text=True, env=env, timeout=60).stdout.split()
+    assert "torch" not in parser_modules and "numpy" not in parser_modules
     bad = subprocess.run([sys.executable, "-m", "personamagic.cli", "train", str(tmp_path / "none.jpg"), "-o",
                           str(tmp_path / "o"), "--model", "tiny"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

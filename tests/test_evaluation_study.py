@@ -387,7 +387,7 @@ def read_records_file(path: Path):
 def test_the_plug_in_study_of_table_3_runs_on_tiny_sdxl(tmp_path):
     from test_ip_adapter import WEIGHTS, make_tiny_ip_adapter
 
-    from personamagic.adapters.photomaker import build_tiny_photomaker, save_tiny_photomaker_weights
+    from personamagic.models.tiny import build_tiny_photomaker, save_tiny_photomaker_weights
     from personamagic.models import build_tiny_sdxl_components
 
     base = build_tiny_sdxl_components()

@@ -89,3 +89,12 @@ EVALUATION_PROMPTS = [
     "S* wearing winter camo military gear in the snow",
     "A photo of S* in the jungle",
 ]
+
+# Ten editing prompts of the learning world's grammar (`personamagic.world.captions`), for its likeness
+# figures and studies: each names one context attribute the world's judge reads (the subject is
+# replaced: "S*" or "a face")
+WORLD_EDITING_PROMPTS = (
+    "a photo of {} on a beach", "a photo of {} in a forest", "a photo of {} in the snow", "a photo of {} in space",
+    "a photo of {} wearing a red hat", "a photo of {} wearing a crown", "a photo of {} with sunglasses",
+    "a photo of {} in a yellow shirt", "a sketch of {}", "a painting of {} in a city",
+)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
+from .presets import STUDY_PRESETS
 
 
 def add_parser(commands) -> None:
@@ -46,7 +47,7 @@ def add_commands(evaluate) -> None:
 
     study = actions.add_parser("run", help="train, generate and score a whole study (resumable, shardable)")
     study.add_argument("config",
-                       help="study config (.json/.yaml) or a built-in study: table6, table1, table2, tiny-demo")
+                       help=f"study config (.json/.yaml) or a built-in study: {', '.join(STUDY_PRESETS)}")
     study.add_argument("--data-root", default=None,
                        help="folder that dataset paths are relative to (default: the config file's folder)")
     study.add_argument("--output", "-o", default=None, help="study folder (default: the config's output)")

@@ -45,6 +45,9 @@ class DatasetConfig:
     min_photos: int = 1  # identities with fewer photos are skipped (LFW few-shot: 2)
     max_photos: int | None = None  # few-shot: a seeded random subset of at most this many photos
     paper: str | None = None  # the paper's column for reference points; None = guessed from `name`
+    # layout world: the index in the walk of held-out people of the first person drawn (max_identities
+    # people from there; max_photos photos each, default 1)
+    first_person: int = 0
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -62,6 +65,15 @@ class DatasetConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"dataset {self.name!r}: {key} must be a whole number >= 1 or null")
+        if self.layout == "world" and self.max_identities is None:
+            raise ValueError(f"dataset {self.name!r}: a world dataset needs max_identities, the number of people drawn")
+        if not isinstance(self.first_person, int) or self.first_person < 0:
+            raise ValueError(f"dataset {self.name!r}: first_person must be a whole number >= 0")
+
+    @property
+    def world_photos(self) -> int:
+        """Photos drawn per person of a world dataset."""
+        return self.max_photos or 1
 
 
 @dataclass
@@ -76,6 +88,8 @@ class MethodConfig:
     # a plug-in for training and sampling ({"ip_adapter": weights, "scale": x} or {"photomaker": weights});
     # None = the preset's
     plugin: dict | None = None
+    # the method of the study whose concepts this one samples instead of training its own; None = the preset's
+    concept_of: str | None = None
 
     def __post_init__(self):
         if self.preset not in METHOD_PRESETS:
@@ -113,6 +127,18 @@ class MethodConfig:
             raise ValueError(f"method {self.name!r}: plugin must be {{'ip_adapter': ..., 'scale': ...}} or "
                              f"{{'photomaker': ...}}, got {plugin!r}")
         return plugin
+
+    @property
+    def effective_concept_of(self) -> str | None:
+        return self.concept_of or METHOD_PRESETS[self.preset].concept_of
+
+    @property
+    def sampler(self) -> str:
+        return METHOD_PRESETS[self.preset].sampler
+
+    @property
+    def subject(self) -> str | None:
+        return METHOD_PRESETS[self.preset].subject
 
     @property
     def paper_row(self) -> tuple | None:
@@ -204,6 +230,12 @@ class StudyConfig:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"identities_per_step must be a whole number >= 1, got {steps!r}")
         self.generate_config("check")
+        names = {m.name: m for m in self.methods}
+        for method in self.methods:
+            source = method.effective_concept_of
+            if source is not None and (source not in names or names[source].effective_concept_of is not None):
+                raise ValueError(f"method {method.name!r} samples the concepts of {source!r}, which is not a method of "
+                                 "this study that trains its own; add it (or set concept_of)")
         for method in self.methods:
             config = method.train_config(self.train)
             missing = [p for p in self.prompts if config.placeholder not in p]
@@ -235,11 +267,12 @@ class StudyConfig:
         return data
 
     def resolved(self, data_dir: Path, config_dir: Path, output: str | None = None) -> StudyConfig:
-        """A copy with absolute paths: dataset folders from `data_dir`, the output folder from
-        `config_dir` (or `output`, from the current folder)."""
-        datasets = [dataclasses.replace(d, identities=str((data_dir / d.identities).resolve()))
-                    for d in self.datasets]
+        """A copy with absolute paths: dataset folders from `data_dir` (a world dataset's, which the study
+        draws itself, from the output folder), the output folder from `config_dir` (or `output`, from the
+        current folder)."""
         out = Path(output) if output is not None else config_dir / self.output
+        datasets = [dataclasses.replace(d, identities=str(((out if d.layout == "world" else data_dir) / d.identities)
+                                                          .resolve())) for d in self.datasets]
         return dataclasses.replace(self, datasets=datasets, output=str(out.resolve()))
 
 
@@ -251,15 +284,16 @@ def _dataset(entry) -> DatasetConfig:
 
 
 def load_study_config(spec: str, *, data_root: str | None = None, output: str | None = None) -> StudyConfig:
-    """A study from a JSON/YAML file or a built-in preset name (`table6`, `table1`, `table2`, `tiny-demo`).
+    """A study from a JSON/YAML file or a built-in study (a key of `STUDY_PRESETS`: `table6`, `world`, …).
 
-    Dataset folders are relative to `data_root` if given (built-in studies need it), else to the config
-    file's folder; the output folder is relative to the config file's folder (built-in studies: the
+    Dataset folders are relative to `data_root` if given (built-in studies of real photos need it), else
+    to the config file's folder; a world dataset's folder is relative to the output folder; the output folder is relative to the config file's folder (built-in studies: the
     current folder), unless `output` replaces it.
     """
     path = Path(spec)
     if spec in STUDY_PRESETS and not path.is_file():
-        if data_root is None:
+        drawn = all(d.get("layout") == "world" for d in STUDY_PRESETS[spec]["datasets"])
+        if data_root is None and not drawn:
             raise UserError(f"the built-in study {spec} needs --data-root, the folder holding its datasets "
                             "(see docs/evaluation.md)")
         data, base_dir = json.loads(json.dumps(STUDY_PRESETS[spec])), Path.cwd()

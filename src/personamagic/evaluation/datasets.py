@@ -3,7 +3,8 @@
 Two folder layouts:
 - `folders`: one sub-folder per identity holding its photos (LFW: `lfw/Aaron_Peirsol/*.jpg`);
 - `files`: every image under the folder (recursively) is an identity of its own (CelebA-HQ's
-  `CelebA-HQ-img/0.jpg ...`, FFHQ's `images1024x1024/00000/00000.png ...`).
+  `CelebA-HQ-img/0.jpg ...`, FFHQ's `images1024x1024/00000/00000.png ...`);
+- `world`: held-out people of the learning world, drawn into the folder as `folders` (`render_world_people`).
 `auto` picks `folders` when the folder has sub-folders with images, else `files`; FFHQ's numbered
 sub-folders of 1000 images look like identities to it, so name the layout for FFHQ.
 
@@ -24,7 +25,7 @@ from ..errors import UserError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-LAYOUTS = ("auto", "folders", "files")
+LAYOUTS = ("auto", "folders", "files", "world")
 MODES = ("one-shot", "few-shot")
 # A `folders` identity with more photos than this is probably a shard of single-photo identities.
 SUSPICIOUS_PHOTOS_PER_IDENTITY = 200
@@ -71,6 +72,24 @@ def discover_identities(root: str | Path, layout: str = "auto") -> list[Identity
     if not identities:
         raise UserError(f"no images found under {root} ({', '.join(IMAGE_SUFFIXES)}); check the dataset path")
     return identities
+
+
+def render_world_people(root: str | Path, count: int, photos: int = 1, first: int = 0) -> None:
+    """`count` held-out people of the learning world (from index `first` of the held-out walk) drawn into
+    `root` as a `folders` dataset: `person-<id>/photo-<k>.png`, k < `photos`, each the reference photo's
+    plain studio context drawn from seed k (photo-0 is the person's reference photo). Every PNG carries
+    its world record, so the world model redraws its exact face mask. The renderer is deterministic:
+    files already there are kept."""
+    from ..files import write_atomic
+    from ..world.attributes import held_out_identities
+    from ..world.render import render, save_render
+
+    for person in held_out_identities(count, start=first):
+        folder = Path(root) / f"person-{person}"
+        for k in range(photos):
+            path = folder / f"photo-{k}.png"
+            if not path.is_file():
+                write_atomic(path, lambda tmp, k=k: save_render(render(person, None, k), tmp, k))
 
 
 def select_identities(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..shards import Shard, process_device  # noqa: F401 (re-exported: the study's shards)
 from .config import GENERATE_KEYS, MethodConfig, StudyConfig
-from .datasets import discover_identities, select_identities, training_photos
+from .datasets import discover_identities, render_world_people, select_identities, training_photos
 
 # TrainConfig fields that do not change the learned concept, left out of unit ids.
 NON_RESULT_TRAIN_KEYS = ("checkpoint_every",)
@@ -40,6 +40,9 @@ class Unit:
     train: dict = field(hash=False, compare=False)  # TrainConfig.to_dict()
     mask: str = "auto"  # personalize(mask=...)
     plugin: dict | None = field(default=None, hash=False, compare=False)  # MethodConfig.effective_plugin
+    concept_unit: str | None = None  # the unit whose concept this one samples (MethodConfig.concept_of)
+    sampler: str = "personamagic"  # MethodConfig.sampler
+    subject: str | None = None  # MethodConfig.subject
 
     @property
     def folder(self) -> Path:
@@ -85,24 +88,33 @@ def plan_study(config: StudyConfig) -> Plan:
     units, items = [], {}
     for dataset in config.datasets:
         root = Path(dataset.identities)
+        layout = dataset.layout
+        if layout == "world":  # the study draws its people (the same files on every run)
+            render_world_people(root, dataset.max_identities, dataset.world_photos, dataset.first_person)
+            layout = "folders"
         identities = select_identities(
-            discover_identities(root, dataset.layout), dataset=dataset.name, seed=config.seed,
+            discover_identities(root, layout), dataset=dataset.name, seed=config.seed,
             max_identities=dataset.max_identities, min_photos=dataset.min_photos,
         )
         for identity in identities:
             for repeat in range(dataset.repeats):
                 photos = training_photos(identity, mode=dataset.mode, repeat=repeat, dataset=dataset.name,
                                          seed=config.seed, max_photos=dataset.max_photos)
-                for method in config.methods:
-                    unit = _unit(config, dataset.name, identity.name, repeat, method, photos, root)
-                    units.append(unit)
-                    items[unit.unit_id] = _items(config, unit)
+                trained = {}  # method name -> its unit, for the methods that sample another's concept
+                for method in sorted(config.methods, key=lambda m: m.effective_concept_of is not None):
+                    unit = _unit(config, dataset.name, identity.name, repeat, method, photos, root,
+                                 trained.get(method.effective_concept_of))
+                    trained[method.name] = unit
+                for method in config.methods:  # in the config's order
+                    units.append(trained[method.name])
+                    items[trained[method.name].unit_id] = _items(config, trained[method.name])
     return Plan(units, items)
 
 
 def _unit(config: StudyConfig, dataset: str, identity: str, repeat: int, method: MethodConfig, photos,
-          root: Path) -> Unit:
-    train = method.train_config(config.train, repeat).to_dict()
+          root: Path, source: Unit | None = None) -> Unit:
+    """The unit of `method` on one identity and repeat; `source`: the unit whose concept it samples."""
+    train = source.train if source is not None else method.train_config(config.train, repeat).to_dict()
     key = {
         "dataset": dataset,
         "identity": identity,
@@ -115,10 +127,14 @@ def _unit(config: StudyConfig, dataset: str, identity: str, repeat: int, method:
         "image_encoder": config.image_encoder,
         "identity_model": _identity_model(config) if train["use_id_loss"] else None,
         **({"plugin": method.effective_plugin} if method.effective_plugin else {}),
+        **({"concept": source.unit_id} if source is not None else {}),
+        **({"sampler": method.sampler} if method.sampler != "personamagic" else {}),
+        **({"subject": method.subject} if method.subject else {}),
     }
     unit_id = f"{slug(identity)[:40]}-r{repeat}-{digest(key)[:10]}"
     return Unit(unit_id, dataset, identity, repeat, method.name, tuple(str(p) for p in photos), train,
-                method.effective_mask, method.effective_plugin)
+                method.effective_mask, method.effective_plugin, source.unit_id if source is not None else None,
+                method.sampler, method.subject)
 
 
 def _identity_model(config: StudyConfig) -> str:

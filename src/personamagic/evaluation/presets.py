@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..prompts import EVALUATION_PROMPTS
+from ..prompts import EVALUATION_PROMPTS, WORLD_EDITING_PROMPTS
 
 WHOLE_SCHEDULE = (0, 1000)
 
@@ -37,6 +37,14 @@ class MethodPreset:
     paper: tuple[str, str] | None = None  # (table, row) of the paper's published numbers for it
     # a plug-in for training and sampling: {"ip_adapter": weights, "scale": x} or {"photomaker": weights}
     plugin: dict | None = None
+    # what samples the images: "personamagic" (the project's pipeline: mapper and residual) or
+    # "diffusers-textual-inversion" (the concept's `personamagic export` file in diffusers' own
+    # StableDiffusionPipeline, what a user of A1111 or ComfyUI gets)
+    sampler: str = "personamagic"
+    concept_of: str | None = None  # the study method whose concepts it samples (it trains none of its own)
+    # "attributes": the placeholder is followed, in the sampled prompt, by the words of the person's
+    # nameable attributes ("with long red hair with blue eyes"; world datasets only; scored on the plain prompt)
+    subject: str | None = None
 
 
 METHOD_PRESETS: dict[str, MethodPreset] = {
@@ -87,6 +95,19 @@ METHOD_PRESETS.update({
                                     plugin=IP_ADAPTER_SDXL),
 })
 
+# Baselines without training of their own (the untrained concept: S* is exactly the supercategory word).
+METHOD_PRESETS.update({
+    "supercategory": MethodPreset("the supercategory word alone (untrained concept; a lower bound)",
+                                  dict(_UNTRAINED), mask="none"),
+    "attributes": MethodPreset("the supercategory word followed by the person's attributes in words (no training; "
+                               "world datasets)", dict(_UNTRAINED), mask="none", subject="attributes"),
+    "textual-inversion-export": MethodPreset(
+        "the personamagic concept exported as one textual-inversion embedding, sampled by diffusers' own "
+        "StableDiffusionPipeline (what A1111 and ComfyUI get)",
+        sampler="diffusers-textual-inversion", concept_of="personamagic"),
+})
+SAMPLERS = ("personamagic", "diffusers-textual-inversion")
+
 # Table 2's (lambda1, lambda2) grid, as method entries on top of the full method.
 TABLE2_METHODS = [
     {"name": f"l1={l1}-l2={l2}", "preset": "personamagic", "train": {"lambda1": l1, "lambda2": l2},
@@ -104,6 +125,36 @@ LFW = {"name": "LFW", "identities": "lfw", "layout": "folders", "mode": "few-sho
 
 NON_CELEBRITIES = {"name": "non-celebrities", "identities": "non-celebrities", "layout": "files", "mode": "one-shot",
                    "max_identities": 25, "repeats": 1}
+
+# The learning world: held-out people of the world's renderer (one reference photo; three for few-shot)
+WORLD_ONE_SHOT = {"name": "world one-shot", "identities": "world-people/one-shot", "layout": "world",
+                  "mode": "one-shot", "max_identities": 6}
+WORLD_FEW_SHOT = {"name": "world few-shot", "identities": "world-people/few-shot", "layout": "world",
+                  "mode": "few-shot", "max_identities": 3, "max_photos": 3, "first_person": 6}
+WORLD_METHODS = [
+    "personamagic",
+    {"name": "personamagic 400-800", "preset": "personamagic", "train": {"stage_window": [400, 800]}},
+    {"name": "no stages (vanilla)", "preset": "vanilla"},
+    "textual-inversion",
+    {"name": "w/o TE loss", "preset": "personamagic", "train": {"te_weight": 0.0}},
+    {"name": "w/o identity loss", "preset": "personamagic", "train": {"use_id_loss": False}},
+    {"name": "w/o residual", "preset": "personamagic", "train": {"mapper_residual": False}},
+    "supercategory",
+    "attributes",
+    "textual-inversion-export",
+]
+_WORLD_SETTINGS = {
+    "model": "world",
+    "prompts": [p.format("S*") for p in WORLD_EDITING_PROMPTS],
+    "seeds": [0, 1, 2, 3],
+    "train": {"max_train_steps": 300, "learning_rate": 5e-3, "checkpoint_every": 0},
+    "generate": {"num_inference_steps": 25, "guidance_scale": 8.0},  # DDIM 25 (the paper: 50) to fit 45 minutes
+    "clip_model": "world",
+    "face_model": "world",
+    "device": "cpu",
+    "plot_text_metric": "t_sim",
+    "plot_identity_convention": "zero",
+}
 
 _PAPER_SETTINGS = {
     "model": "CompVis/stable-diffusion-v1-4",
@@ -124,6 +175,14 @@ STUDY_PRESETS: dict[str, dict] = {
     "table3": {**_PAPER_SETTINGS, "model": "stabilityai/stable-diffusion-xl-base-1.0",
                "datasets": [NON_CELEBRITIES],
                "methods": ["photomaker", "photomaker+ours", "ip-adapter", "ip-adapter+ours"]},
+    # The paper's comparisons in the learning world (docs/evaluation.md): held-out people drawn by the
+    # study itself, the world model, its judge as both metrics.
+    "world": {**_WORLD_SETTINGS, "datasets": [WORLD_ONE_SHOT], "methods": WORLD_METHODS},
+    "world-few-shot": {**_WORLD_SETTINGS, "datasets": [WORLD_FEW_SHOT], "methods": WORLD_METHODS},
+    "world-table2": {**_WORLD_SETTINGS, "datasets": [WORLD_ONE_SHOT], "methods": TABLE2_METHODS},
+    # The same in CI: one person, the full method against the supercategory word (about a minute)
+    "world-mini": {**_WORLD_SETTINGS, "datasets": [{**WORLD_ONE_SHOT, "max_identities": 1, "first_person": 1}],
+                   "methods": ["personamagic", "supercategory"], "seeds": [0, 1]},
     # The harness end to end on the offline tiny model in about a minute on a CPU (noise images: no faces).
     "tiny-demo": {
         "model": "tiny",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .images import CONVENTIONS_NOTE, write_json
 from .paper_points import PAPER, TABLE6, paper_dataset, paper_value
-from .statistics import NO_FACE_CONVENTIONS, mean_std, summarize
+from .statistics import NO_FACE_CONVENTIONS, mean_ci, mean_std, summarize
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -35,7 +35,7 @@ def summary_rows(config, plan, records: list[dict]) -> list[dict]:
         if record.get("type") == "image" and record["item"] in item_ids and record["item"] not in seen:
             seen.add(record["item"])
             images[(record["dataset"], record["method"])].append(record)
-    train_s = defaultdict(dict)
+    train_s, windows = defaultdict(dict), defaultdict(dict)
     failed = defaultdict(set)
     for record in records:
         if record.get("unit") not in unit_ids:
@@ -43,6 +43,8 @@ def summary_rows(config, plan, records: list[dict]) -> list[dict]:
         key = (record["dataset"], record["method"])
         if record.get("type") == "train" and record.get("train_s") is not None:
             train_s[key].setdefault(record["unit"], record["train_s"])
+        if record.get("type") == "train" and record.get("stage_window") is not None:
+            windows[key].setdefault(record["unit"], record["stage_window"])
         elif record.get("type") == "failed":
             failed[key].add(record["unit"])
     planned_units = defaultdict(int)
@@ -68,12 +70,28 @@ def summary_rows(config, plan, records: list[dict]) -> list[dict]:
                 "failed_concepts": len(failed[key] - concepts),
                 "planned_images": planned_units[key] * len(config.prompts) * len(config.seeds),
                 **summarize(rows_images),
+                "per_identity": per_identity(rows_images),
+                "stage_windows": [windows[key][u] for u in sorted(windows[key])],
                 "train_s_per_concept": mean_std(train_s[key].values()),
                 "generate_s_per_image": mean_std(generate_s),
                 "wall_s": math.fsum([*train_s[key].values(), *generate_s, *score_s]),
                 "paper": paper,
             })
     return rows
+
+
+def per_identity(records: list[dict]) -> dict:
+    """Each person's mean over their images (every repeat and prompt; under "people"), then the mean over
+    people and its 95% confidence interval (Student's t): the spread that says whether two methods
+    differ, as the people, not the images, are the sample. I-Pre with no face = 0."""
+    people = defaultdict(list)
+    for record in records:
+        people[record["identity"]].append(record)
+    means = {person: {"t_sim": math.fsum(r["t_sim"] for r in rs) / len(rs),
+                      "i_pre": math.fsum(float(r["i_pre"]) if r["face_found"] else 0.0 for r in rs) / len(rs)}
+             for person, rs in sorted(people.items())}
+    return {"identities": len(people), "t_sim": mean_ci(m["t_sim"] for m in means.values()),
+            "i_pre": mean_ci(m["i_pre"] for m in means.values()), "people": means}
 
 
 def _paper_point(row: tuple | None, dataset: str | None) -> dict | None:
@@ -108,6 +126,8 @@ def write_report(output: Path, config, plan, records: list[dict]) -> dict:
         "std": "population standard deviation over images (ddof 0)",
         "wall_s": "seconds of training + generation + scoring of a row, summed over the processes that did them",
         "rows": rows,
+        "cost": study_cost(plan, records),
+        "settings": study_settings(config, plan),
     }
     paths = {"json": output / SUMMARY_JSON, "markdown": output / SUMMARY_MD, "plot": output / PARETO_PNG}
     write_json(paths["json"], summary)
@@ -117,6 +137,35 @@ def write_report(output: Path, config, plan, records: list[dict]) -> dict:
                 identity_convention=config.plot_identity_convention,
                 datasets=[(d.name, d.paper or paper_dataset(d.name)) for d in config.datasets])
     return {name: str(path) for name, path in paths.items()}
+
+
+def study_settings(config, plan) -> dict:
+    """What a reader needs to know to compare the report with another: when and where, how many people,
+    the study-wide training and sampling settings."""
+    import datetime
+    import os
+    import platform
+
+    sampling = config.generate_config("-")
+    return {"date": datetime.date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+            "people": len({(u.dataset, u.identity) for u in plan.units}), "prompts": len(config.prompts),
+            "train": dict(config.train), "sampling_steps": sampling.num_inference_steps,
+            "guidance_scale": sampling.guidance_scale, "scheduler": sampling.scheduler}
+
+
+def study_cost(plan, records: list[dict]) -> dict:
+    """What the study's finished work took: seconds of training, generation and scoring summed over
+    every process, and the wall-clock span from the first record to the last of the current plan."""
+    unit_ids = {u.unit_id for u in plan.units}
+    mine = [r for r in records if r.get("unit") in unit_ids]
+    train = {r["unit"]: r["train_s"] for r in mine if r.get("type") == "train" and r.get("train_s") is not None}
+    images = {r["item"]: r for r in mine if r.get("type") == "image"}
+    times = [r["time"] for r in mine if r.get("time") is not None]
+    return {"train_s": math.fsum(train.values()),
+            "generate_s": math.fsum(r.get("generate_s") or 0.0 for r in images.values()),
+            "score_s": math.fsum(r.get("score_s") or 0.0 for r in images.values()),
+            "span_s": max(times) - min(times) if times else 0.0}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -165,13 +214,55 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ci(stat: dict) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.3f}" + ("" if stat["ci"] is None else f" ± {stat['ci']:.3f}")
+
+
+def _windows(windows: list) -> str:
+    counts = defaultdict(int)
+    for lo, hi in windows:
+        counts[f"{lo}–{hi}"] += 1
+    return ", ".join(f"{w} ×{n}" if n > 1 else w for w, n in counts.items()) or "–"
+
+
+def identity_table(rows: list[dict], metrics: str = "real") -> str:
+    """Means over people with 95% confidence intervals, the stage windows the runs used and training
+    time: the table that compares methods."""
+    text, identity = (("world T-Sim", "world I-Pre") if metrics == "world" else ("T-Sim (cos)", "I-Pre (no face = 0)"))
+    columns = ["dataset", "method", "people", f"{text} (95% CI)", f"{identity} (95% CI)", "stage windows",
+               "train s/concept"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        people = row["per_identity"]
+        lines.append("| " + " | ".join([
+            row["dataset"], row["method"], str(people["identities"]), _ci(people["t_sim"]), _ci(people["i_pre"]),
+            _windows(row["stage_windows"]), _seconds(row["train_s_per_concept"]),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_summary(summary: dict) -> str:
     status = "complete" if summary["complete"] else "partial"
+    world = summary["clip_model"] == "world"
+    if world:
+        scorers = ("the learning world's judge: world T-Sim is the share of the prompt's context attributes it "
+                   "reads in the image, world I-Pre its identity cosine to the reference photo(s); every world "
+                   "image shows one face, so the no-face rule is moot")
+    else:
+        scorers = (f"T-Sim with CLIP `{summary['clip_model']}`; I-Pre with `{summary['face_model']}` on YuNet "
+                   "detections")
+    cost = summary["cost"]
     return (
         f"# Evaluation summary ({status}: {summary['images_done']}/{summary['images_planned']} images)\n\n"
-        f"Base model `{summary['model']}`; T-Sim with CLIP `{summary['clip_model']}`; I-Pre with "
-        f"`{summary['face_model']}` on YuNet detections. Mean ± std over images ({summary['std']}); "
-        f"wall s: {summary['wall_s']}.\n\n"
+        f"Base model `{summary['model']}`; {scorers}.\n\n"
+        f"Per person (mean over people of each person's mean; ± the 95% confidence interval, Student's t):\n\n"
+        + identity_table(summary["rows"], "world" if world else "real")
+        + f"\nCost: training {cost['train_s'] / 60:.1f} min, generation {cost['generate_s'] / 60:.1f} min, "
+        f"scoring {cost['score_s'] / 60:.1f} min (summed over processes); first to last record "
+        f"{cost['span_s'] / 60:.1f} min.\n\n"
+        f"Per image (mean ± std over images, {summary['std']}); wall s: {summary['wall_s']}:\n\n"
         + markdown_table(summary["rows"])
         + "\nI-Pre conventions: " + "; ".join(f"**{k}**: {v}" for k, v in summary["conventions"].items()) + ".\n"
         + "T-Sim scales: " + "; ".join(f"**{k}**: {v}" for k, v in summary["text_scales"].items()) + ".\n"

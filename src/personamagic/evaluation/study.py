@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import UserError
+from ..models.world import WORLD
 from .config import StudyConfig
 from .ledger import Ledger
-from .plan import Item, Shard, Unit, plan_study, process_device
+from .plan import Item, Plan, Shard, Unit, plan_study, process_device
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ STUDY_FILENAME = "study.json"
 RESULTS_DIR = "results"
 CONCEPTS_DIR = "concepts"
 IMAGES_DIR = "images"
+EXPORTS_DIR = "exports"  # the textual-inversion files of the diffusers-textual-inversion sampler
 
 
 @dataclass
@@ -60,8 +62,11 @@ class _Scorers:
         if self._text is None:
             from .text_similarity import TextSimilarity
 
-            self._text = TextSimilarity.load(self.config.clip_model, device=self.device,
-                                             local_files_only=self.config.local_files_only)
+            if self.config.clip_model == WORLD:
+                self._text = self._world()[0]
+            else:
+                self._text = TextSimilarity.load(self.config.clip_model, device=self.device,
+                                                 local_files_only=self.config.local_files_only)
         return self._text
 
     @property
@@ -69,8 +74,17 @@ class _Scorers:
         if self._identity is None:
             from .identity_preservation import IdentityPreservation, load_face_embedder
 
-            self._identity = IdentityPreservation(load_face_embedder(self.config.face_model, device=self.device))
+            if self.config.face_model == WORLD:
+                self._identity = self._world()[1]
+            else:
+                self._identity = IdentityPreservation(load_face_embedder(self.config.face_model, device=self.device))
         return self._identity
+
+    def _world(self):
+        """The learning world's judge as (T-Sim, I-Pre) scorers (`clip_model`/`face_model` "world")."""
+        from .images import world_metrics
+
+        return world_metrics()
 
 
 class _Sampler:
@@ -82,10 +96,9 @@ class _Sampler:
         self._base = None
         self._plugin = None  # the plug-in loaded into `_base` (a plug-in changes the model for good)
 
-    def pipeline(self, concept_path: Path, plugin: dict | None = None):
-        from ..concept import Concept
+    def base(self, plugin: dict | None = None):
+        """The base model (loaded again when the plug-in changes: a plug-in changes the model for good)."""
         from ..models import load_base_model, resolve_dtype
-        from ..pipeline.pipeline import PersonaMagicPipeline
 
         if self._base is None or plugin != self._plugin:
             self._base = None  # let the old model go before the next one loads
@@ -93,6 +106,19 @@ class _Sampler:
                                          dtype=resolve_dtype(self.config.dtype, self.device),
                                          local_files_only=self.config.local_files_only)
             self._plugin, self._loaded = plugin, {}
+        return self._base
+
+    def pipeline(self, unit: Unit, concept_path: Path, export_path: Path):
+        """(pipeline, concept) that sample `unit`'s images with its sampler (`MethodPreset.sampler`)."""
+        if unit.sampler == "diffusers-textual-inversion":
+            return self.textual_inversion_pipeline(concept_path, export_path)
+        return self.personamagic_pipeline(concept_path, unit.plugin)
+
+    def personamagic_pipeline(self, concept_path: Path, plugin: dict | None = None):
+        from ..concept import Concept
+        from ..pipeline.pipeline import PersonaMagicPipeline
+
+        self.base(plugin)
         settings = self.config.generate_config("-")
         pipe = PersonaMagicPipeline.from_base(self._base, scheduler=settings.scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -100,6 +126,37 @@ class _Sampler:
             load_plugin(pipe, plugin, self.config.local_files_only, self._loaded)
         concept = Concept.load(concept_path)
         pipe.load_concept(concept)
+        return pipe, concept
+
+    def textual_inversion_pipeline(self, concept_path: Path, export_path: Path):
+        """diffusers' own pipeline of the model's family on the base model's modules, with the concept
+        exported by `personamagic export` to `export_path` and read by diffusers' `load_textual_inversion`
+        (each text encoder's part into its encoder) under the concept's placeholder. The text encoders and
+        tokenizers are copies (loading adds a token to them)."""
+        import copy
+
+        import diffusers
+        from safetensors.torch import load_file
+
+        from ..concept import Concept
+        from ..export import export_textual_inversion
+        from ..pipeline.schedulers import make_scheduler
+
+        concept = Concept.load(concept_path)
+        base, family = self.base(), self.base().family
+        result = export_textual_inversion(concept_path, export_path, token=concept.placeholder, overwrite=True)
+        modules = {}
+        for spec, encoder, tokenizer in zip(family.encoders, base.text_encoders, base.tokenizers):
+            modules[spec.component], modules[spec.tokenizer] = copy.deepcopy(encoder), copy.deepcopy(tokenizer)
+        scheduler = make_scheduler(self.config.generate_config("-").scheduler, base.scheduler_config)
+        pipe = getattr(diffusers, family.pipeline_class)(vae=base.vae, unet=base.unet, scheduler=scheduler,
+                                                         feature_extractor=None, **modules, **family.pipeline_kwargs())
+        pipe.set_progress_bar_config(disable=True)
+        tensors = load_file(result.path)
+        for spec in family.encoders:  # one call per encoder: its part of the file, or the file (SD-1.x)
+            part = str(result.path) if spec.export_key is None else tensors[spec.export_key]
+            pipe.load_textual_inversion(part, token=result.token, text_encoder=getattr(pipe, spec.component),
+                                        tokenizer=getattr(pipe, spec.tokenizer))
         return pipe, concept
 
 
@@ -153,9 +210,9 @@ def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
     output = Path(config.output)
     plan = plan_study(config)
     _write_study_file(output, config)
-    worker = _Worker(config, shard)
+    worker = _Worker(config, shard, plan)
     finished = {r["item"] for r in worker.ledger.records() if r.get("type") == "image"}
-    mine = shard.take(plan.units)
+    mine = take_units(shard, plan.units)
     run = worker.run
     run.units = len(mine)
     logger.info("process %d of %d: %d of %d training runs", shard.index, shard.count, len(mine), len(plan.units))
@@ -196,6 +253,13 @@ def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
     return run
 
 
+def take_units(shard: Shard, units: list[Unit]) -> list[Unit]:
+    """This process's units, in planning order: `Shard.take` of the units that train a concept, each
+    with the units that sample its concept, so that one process trains every concept."""
+    taken = {unit.unit_id for unit in shard.take([u for u in units if u.concept_unit is None])}
+    return [unit for unit in units if (unit.concept_unit or unit.unit_id) in taken]
+
+
 def _write_study_file(output: Path, config: StudyConfig) -> None:
     from .images import write_json
 
@@ -205,10 +269,11 @@ def _write_study_file(output: Path, config: StudyConfig) -> None:
 class _Worker:
     """One process's tools: its ledger file, device, metric models and base model."""
 
-    def __init__(self, config: StudyConfig, shard: Shard):
+    def __init__(self, config: StudyConfig, shard: Shard, plan: Plan):
         from ..models.devices import resolve_device
 
         self.config = config
+        self.units = {unit.unit_id: unit for unit in plan.units}
         self.shard = shard
         self.output = Path(config.output)
         self.ledger = Ledger(self.output / RESULTS_DIR, shard.index, shard.count)
@@ -227,11 +292,14 @@ class _Worker:
         })
 
     def ensure_concept(self, unit: Unit) -> Path:
-        """The unit's concept: found on disk, or trained now (resuming its checkpoints if a run was cut)."""
+        """The unit's concept: found on disk, or trained now (resuming its checkpoints if a run was cut);
+        for a unit that samples another's concept, that unit's."""
         from ..concept import CONCEPT_FILENAME
         from ..jobs.personalize import CHECKPOINT_DIR, personalize
         from ..training import TrainConfig, latest_checkpoint
 
+        if unit.concept_unit is not None:
+            return self.ensure_concept(self.units[unit.concept_unit])
         folder = self.output / CONCEPTS_DIR / unit.folder
         if (folder / CONCEPT_FILENAME).is_file():
             return folder / CONCEPT_FILENAME
@@ -262,7 +330,8 @@ class _Worker:
 
         concepts = self.output / CONCEPTS_DIR
         # plug-ins change the model they train on, so their units train alone (in `ensure_concept`)
-        units = {u.unit_id: u for u in units if not (concepts / u.folder / CONCEPT_FILENAME).is_file() and not u.plugin}
+        units = {u.unit_id: u for u in units
+                 if not (concepts / u.folder / CONCEPT_FILENAME).is_file() and not u.plugin and not u.concept_unit}
         if not units:
             return set()
         config = self.config
@@ -309,7 +378,8 @@ class _Worker:
             missing = [item for item in batch if item.item_id not in images]
             if missing:
                 if pipe is None:
-                    pipe, concept = self.sampler.pipeline(concept_path, unit.plugin)
+                    export = self.output / EXPORTS_DIR / unit.folder.with_suffix(".safetensors")
+                    pipe, concept = self.sampler.pipeline(unit, concept_path, export)
                 t0 = time.perf_counter()
                 for item, image in zip(missing, self._generate(pipe, missing, unit)):
                     self._save(folder / item.filename(), image, item, concept, concept_path, unit)
@@ -360,29 +430,42 @@ class _Worker:
         """The PNG with the metadata `personamagic generate` writes (so it can be regenerated, plug-in
         included), atomically."""
         from ..files import write_atomic
-        from ..jobs.generate import file_record, image_metadata, png_info
+        from ..jobs.image_record import image_metadata, png_info
 
         prompt = sampling_prompt(unit, item.prompt)
         config = self.config.generate_config(prompt, item.seed)
-        extra = {"study_item": item.item_id}
-        images = [file_record(p) for p in unit.photos]
+        photos = [str(p) for p in unit.photos]
         if unit.plugin and "photomaker" in unit.plugin:
-            extra["photomaker"] = {"weights": unit.plugin["photomaker"], "merge_step": None, "lora_scale": 1.0,
-                                   "images": images}
+            config = replace(config, photomaker=unit.plugin["photomaker"], photomaker_images=photos)
         elif unit.plugin:
-            extra["ip_adapter"] = {"weights": unit.plugin["ip_adapter"], "scale": unit.plugin.get("scale", 1.0),
-                                   "images": images}
-        meta = image_metadata(prompt, item.seed, config, [concept], self.config.model, image.size,
-                              concept_paths=[str(concept_path)], extra=extra)
-        write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(meta)))
+            config = replace(config, ip_adapter=unit.plugin["ip_adapter"], ip_adapter_images=photos,
+                             ip_adapter_scale=unit.plugin.get("scale", 1.0))
+        record = image_metadata(prompt, item.seed, config, [concept], self.config.model, image.size,
+                                concept_paths=[str(concept_path)], extra={"study_item": item.item_id})
+        write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=png_info(record)))
 
 
 def sampling_prompt(unit: Unit, prompt: str) -> str:
     """The prompt a unit's images are sampled with: a PhotoMaker unit's placeholder is followed by the
-    trigger word (its items keep the plain prompt, which T-Sim scores)."""
+    trigger word, an "attributes" unit's by the words of its person's attributes (its items keep the
+    plain prompt, which T-Sim scores)."""
+    if unit.subject == "attributes":
+        return prompt.replace(unit.train["placeholder"], f"{unit.train['placeholder']} {_said_identity(unit)}", 1)
     if unit.plugin and "photomaker" in unit.plugin:
         from ..adapters.photomaker import TRIGGER_WORD
 
         placeholder = unit.train["placeholder"]
         return prompt.replace(placeholder, f"{placeholder} {TRIGGER_WORD}", 1)
     return prompt
+
+
+def _said_identity(unit: Unit) -> str:
+    """The words of the nameable attributes of the person a world unit's photo shows."""
+    from ..world.attributes import identity_attributes
+    from ..world.captions import identity_words
+    from ..world.render import recorded_render
+
+    record = recorded_render(unit.photos[0])
+    if record is None:
+        raise UserError(f"{unit.photos[0]} is not a world render: its person's attributes are unknown")
+    return identity_words(identity_attributes(record["identity"]))

@@ -16,18 +16,11 @@ import numpy as np
 import torch
 
 from ..world.attributes import CONTEXT_ATTRIBUTES, held_out_identities
+from ..prompts import WORLD_EDITING_PROMPTS
 from ..world.captions import caption, random_context
 from ..world.judge import WorldJudge, context_predictions
 from ..world.metrics import judge_report, prompt_context, reference_photo, to_tensor, world_i_pre, world_t_sim
 from ..world.render import render
-
-# Ten editing prompts of the world's grammar (the subject is replaced: "S*" or "a face")
-EDITING_PROMPTS = (
-    "a photo of {} on a beach", "a photo of {} in a forest", "a photo of {} in the snow", "a photo of {} in space",
-    "a photo of {} wearing a red hat", "a photo of {} wearing a crown", "a photo of {} with sunglasses",
-    "a photo of {} in a yellow shirt", "a sketch of {}", "a painting of {} in a city",
-)
-
 
 @dataclass
 class SamplingSettings:
@@ -119,15 +112,15 @@ def likeness(identity: int, judge: WorldJudge, *, steps: int, seeds: int = 4, tr
     pipe = PersonaMagicPipeline.from_base(base)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_concept(result.concept_path)
-    concept_prompts = [p.format("S*") for p in EDITING_PROMPTS for _ in range(seeds)]
-    plain_prompts = [p.format("a face") for p in EDITING_PROMPTS for _ in range(seeds)]
+    concept_prompts = [p.format("S*") for p in WORLD_EDITING_PROMPTS for _ in range(seeds)]
+    plain_prompts = [p.format("a face") for p in WORLD_EDITING_PROMPTS for _ in range(seeds)]
     seed_list = [i % seeds for i in range(len(concept_prompts))]
     concept_images = sample(pipe, concept_prompts, seed_list, settings)
     plain_images = sample(pipe, plain_prompts, seed_list, settings)
     i_pre, t_sim = world_i_pre(judge, concept_images, photo), world_t_sim(judge, concept_images, concept_prompts)
     i_plain, t_plain = world_i_pre(judge, plain_images, photo), world_t_sim(judge, plain_images, plain_prompts)
     per_prompt = {}
-    for k, prompt in enumerate(EDITING_PROMPTS):
+    for k, prompt in enumerate(WORLD_EDITING_PROMPTS):
         rows = slice(k * seeds, (k + 1) * seeds)
         per_prompt[prompt.format("S*")] = [float(np.mean(i_pre[rows])), float(np.mean(t_sim[rows]))]
     concept = result.concept

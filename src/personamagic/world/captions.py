@@ -18,22 +18,31 @@ SUPERCATEGORY = "face"
 CONTEXT_SAID = 0.85  # chance that a caption names a context attribute (style: always)
 IDENTITY_SAID = 0.3  # chance that a caption names a nameable identity attribute
 
-
 def caption(attributes: dict, *, subject: str = f"a {SUPERCATEGORY}", said: dict | None = None) -> str:
     """The caption naming, of `attributes`, those whose name maps to True in `said` (all context and
     no identity attributes if None). The subject replaces "a face" ("S*" for a concept's prompt)."""
     said = said if said is not None else {a.name: True for a in CONTEXT_ATTRIBUTES}
     context = {a.name: a for a in CONTEXT_ATTRIBUTES}
-    words = [context["style"].phrases[context["style"].index(attributes["style"])], subject]
-    for attribute in IDENTITY_ATTRIBUTES:
-        if attribute.phrases is None or attribute.name.startswith("hair") or not said.get(attribute.name):
-            continue
-        words.append(attribute.phrases[attribute.index(attributes[attribute.name])])
-    words[2:2] = [_hair_phrase(attributes, said)]
+    words = [context["style"].phrases[context["style"].index(attributes["style"])], subject,
+             identity_words(attributes, said)]
     for name in ("headwear", "glasses", "clothing", "background", "position"):
         if said.get(name):
             attribute = context[name]
             words.append(attribute.phrases[attribute.index(attributes[name])])
+    return " ".join(w for w in words if w)
+
+
+def identity_words(attributes: dict, said: dict | None = None) -> str:
+    """The words a caption says of a person after the subject: hair, then eyes and beard, of those whose
+    name maps to True in `said` (None: every attribute that has words). "with long red hair with blue
+    eyes clean-shaven"; "" when nothing is said."""
+    if said is None:
+        said = {a.name: True for a in IDENTITY_ATTRIBUTES if a.phrases}
+    words = [_hair_phrase(attributes, said)]
+    for attribute in IDENTITY_ATTRIBUTES:
+        if attribute.phrases is None or attribute.name.startswith("hair") or not said.get(attribute.name):
+            continue
+        words.append(attribute.phrases[attribute.index(attributes[attribute.name])])
     return " ".join(w for w in words if w)
 
 

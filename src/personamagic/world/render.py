@@ -56,16 +56,27 @@ def save_render(item: WorldImage, path, seed: int) -> None:
     item.image.save(path, format="PNG", pnginfo=info)
 
 
-def recorded_mask(path) -> Image.Image | None:
-    """The face mask of a saved render, redrawn from its world record; None if it carries none."""
+def recorded_render(path) -> dict | None:
+    """The world record of a saved render ({"identity", "context", "seed"}); None if it carries none."""
     with Image.open(path) as image:
         text = getattr(image, "text", {}).get(RECORD_KEY)
     if text is None:
         return None
     try:
         record = json.loads(text)
-        return render(int(record["identity"]), dict(record["context"]), int(record["seed"])).mask
+        return {"identity": int(record["identity"]), "context": dict(record["context"]), "seed": int(record["seed"])}
     except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} has a damaged world record ({err}); pass the mask with --mask FILE") from None
+
+
+def recorded_mask(path) -> Image.Image | None:
+    """The face mask of a saved render, redrawn from its world record; None if it carries none."""
+    record = recorded_render(path)
+    if record is None:
+        return None
+    try:
+        return render(record["identity"], record["context"], record["seed"]).mask
+    except ValueError as err:  # a value the renderer does not know
         raise ValueError(f"{path} has a damaged world record ({err}); pass the mask with --mask FILE") from None
 
 

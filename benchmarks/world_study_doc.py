@@ -1,0 +1,121 @@
+"""Write the `world` study's report into docs/evaluation.md between its `world-study` markers, so that no
+number there is typed by hand: the per-method table (means over people with 95% confidence intervals,
+the stage windows, training time), the paper's claims as paired differences over the same people, and
+the study's cost.
+
+    personamagic evaluate run world --output runs/world
+    cp runs/world/summary.json benchmarks/results/world-study.json
+    cp runs/world/pareto.png docs/images/world-pareto.png
+    python benchmarks/world_study_doc.py [benchmarks/results/world-study.json ...]
+
+Several reports (the one-shot study, the few-shot variant) are written one after the other.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from personamagic.evaluation.report import identity_table  # noqa: E402
+from personamagic.evaluation.statistics import mean_ci  # noqa: E402
+
+DOC = ROOT / "docs" / "evaluation.md"
+START, END = "<!-- world-study:start -->", "<!-- world-study:end -->"
+
+# (claim, method A, method B): the paper says A is ahead of B; measured as A − B per person.
+CLAIMS = [
+    ("Table 6: ahead of NeTI-like dynamic embeddings (no stages)", "personamagic", "no stages (vanilla)"),
+    ("Table 6: ahead of textual inversion", "personamagic", "textual-inversion"),
+    ("the automatic partition ahead of the fixed 400–800 window", "personamagic", "personamagic 400-800"),
+    ("Table 1: the tandem-equilibrium loss helps", "personamagic", "w/o TE loss"),
+    ("Table 1: the identity loss helps", "personamagic", "w/o identity loss"),
+    ("the value residual helps", "personamagic", "w/o residual"),
+    ("a likeness at all: ahead of the supercategory word", "personamagic", "supercategory"),
+    ("what the textual-inversion export keeps", "textual-inversion-export", "personamagic"),
+    ("against the person said in words", "personamagic", "attributes"),
+]
+
+
+def paired(rows: dict, a: str, b: str, metric: str) -> dict | None:
+    """Mean and 95% CI over people of A − B (the people both methods were measured on)."""
+    if a not in rows or b not in rows:
+        return None
+    pa, pb = rows[a]["per_identity"]["people"], rows[b]["per_identity"]["people"]
+    people = sorted(set(pa) & set(pb))
+    return mean_ci(pa[p][metric] - pb[p][metric] for p in people) if people else None
+
+
+def verdict(stat: dict | None) -> str:
+    if stat is None or stat["mean"] is None:
+        return "not measured"
+    if stat["ci"] is None:
+        return "one person: no interval"
+    if stat["mean"] - stat["ci"] > 0:
+        return "ahead"
+    if stat["mean"] + stat["ci"] < 0:
+        return "behind"
+    return "not resolved"
+
+
+def _diff(stat: dict | None) -> str:
+    if stat is None or stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:+.3f}" + ("" if stat["ci"] is None else f" ± {stat['ci']:.3f}")
+
+
+def claims_table(summary: dict, dataset: str) -> str:
+    rows = {r["method"]: r for r in summary["rows"] if r["dataset"] == dataset}
+    lines = ["| claim | A − B | world I-Pre: A − B | world T-Sim: A − B | I-Pre | T-Sim |", "|---|---|---|---|---|---|"]
+    for claim, a, b in CLAIMS:
+        i_pre, t_sim = paired(rows, a, b, "i_pre"), paired(rows, a, b, "t_sim")
+        lines.append(f"| {claim} | {a} − {b} | {_diff(i_pre)} | {_diff(t_sim)} | {verdict(i_pre)} | {verdict(t_sim)} |")
+    return "\n".join(lines) + "\n"
+
+
+def study_markdown(summary: dict, name: str, pareto: str | None) -> str:
+    cost = summary["cost"]
+    settings = summary.get("settings", {})
+    datasets = list(dict.fromkeys(r["dataset"] for r in summary["rows"]))
+    text = [f"#### {', '.join(datasets)} (`{name}`)", ""]
+    if settings:
+        train = settings["train"]
+        text += [f"{settings['people']} held-out people, {settings['prompts']} editing prompts × "
+                 f"{len(summary['seeds'])} seeds, {train.get('max_train_steps')} training steps at learning rate "
+                 f"{train.get('learning_rate')}, {settings['scheduler'].upper()} {settings['sampling_steps']} steps "
+                 f"with guidance {settings['guidance_scale']:g}; measured {settings['date']} on "
+                 f"{settings['machine']}.", ""]
+    text += [identity_table(summary["rows"], "world"),
+             f"Cost on that machine: training {cost['train_s'] / 60:.1f} min, generation "
+             f"{cost['generate_s'] / 60:.1f} min, scoring {cost['score_s'] / 60:.1f} min; the whole study "
+             f"{cost['span_s'] / 60:.1f} min from its first record to its last.", ""]
+    for dataset in datasets:
+        text += [f"The paper's claims as paired differences over the same people ({dataset}; ahead / behind: "
+                 "the 95% interval excludes 0):", "", claims_table(summary, dataset)]
+    if pareto:
+        text += [f"![world T-Sim against world I-Pre per method]({pareto})", ""]
+    return "\n".join(text)
+
+
+def main(paths: list[str]) -> None:
+    paths = paths or [str(ROOT / "benchmarks/results/world-study.json")]
+    parts = []
+    for path in paths:
+        summary = json.loads(Path(path).read_text())
+        name = Path(path).stem
+        pareto = ROOT / "docs" / "images" / f"{name.replace('-study', '-pareto')}.png"
+        parts.append(study_markdown(summary, name, f"images/{pareto.name}" if pareto.is_file() else None))
+    doc = DOC.read_text()
+    block = f"{START}\n" + "\n".join(parts) + f"\n{END}"
+    if START not in doc:
+        raise SystemExit(f"{DOC} has no {START} marker")
+    DOC.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, doc, flags=re.S))
+    print(f"wrote {len(paths)} report(s) into {DOC}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
