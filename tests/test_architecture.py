@@ -213,3 +213,42 @@ def test_no_module_outside_the_families_tests_which_family_it_has():
         found |= {(relative, test) for test in family_tests(path.read_text())}
     assert found <= FAMILY_TEST_ALLOWED, sorted(found - FAMILY_TEST_ALLOWED)
     assert FAMILY_TEST_ALLOWED <= found, f"no longer there, drop from the allow-list: {FAMILY_TEST_ALLOWED - found}"
+
+
+# --------------------------------------------------------------------------------------------------
+# errors by layer: the library raises ordinary exceptions; exit codes are the command line's
+
+
+# the field that holds the name a node uses: a name, an attribute, an import, a parameter, a keyword
+_NAME_FIELDS = {ast.Name: "id", ast.Attribute: "attr", ast.alias: "name", ast.arg: "arg", ast.keyword: "arg"}
+
+
+def exit_code_mentions(source: str) -> list[str]:
+    """Where `source` names the command line's error class (`UserError`) or an `exit_code` (an attribute,
+    a name, an import, a parameter or a keyword)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = getattr(node, _NAME_FIELDS.get(type(node), ""), None)
+        if name in ("UserError", "exit_code"):
+            found.append(f"line {node.lineno}: {name}")
+    return found
+
+
+def test_the_exit_code_finder_finds_names_attributes_parameters_and_imports():
+    assert len(exit_code_mentions(
+        "from ..errors import UserError\n"
+        "raise UserError('x')\n"
+        "code = err.exit_code\n"
+        "def stop(message, exit_code=2): pass\n"
+        "stop('x', exit_code=130)\n"
+    )) == 5
+    assert exit_code_mentions("from ..errors import SettingsError\nraise SettingsError('exit_code')\n") == []
+
+
+def test_no_module_below_the_command_line_raises_user_error_or_knows_exit_codes():
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if not relative.startswith("cli/") and (mentions := exit_code_mentions(path.read_text())):
+            found[relative] = mentions
+    assert not found, found

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from cli_helpers import run_cli
 from personamagic.concept import Concept
-from personamagic.errors import UserError
+from personamagic.errors import ConceptError
 from personamagic.method.mapper import MapperConfig, StageMapper
 
 
@@ -64,22 +64,22 @@ def test_fingerprint_changes_with_weights():
 
 def test_other_shape_is_refused():
     concept = make_concept(hidden=32)
-    with pytest.raises(UserError, match="text width"):
+    with pytest.raises(ConceptError, match="text width"):
         concept.check_compatible(768, 1000, "CompVis/stable-diffusion-v1-4")
     assert concept.check_compatible(32, 1000, "tiny") == []
     assert concept.check_compatible(32, 1000, "other") != []
 
 
 def test_bad_files_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="no concept"):
+    with pytest.raises(ConceptError, match="no concept"):
         Concept.load(tmp_path / "missing")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(UserError, match="not a readable"):
+    with pytest.raises(ConceptError, match="not a readable"):
         Concept.load(tmp_path / "junk.safetensors")
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(UserError, match="not a PersonaMagic concept"):
+    with pytest.raises(ConceptError, match="not a PersonaMagic concept"):
         Concept.load(tmp_path / "other.safetensors")
 
 

@@ -130,11 +130,11 @@ def test_no_face_counts_under_three_conventions(sface, astronaut):
 
 
 def test_reference_without_a_face_is_a_user_error(sface, tmp_path):
-    from personamagic.errors import UserError
+    from personamagic.errors import PhotoError
 
     path = tmp_path / "gradient.png"
     gradient_image().save(path)
-    with pytest.raises(UserError, match="no face found in the reference photo"):
+    with pytest.raises(PhotoError, match="no face found in the reference photo"):
         sface.reference([path])
 
 

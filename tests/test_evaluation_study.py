@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError, SettingsError
 from personamagic.evaluation import cli as evaluation_cli
 from personamagic.cli import main
 from personamagic.evaluation.config import MethodConfig, StudyConfig, load_study_config
@@ -103,7 +103,7 @@ def test_built_in_studies(tmp_path, capsys):
     assert table6.datasets[0].identities == str(Path("/data/celeba-hq").resolve())
     assert (table6.model, table6.seeds, [m.name for m in table6.methods]) == (
         "CompVis/stable-diffusion-v1-4", [0, 1, 2, 3], ["textual-inversion", "personamagic"])
-    with pytest.raises(UserError, match="--data-root"):
+    with pytest.raises(SettingsError, match="--data-root"):
         load_study_config("table6")
     code = evaluation_cli.main(["run", "tiny-demo", "--data-root", str(DATA), "--output", str(tmp_path / "demo"),
                                 "--dry-run"])
@@ -123,7 +123,7 @@ def test_built_in_studies(tmp_path, capsys):
 ])
 def test_config_mistakes_are_user_errors(tmp_path, change, message):
     path = write_config(tmp_path / "study.json", **change)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(SettingsError, match=message):
         load_study_config(str(path))
 
 
@@ -171,7 +171,7 @@ def test_identity_layouts(tmp_path):
     files = discover_identities(ffhq, "files")  # recursive: every image is a person
     assert [i.name for i in files] == ["00000/00000", "00000/00001", "01000/01000"]
     assert [i.name for i in discover_identities(ffhq)] == ["00000", "01000"]  # why FFHQ needs layout: files
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(PhotoError, match="does not exist"):
         discover_identities(tmp_path / "missing")
 
 
@@ -207,7 +207,7 @@ def test_shards_split_units_with_no_overlap_and_no_gap(tmp_path):
     halves = [{u.method for u in Shard(k, 2).take(units)} for k in range(2)]
     assert all(len(methods) > 1 for methods in halves)  # methods are mixed across processes
     assert Shard.parse("1/4") == Shard(1, 4)
-    with pytest.raises(UserError, match="K/N"):
+    with pytest.raises(SettingsError, match="K/N"):
         Shard.parse("4/4")
 
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from personamagic import faces
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError
 from personamagic.faces import (
     CropBox,
     FaceDetection,
@@ -131,7 +131,7 @@ def test_user_mistakes_raise_one_line_user_error(tmp_path, case):
     make, expected = USER_MISTAKES[case]
     path = tmp_path / "me.png"
     make(path)
-    with pytest.raises(UserError, match=expected) as info:
+    with pytest.raises(PhotoError, match=expected) as info:
         load_photo(path)
     assert "\n" not in str(info.value)
     assert "me.png" in str(info.value)
@@ -142,7 +142,7 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
     Image.new("RGB", (100, 100)).save(path)
     monkeypatch.setattr(faces.photos, "MAX_PHOTO_PIXELS", 100 * 100 - 1)
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
-    with pytest.raises(UserError, match="100x100 pixels, too large"):
+    with pytest.raises(PhotoError, match="100x100 pixels, too large"):
         load_photo(path)
 
 
@@ -227,7 +227,7 @@ def test_center_crop_without_detection(tmp_path):
 def test_no_face_is_a_user_error(tmp_path):
     path = tmp_path / "me.jpg"
     Image.new("RGB", (256, 256), (128, 128, 128)).save(path)
-    with pytest.raises(UserError, match=r"no face found in .*me\.jpg"):
+    with pytest.raises(PhotoError, match=r"no face found in .*me\.jpg"):
         prepare_photo(path, 128)
     assert prepare_photo(path, 128, detect_face=False).image.size == (128, 128)
 

@@ -4,7 +4,7 @@ the web UI's menu of every family's suggested models."""
 
 import pytest
 
-from personamagic.errors import UserError
+from personamagic.errors import SettingsError
 from personamagic.families import FAMILIES, SD1, SDXL, family_of_built_model, likely_family
 from personamagic.models.tiny import BUILT_MODELS, TINY_MODELS, build_model
 
@@ -43,7 +43,7 @@ def test_photomaker_is_asked_of_the_family():
     for model in (SDXL.tiny_model, SDXL.random_model, SD1.default_model, SDXL.default_model):
         check_model_name(model, photomaker=True)  # built SDXL models, and hub models (checked once loaded)
     for model in (SD1.tiny_model, SD1.random_model):
-        with pytest.raises(UserError, match=f"{model} is a Stable Diffusion 1.x model \\(try --model tiny-sdxl\\)"):
+        with pytest.raises(SettingsError, match=f"{model} is a Stable Diffusion 1.x model \\(try --model tiny-sdxl\\)"):
             check_model_name(model, photomaker=True)
 
 
@@ -51,7 +51,7 @@ def test_photomaker_on_a_pipeline_of_a_family_it_does_not_fit_is_one_user_error(
     from personamagic.pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(tiny_base)
-    with pytest.raises(UserError, match="PhotoMaker works on SDXL models; this is a Stable Diffusion 1.x model"):
+    with pytest.raises(SettingsError, match="PhotoMaker works on SDXL models; this is a Stable Diffusion 1.x model"):
         pipe.load_photomaker()
 
 

@@ -165,11 +165,11 @@ def test_late_read_back_still_names_the_diverged_step(tiny_base, data_and_encode
 
 
 def test_cuda_graph_sampling_needs_cuda(tiny_base):
-    from personamagic.errors import UserError
+    from personamagic.errors import SettingsError
     from personamagic.pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(tiny_base)
-    with pytest.raises(UserError, match="CUDA"):
+    with pytest.raises(SettingsError, match="CUDA"):
         pipe.enable_cuda_graph()
     assert pipe.graphed_unet is None
 

@@ -4,7 +4,7 @@ an offline hub cache in huggingface_hub's own layout (one small repo, written by
 import pytest
 
 from hub_fixture import _write_repo
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError
 from personamagic.hub import HubReference, hub_reference, is_hub_id, resolve_file
 
 REPO = "someone/weights"
@@ -59,20 +59,20 @@ def test_a_local_folder_is_read_before_the_hub_repo_of_the_same_name(cache, tmp_
     (local / "model.bin").write_bytes(b"local")
     monkeypatch.chdir(tmp_path / "work")
     assert resolve_file(REPO, what="test file", advice=ADVICE, filename="model.bin").read_bytes() == b"local"
-    with pytest.raises(UserError, match=f"{REPO} has no other.bin; {ADVICE}$"):
+    with pytest.raises(ModelLoadError, match=f"{REPO} has no other.bin; {ADVICE}$"):
         resolve_file(REPO, what="test file", advice=ADVICE, filename="other.bin")
-    with pytest.raises(UserError, match="the test file someone/weights is a directory"):
+    with pytest.raises(ModelLoadError, match="the test file someone/weights is a directory"):
         resolve_file(REPO, what="test file", advice=ADVICE)
 
 
 def test_what_is_neither_local_nor_cached_is_one_user_error(cache, tmp_path):
     missing = f"could not get the test file {REPO}/missing.bin from the hub .*; {ADVICE}$"
-    with pytest.raises(UserError, match=missing) as info:
+    with pytest.raises(ModelLoadError, match=missing) as info:
         resolve_file(f"{REPO}/missing.bin", what="test file", advice=ADVICE, local_files_only=True)
     assert "\n" not in str(info.value)
-    with pytest.raises(UserError, match=f"the test file {tmp_path}/nope.bin does not exist .*; {ADVICE}$"):
+    with pytest.raises(ModelLoadError, match=f"the test file {tmp_path}/nope.bin does not exist .*; {ADVICE}$"):
         resolve_file(tmp_path / "nope.bin", what="test file", advice=ADVICE)
-    with pytest.raises(UserError, match="the test file dir/model.pt does not exist"):
+    with pytest.raises(ModelLoadError, match="the test file dir/model.pt does not exist"):
         resolve_file("dir/model.pt", what="test file", advice=ADVICE)
 
 
@@ -83,12 +83,12 @@ def test_a_bare_repo_without_a_file_name_needs_exactly_one_weights_file(cache, m
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kwargs: files)
     assert resolve_file(REPO, what="test file", advice=ADVICE).read_bytes() == b"top"
     files.append("sub/other.safetensors")
-    with pytest.raises(UserError, match=f"hub repo {REPO} holds 2 weights files"):
+    with pytest.raises(ModelLoadError, match=f"hub repo {REPO} holds 2 weights files"):
         resolve_file(REPO, what="test file", advice=ADVICE)
 
 
 def test_a_missing_single_file_that_looks_like_a_path_is_an_unknown_model_not_a_hub_download():
     from personamagic.models.loading import load_base_model
 
-    with pytest.raises(UserError, match="unknown model 'nowhere/model.safetensors': not a file"):
+    with pytest.raises(ModelLoadError, match="unknown model 'nowhere/model.safetensors': not a file"):
         load_base_model("nowhere/model.safetensors")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError
 from personamagic.identity import (
     ARCFACE_TEMPLATE_112,
     IRESNET_LAYERS,
@@ -178,26 +178,26 @@ def test_nested_and_data_parallel_state_dicts_load(tmp_path):
 
 def test_pickled_module_is_refused(tmp_path):
     torch.save(build_tiny_identity_model().backbone, tmp_path / "whole_model.pth")
-    with pytest.raises(UserError, match="pickled Python objects"):
+    with pytest.raises(ModelLoadError, match="pickled Python objects"):
         load_identity_model(tmp_path / "whole_model.pth")
 
 
 @pytest.mark.parametrize("filename", ["garbage.pth", "garbage.safetensors", "garbage.onnx"])
 def test_garbage_files_are_refused(tmp_path, filename):
     (tmp_path / filename).write_bytes(b"this is not a model\n" * 10)
-    with pytest.raises(UserError):
+    with pytest.raises(ModelLoadError):
         load_identity_model(tmp_path / filename)
 
 
 def test_state_dicts_of_other_networks_are_refused(tmp_path):
     torch.save({"encoder.weight": torch.zeros(4, 4)}, tmp_path / "other.pth")
-    with pytest.raises(UserError, match="not an insightface arcface_torch IResNet state dict; pass an ONNX file"):
+    with pytest.raises(ModelLoadError, match="not an insightface arcface_torch IResNet state dict; pass an ONNX file"):
         load_identity_model(tmp_path / "other.pth")
 
     state_dict = build_tiny_identity_model().backbone.state_dict()
     del state_dict["layer2.0.bn3.running_var"]
     torch.save(state_dict, tmp_path / "incomplete.pth")
-    with pytest.raises(UserError, match=r"1 missing, 0 unexpected keys, e.g. 'layer2.0.bn3.running_var'"):
+    with pytest.raises(ModelLoadError, match=r"1 missing, 0 unexpected keys, e.g. 'layer2.0.bn3.running_var'"):
         load_identity_model(tmp_path / "incomplete.pth")
 
 
@@ -210,9 +210,9 @@ def test_unknown_or_missing_specs_are_user_errors(spec, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError):
+    with pytest.raises(ModelLoadError):
         load_identity_model(spec)
-    with pytest.raises(UserError, match="is a directory"):
+    with pytest.raises(ModelLoadError, match="is a directory"):
         load_identity_model(tmp_path)
 
 
@@ -242,7 +242,7 @@ def test_bare_hub_repo_uses_its_only_weights_file(tmp_path, monkeypatch):
     assert load_identity_model("someone/arcface").embedding_dim == TINY_IRESNET_CONFIG.embedding_dim
 
     files.append("glint360k_r100.onnx")
-    with pytest.raises(UserError, match="holds 2 weights files"):
+    with pytest.raises(ModelLoadError, match="holds 2 weights files"):
         load_identity_model("someone/arcface")
 
 
@@ -253,7 +253,7 @@ def test_hub_download_failure_is_one_user_error(monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
-    with pytest.raises(UserError) as caught:
+    with pytest.raises(ModelLoadError) as caught:
         load_identity_model("someone/arcface/backbone.pth")
     message = str(caught.value)
     assert "someone/arcface/backbone.pth" in message and "--identity-model PATH" in message
@@ -332,7 +332,7 @@ def test_onnx_model_loads_and_matches(onnx_tools, tmp_path, pixel_input):
 def test_onnx_without_onnx2torch_is_a_user_error(tmp_path, monkeypatch):
     (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
     monkeypatch.setitem(sys.modules, "onnx2torch", None)  # makes `import onnx2torch` fail
-    with pytest.raises(UserError, match=r"pip install 'personamagic\[onnx\]'"):
+    with pytest.raises(ModelLoadError, match=r"pip install 'personamagic\[onnx\]'"):
         load_identity_model(tmp_path / "model.onnx")
 
 

@@ -12,7 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from cli_helpers import run_cli
 from personamagic import __version__
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError
 from personamagic.jobs.generate import GenerateConfig
 from personamagic.jobs.image_record import ImageRecord, image_metadata, png_info, read_image_metadata
 
@@ -89,7 +89,7 @@ def test_json_that_is_no_record_is_refused(data, fault):
 
 def test_a_png_without_a_record_is_one_clear_error(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    with pytest.raises(UserError, match="has no personamagic metadata"):
+    with pytest.raises(PhotoError, match="has no personamagic metadata"):
         read_image_metadata(tmp_path / "plain.png")
 
 

@@ -187,12 +187,12 @@ def test_ip_adapter_spec_parsing(weights):
 
 def test_an_ip_adapter_of_another_family_is_one_line_naming_the_mismatch(tmp_path):
     from personamagic.adapters.ip_adapter import load_ip_adapter
-    from personamagic.errors import UserError
+    from personamagic.errors import ModelLoadError
     from personamagic.models import build_tiny_components, build_tiny_sdxl_components
 
     path = make_tiny_ip_adapter(tmp_path, build_tiny_sdxl_components().unet)  # an SDXL adapter...
     pipe = PersonaMagicPipeline.from_base(build_tiny_components())  # ...on an SD-1.x model
     spec = IPAdapterSpec.parse(str(path))
-    with pytest.raises(UserError, match="does not fit this base model's UNet") as raised:
+    with pytest.raises(ModelLoadError, match="does not fit this base model's UNet") as raised:
         load_ip_adapter(pipe, spec)
     assert "\n" not in str(raised.value) and "ignore_mismatched_sizes" not in str(raised.value)

@@ -11,7 +11,7 @@ from hub_fixture import CLIP_B32, DREAMLIKE, SD14, SD15_INPAINTING, SD21, SDXL_R
 
 from cli_helpers import run_cli
 from personamagic.concept import Concept
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError, SettingsError
 from personamagic.faces import prepare_photo
 from personamagic.faces.masks import landmark_mask
 from personamagic.jobs.personalize import pil_to_tensor
@@ -191,7 +191,7 @@ def test_a_single_file_without_configs_offline_names_model_config(offline_hub, t
     empty = str(tmp_path / "empty-cache")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", empty)
     monkeypatch.setenv("HF_HUB_CACHE", empty)
-    with pytest.raises(UserError, match="--model-config FOLDER"):
+    with pytest.raises(ModelLoadError, match="--model-config FOLDER"):
         load_base_model(str(offline_hub["sd14_safetensors"]))
     base = load_base_model(str(offline_hub["sd14_safetensors"]), model_config=str(offline_hub["sd14_folder"]))
     assert base.scheduler_config["_class_name"] == "PNDMScheduler"
@@ -199,9 +199,9 @@ def test_a_single_file_without_configs_offline_names_model_config(offline_hub, t
 
 def test_model_config_on_a_model_that_brings_its_own_is_refused(offline_hub, tmp_path):
     for model in (SD14, str(offline_hub["sd14_folder"]), "tiny"):
-        with pytest.raises(UserError, match="--model-config is for a single .safetensors/.ckpt file"):
+        with pytest.raises(SettingsError, match="--model-config is for a single .safetensors/.ckpt file"):
             load_base_model(model, model_config=str(offline_hub["sd14_folder"]))
-    with pytest.raises(UserError, match="--model-config"):  # a single file, its configs pointing at nothing
+    with pytest.raises(ModelLoadError, match="--model-config"):  # a single file, its configs pointing at nothing
         load_base_model(str(offline_hub["sd14_safetensors"]), model_config=str(tmp_path / "nowhere"))
 
 
@@ -209,7 +209,7 @@ def test_a_vae_of_another_latent_space_is_refused(offline_hub):
     from hub_fixture import SDXL
 
     # SD-1.x's VAE has SDXL's shape (4 latent channels) but scales by 0.18215, not 0.13025
-    with pytest.raises(UserError, match=r"--vae .* does not fit .*scales latents by 0.18215, the model's own VAE by 0.13025"):
+    with pytest.raises(ModelLoadError, match=r"--vae .* does not fit .*scales latents by 0.18215, the model's own VAE by 0.13025"):
         load_base_model(SDXL, vae=str(offline_hub["snapshots"][SD14]))
     assert load_base_model(SDXL, vae=str(offline_hub["snapshots"][SDXL])).vae.config.scaling_factor == 0.13025
 
@@ -223,7 +223,7 @@ def test_a_vae_of_another_latent_space_is_refused(offline_hub):
     (SD15_INPAINTING, "inpainting"),
 ])
 def test_models_that_are_not_sd1_shaped_are_refused_in_one_line(offline_hub, model, words):
-    with pytest.raises(UserError, match=words) as info:
+    with pytest.raises(ModelLoadError, match=words) as info:
         load_base_model(model)
     assert "\n" not in str(info.value)
 
@@ -232,7 +232,7 @@ def test_a_corrupt_component_is_one_line(offline_hub, tmp_path):
     folder = shutil.copytree(offline_hub["sd14_folder"], tmp_path / "broken")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(UserError, match="could not load the unet") as info:
+    with pytest.raises(ModelLoadError, match="could not load the unet") as info:
         load_base_model(str(folder))
     assert "\n" not in str(info.value)
 
@@ -240,7 +240,7 @@ def test_a_corrupt_component_is_one_line(offline_hub, tmp_path):
 def test_a_model_index_that_is_not_an_object_is_one_line(offline_hub, tmp_path):
     folder = shutil.copytree(offline_hub["sd14_folder"], tmp_path / "list")
     (folder / "model_index.json").write_text("[]")
-    with pytest.raises(UserError, match="not an object"):
+    with pytest.raises(ModelLoadError, match="not an object"):
         load_base_model(str(folder))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError, PhotoError
 from personamagic.faces import FaceDetection, prepare_photo
 from personamagic.faces.masks import (
     clipseg_mask,
@@ -102,12 +102,12 @@ def test_clipseg_mask_thresholds_and_refuses_an_empty_mask(photo, tiny_clipseg):
     mask = clipseg_mask(photo.image, "face", model, processor, threshold=threshold)
     assert mask.shape == (SIZE, SIZE) and _is_binary(mask)
     np.testing.assert_array_equal(mask, probabilities > threshold)
-    with pytest.raises(UserError, match=r"CLIPSeg mask for 'face' is empty.*--mask landmarks"):
+    with pytest.raises(PhotoError, match=r"CLIPSeg mask for 'face' is empty.*--mask landmarks"):
         clipseg_mask(photo.image, "face", model, processor, threshold=1.0)
 
 
 def test_clipseg_that_cannot_load_points_to_landmarks(tmp_path):
-    with pytest.raises(UserError, match="--mask landmarks"):
+    with pytest.raises(ModelLoadError, match="--mask landmarks"):
         clipseg_mask(Image.new("RGB", (64, 64)), "face", model_id=str(tmp_path))  # an empty folder
 
 
@@ -142,21 +142,21 @@ def test_mask_file_of_another_size_is_a_user_error(photo, tmp_path):
     path = tmp_path / "mask.png"
     Image.new("L", (100, 80), 255).save(path)
     width, height = photo.original.size
-    with pytest.raises(UserError, match=rf"100x80 pixels but the photo .* is {width}x{height}"):
+    with pytest.raises(PhotoError, match=rf"100x80 pixels but the photo .* is {width}x{height}"):
         load_mask_file(path, photo)
 
 
 def test_empty_mask_file_is_a_user_error(photo, tmp_path):
     path = tmp_path / "mask.png"
     Image.new("L", photo.original.size, 0).save(path)
-    with pytest.raises(UserError, match="selects nothing"):
+    with pytest.raises(PhotoError, match="selects nothing"):
         load_mask_file(path, photo)
 
 
 def test_mask_file_that_is_not_an_image_is_a_user_error(photo, tmp_path):
     path = tmp_path / "mask.png"
     path.write_text("white face\n")
-    with pytest.raises(UserError, match="not an image"):
+    with pytest.raises(PhotoError, match="not an image"):
         load_mask_file(path, photo)
 
 

@@ -18,7 +18,7 @@ from personamagic.adapters.photomaker.encoder import PhotoMakerIDEncoder
 from personamagic.adapters.photomaker.lora import LORA_ADAPTER_NAME, apply_photomaker_lora, set_photomaker_lora_scale
 from personamagic.adapters.photomaker.weights import load_photomaker
 from personamagic.models.tiny import build_tiny_photomaker, save_tiny_photomaker_weights
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError
 
 TEXT_WIDTH = 80  # tiny SDXL: 32 (first text encoder) + 48 (second)
 POOLED_WIDTH = 48  # the second text encoder's pooled output
@@ -192,7 +192,7 @@ def test_lora_loads_into_an_sdxl_unet_and_scales(weights_file):
     assert not torch.allclose(unet_output(unet), reference, atol=1e-4)
     set_photomaker_lora_scale(unet, 0.0)
     assert torch.equal(unet_output(unet), reference)
-    with pytest.raises(UserError, match="already loaded"):
+    with pytest.raises(ModelLoadError, match="already loaded"):
         apply_photomaker_lora(unet, lora, scale=1.0)
 
 
@@ -243,7 +243,7 @@ def test_lora_for_another_unet_is_one_user_error(weights_file):
         key: torch.zeros(tensor.shape[0], tensor.shape[1] + 1) if key.endswith("down.weight") else tensor
         for key, tensor in lora.items()
     }
-    with pytest.raises(UserError, match="does not fit this UNet"):
+    with pytest.raises(ModelLoadError, match="does not fit this UNet"):
         apply_photomaker_lora(tiny_sdxl_unet(), wider, scale=1.0)
 
 
@@ -291,7 +291,7 @@ def _bad_lora_key(state):
     ],
 )
 def test_malformed_weights_are_one_user_error(weights_file, tmp_path, edit, message):
-    with pytest.raises(UserError, match=message) as info:
+    with pytest.raises(ModelLoadError, match=message) as info:
         load_photomaker(_rewrite(weights_file, tmp_path, edit))
     assert "\n" not in str(info.value)
 
@@ -304,7 +304,7 @@ def test_pickled_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "marker-ran"
     path = tmp_path / "photomaker-v1.bin"
     torch.save({"id_encoder": {"payload": _MarkerOnUnpickle(marker)}, "lora_weights": {}}, path)
-    with pytest.raises(UserError, match="refusing"):
+    with pytest.raises(ModelLoadError, match="refusing"):
         load_photomaker(path)
     assert not marker.exists()
 
@@ -312,11 +312,11 @@ def test_pickled_code_is_refused_without_running_it(tmp_path):
 def test_unreadable_or_missing_files_are_one_user_error(tmp_path):
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="not a PyTorch weights file"):
+    with pytest.raises(ModelLoadError, match="not a PyTorch weights file"):
         load_photomaker(garbage)
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(ModelLoadError, match="no such file"):
         load_photomaker(str(tmp_path / "missing.bin"))
-    with pytest.raises(UserError, match="hub repo"):
+    with pytest.raises(ModelLoadError, match="hub repo"):
         load_photomaker("TencentARC/PhotoMaker", local_files_only=True)  # not in this machine's cache
 
 

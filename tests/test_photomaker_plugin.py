@@ -9,7 +9,7 @@ from PIL import Image
 
 from personamagic.models.tiny import build_tiny_photomaker, save_tiny_photomaker_weights
 from personamagic.adapters.photomaker_plugin import PhotoMakerSpec
-from personamagic.errors import UserError
+from personamagic.errors import ConceptError, ModelLoadError, SettingsError
 from personamagic.models import build_tiny_components, build_tiny_sdxl_components
 from personamagic.pipeline import PersonaMagicPipeline
 
@@ -125,19 +125,19 @@ def test_train_and_generate_with_photomaker_end_to_end(weights, astronaut, photo
 
 def test_photomaker_needs_sdxl_and_sound_weights(weights, tmp_path):
     pipe = PersonaMagicPipeline.from_base(build_tiny_components())
-    with pytest.raises(UserError, match="SDXL"):
+    with pytest.raises(SettingsError, match="SDXL"):
         pipe.load_photomaker(PhotoMakerSpec(weights=str(weights)))
     broken = tmp_path / "broken.bin"
     torch.save({"id_encoder": {"nothing": torch.zeros(1)}, "lora_weights": {}}, broken)
     xl = PersonaMagicPipeline.from_base(build_tiny_sdxl_components())
-    with pytest.raises(UserError) as info:
+    with pytest.raises(ModelLoadError) as info:
         xl.load_photomaker(PhotoMakerSpec(weights=str(broken)))
     assert "\n" not in str(info.value)
 
 
 def test_a_prompt_names_the_photomaker_concept_once(weights, photo):
     pipe = photomaker_pipe(weights)
-    with pytest.raises(UserError, match="once"):
+    with pytest.raises(SettingsError, match="once"):
         pipe("S* img and S* again", photomaker_images=[photo], num_inference_steps=1)
 
 
@@ -202,7 +202,7 @@ def test_a_concept_of_several_vectors_is_refused_with_photomaker_in_one_line(wei
     concept.base_model = "tiny-sdxl"  # no "trained on another model" warning into an earlier test's logger
     pipe.load_concept(concept)
     pipe.load_photomaker(PhotoMakerSpec(weights=str(weights)))
-    with pytest.raises(UserError, match="one-vector concept; 'S\\*' has 2 vectors"):
+    with pytest.raises(ConceptError, match="one-vector concept; 'S\\*' has 2 vectors"):
         pipe("a photo of S* img", photomaker_images=[photo], num_inference_steps=2)
     concept.save(tmp_path / "c")
     code, _, err = run_cli(capsys, "generate", tmp_path / "c", "-p", "a photo of S* img", "--steps", 2,

@@ -11,7 +11,7 @@ from _concepts import random_concept, stable_diffusion_pipeline
 from PIL import Image
 
 from personamagic.method.tokens import tokenize
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError, SettingsError
 from personamagic.pipeline import PersonaMagicPipeline, attach_concepts
 
 
@@ -95,7 +95,7 @@ def test_scheduler_swap_runs(pipe, tiny_base, name):
 
 
 def test_unknown_scheduler_is_a_user_error(pipe):
-    with pytest.raises(UserError, match="unknown scheduler 'fast'"):
+    with pytest.raises(SettingsError, match="unknown scheduler 'fast'"):
         pipe.set_scheduler("fast")
 
 
@@ -164,7 +164,7 @@ def test_placeholders_are_replaced_longest_first(pipe, tiny_base):
     a = pipe.load_concept(random_concept(tiny_base, placeholder="S*"))
     b = pipe.load_concept(random_concept(tiny_base, placeholder="S*2"))
     assert pipe.rewrite_prompt("S*2 and S*") == f"{b.tokens.tokens[0]} and {a.tokens.tokens[0]}"
-    with pytest.raises(UserError, match="--placeholder"):
+    with pytest.raises(SettingsError, match="--placeholder"):
         pipe.load_concept(random_concept(tiny_base, placeholder="S*"))
 
 
@@ -198,7 +198,7 @@ def test_localized_generation_needs_background_and_a_region(pipe, tiny_base):
     background, region = background_and_region()
     with pytest.raises(ValueError, match="both"):
         sample(pipe, "a photo of S*", steps=1, background=background)
-    with pytest.raises(UserError, match="empty"):
+    with pytest.raises(PhotoError, match="empty"):
         sample(pipe, "a photo of S*", steps=1, background=background, region=Image.new("L", (128, 128)))
 
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 from test_photomaker import _MarkerOnUnpickle
 
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError
 from personamagic.files import read_weights
 
 ADVICE = "pass a file of plain tensors"
@@ -37,7 +37,7 @@ def test_pickled_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "marker-ran"  # what the object's code makes when it runs (test_photomaker checks it does)
     path = tmp_path / "weights.bin"
     torch.save({"payload": _MarkerOnUnpickle(marker)}, path)
-    with pytest.raises(UserError, match=f"holds pickled Python objects other than tensors .*refusing it: {ADVICE}$"):
+    with pytest.raises(ModelLoadError, match=f"holds pickled Python objects other than tensors .*refusing it: {ADVICE}$"):
         read_weights(path, advice=ADVICE)
     assert not marker.exists()
 
@@ -48,7 +48,7 @@ def test_pickled_code_is_refused_without_running_it(tmp_path):
 ])
 def test_a_file_of_another_kind_is_one_line_ending_in_the_advice(tmp_path, name, message):
     (tmp_path / name).write_bytes(b"not a checkpoint at all\n" * 4)
-    with pytest.raises(UserError, match=f"{message} .*; {ADVICE}$") as info:
+    with pytest.raises(ModelLoadError, match=f"{message} .*; {ADVICE}$") as info:
         read_weights(tmp_path / name, advice=ADVICE)
     assert "\n" not in str(info.value)
 
@@ -57,6 +57,6 @@ def test_a_garbage_identity_model_is_not_called_pickled_objects(tmp_path):
     from personamagic.identity import load_identity_model
 
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="is not a PyTorch weights file") as info:
+    with pytest.raises(ModelLoadError, match="is not a PyTorch weights file") as info:
         load_identity_model(tmp_path / "garbage.pth")
     assert "pickled" not in str(info.value)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from cli_helpers import assert_one_line_error, edit, rewrite_concept, run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.errors import UserError
+from personamagic.errors import FolderInUse
 from personamagic.files import FolderLock
 
 GENERATE_FAST = ["--steps", "2", "--num-images", "1"]
@@ -220,7 +220,7 @@ def test_a_lock_released_while_taken_is_not_shared(tmp_path, monkeypatch):
         return real_lock(file)
 
     monkeypatch.setattr(files, "_try_lock", racing)
-    with pytest.raises(UserError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+    with pytest.raises(FolderInUse, match=f"in use by another run \\(pid {os.getpid()}\\)"):
         FolderLock(tmp_path).acquire()
     third.release()
 

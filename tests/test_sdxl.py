@@ -8,7 +8,7 @@ from hub_fixture import SDXL
 
 from cli_helpers import assert_one_line_error, run_cli
 from personamagic.concept import Concept
-from personamagic.errors import UserError
+from personamagic.errors import ConceptError, ModelLoadError
 from personamagic.faces import prepare_photo
 from personamagic.faces.masks import landmark_mask
 from personamagic.jobs.personalize import pil_to_tensor, training_time_ids
@@ -258,9 +258,9 @@ def test_same_seed_same_concept_and_resume_is_exact(astronaut, tmp_path, capsys)
 
 def test_a_concept_of_one_family_is_refused_on_the_other(xl):
     sd1 = build_tiny_components()
-    with pytest.raises(UserError, match="Stable Diffusion 1.x model"):
+    with pytest.raises(ConceptError, match="Stable Diffusion 1.x model"):
         PersonaMagicPipeline.from_base(xl).load_concept(random_concept(sd1))
-    with pytest.raises(UserError, match="Stable Diffusion XL model"):
+    with pytest.raises(ConceptError, match="Stable Diffusion XL model"):
         PersonaMagicPipeline.from_base(sd1).load_concept(random_concept(xl))
 
 
@@ -269,7 +269,7 @@ def test_a_concept_whose_encoder_widths_are_swapped_is_refused(xl, tmp_path, cap
     widths = concept.mapper_config["encoder_widths"]
     assert len(widths) == 2 and widths[0] != widths[1]
     concept.mapper_config["encoder_widths"] = widths[::-1]  # the same sum: only the split is wrong
-    with pytest.raises(UserError, match=rf"trained on text encoders of widths \[{widths[1]}, {widths[0]}\]"):
+    with pytest.raises(ConceptError, match=rf"trained on text encoders of widths \[{widths[1]}, {widths[0]}\]"):
         PersonaMagicPipeline.from_base(xl).load_concept(concept)
     PersonaMagicPipeline.from_base(xl).load_concept(random_concept(xl))  # the right order loads
     concept.save(tmp_path / "swapped")  # nor is it exported with clip_l and clip_g of each other's widths
@@ -349,6 +349,6 @@ def test_a_vae_of_another_shape_is_named_as_the_vae_that_does_not_fit(tmp_path):
 
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=16).save_pretrained(tmp_path / "vae")
-    with pytest.raises(UserError, match=r"--vae .*vae does not fit tiny \(Stable Diffusion 1.x\): VAE has 16 latent "
+    with pytest.raises(ModelLoadError, match=r"--vae .*vae does not fit tiny \(Stable Diffusion 1.x\): VAE has 16 latent "
                                         r"channels; give a VAE made for this model family"):
         load_base_model("tiny", device="cpu", vae=str(tmp_path / "vae"))

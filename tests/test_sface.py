@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from PIL import Image
 
-from personamagic.errors import UserError
+from personamagic.errors import ModelLoadError
 from personamagic.evaluation.identity_preservation import IdentityPreservation, load_face_embedder, yunet_row
 from personamagic.faces import FaceDetector
 from personamagic.identity import (
@@ -362,7 +362,7 @@ def test_missing_or_corrupt_onnx_files_are_one_user_error(tmp_path):
     (tmp_path / "garbage.onnx").write_bytes(b"\xff" * 64)
     (tmp_path / "truncated.onnx").write_bytes(sface_model_path().read_bytes()[:100_000])
     for path in (tmp_path / "missing.onnx", tmp_path / "garbage.onnx", tmp_path / "truncated.onnx"):
-        with pytest.raises(UserError) as caught:
+        with pytest.raises(ModelLoadError) as caught:
             load_identity_model(path)
         assert "\n" not in str(caught.value) and path.name in str(caught.value)
 
@@ -379,7 +379,7 @@ def test_arcface_r100_names_the_hub_file_of_the_paper_setting(monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(UserError, match="--no-id-loss"):
+    with pytest.raises(ModelLoadError, match="--no-id-loss"):
         load_identity_model("arcface-r100")
     assert asked == [ARCFACE_R100] == [identity_file_reference("arcface-r100")]
     assert identity_file_reference("sface") == "sface"  # built in: nothing to download

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError, SettingsError
 from personamagic.faces import prepare_photo
 from personamagic.faces.masks import landmark_mask
 from personamagic.identity import alignment_theta, build_tiny_identity_model
@@ -201,7 +201,7 @@ def test_ambiguous_folders_are_one_clear_error(tmp_path, layout, message):
             (tmp_path / name).write_bytes(b"")
         else:
             touch_images(tmp_path / name, *inner)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(PhotoError, match=message):
         discover_identities(tmp_path)
 
 
@@ -435,11 +435,11 @@ def test_launcher_variables_that_make_no_sense_are_named(monkeypatch):
     from personamagic.shards import Shard
 
     monkeypatch.setenv("RANK", "abc")
-    with pytest.raises(UserError, match="RANK='abc' is not a whole number"):
+    with pytest.raises(SettingsError, match="RANK='abc' is not a whole number"):
         Shard.from_environment()
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match=r"RANK=3, WORLD_SIZE=2\) puts this process at index 3 of 2"):
+    with pytest.raises(SettingsError, match=r"RANK=3, WORLD_SIZE=2\) puts this process at index 3 of 2"):
         Shard.from_environment()
 
 
@@ -469,7 +469,7 @@ def test_a_concept_folder_is_never_the_photos_folder_nor_taken_for_a_person(tmp_
     (concept / "concept.safetensors").write_bytes(b"")
     Image.new("L", (8, 8)).save(concept / "mask.png")
     assert [name for name, _ in discover_identities(few_shot)] == ["bo"]
-    with pytest.raises(UserError, match="is a concept folder"):
+    with pytest.raises(PhotoError, match="is a concept folder"):
         discover_identities(concept)
 
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from personamagic.concept import CONCEPT_FILENAME
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError, SettingsError
 from personamagic.ui.jobs import CANCELLED, DONE, FAILED, INTERNAL_ERROR, QUEUED, RUNNING, Job, JobQueue
 from personamagic.ui.studio import Library, Studio, check_name, parse_stage_window
 
@@ -122,7 +122,7 @@ def test_cancel_queued_job_never_runs_it(jobs, tmp_path):
 def test_failed_jobs_show_one_line_and_leave_nothing(jobs, tmp_path, caplog):
     def user_mistake(job):
         (job.folder / "x").write_text("x")
-        raise UserError("no face found in me.jpg; use a photo where one face is clearly visible")
+        raise PhotoError("no face found in me.jpg; use a photo where one face is clearly visible")
 
     def bug(job):
         raise ZeroDivisionError("division by zero")
@@ -151,10 +151,10 @@ def studio(tmp_path):
 def test_names_and_windows():
     assert check_name(" astronaut-2 ") == "astronaut-2"
     for bad in ("", "../x", "a/b", ".hidden", "images", "x" * 65):
-        with pytest.raises(UserError, match="not usable"):
+        with pytest.raises(SettingsError, match="not usable"):
             check_name(bad)
     assert parse_stage_window("auto") is None and parse_stage_window("400:800") == (400, 800)
-    with pytest.raises(UserError, match="LO:HI"):
+    with pytest.raises(SettingsError, match="LO:HI"):
         parse_stage_window("800")
 
 
@@ -181,7 +181,7 @@ def test_cancelled_personalization_leaves_nothing(studio, astronaut):
 
     config = TrainConfig(max_train_steps=500, stage_window=(400, 800))
     job = studio.submit_personalize([astronaut], "astro", config, model="tiny")
-    with pytest.raises(UserError, match="already queued"):
+    with pytest.raises(SettingsError, match="already queued"):
         studio.submit_personalize([astronaut], "astro", config, model="tiny")
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while job.state == QUEUED and time.monotonic() < deadline:
@@ -210,7 +210,7 @@ def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
     assert (studio.library.root / "astro" / CONCEPT_FILENAME).is_file()
     assert [c.name for c in studio.library.concepts()] == ["astro"]
     assert not any(studio.library.staging_dir.iterdir())
-    with pytest.raises(UserError, match="already has"):
+    with pytest.raises(SettingsError, match="already has"):
         studio.submit_personalize([astronaut], "astro", config, model="tiny")
 
     settings = GenerateConfig(prompts=["a photo of S*"], num_images=2, seed=5, num_inference_steps=2,
@@ -227,7 +227,7 @@ def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
     assert (meta["seed"], meta["guidance_scale"], meta["steps"]) == (6, 6.5, 2)
     assert np.array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(images[1])))  # same device: same pixels
     assert loads == [("tiny",)]
-    with pytest.raises(UserError, match="no personamagic metadata"):
+    with pytest.raises(PhotoError, match="no personamagic metadata"):
         studio.submit_regenerate(ROOT / "tests" / "data" / "astronaut.png")
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from personamagic.errors import UserError
+from personamagic.errors import PhotoError
 from personamagic.evaluation.config import StudyConfig, load_study_config
 from personamagic.evaluation.datasets import render_world_people
 from personamagic.evaluation.plan import plan_study
@@ -108,7 +108,7 @@ def test_the_attributes_baseline_of_a_real_photo_fails_its_unit_in_one_line(tmp_
     unit = replace(plan_study(config).units[0], subject="attributes")
     photo = tmp_path / "me.png"
     Image.new("RGB", (64, 64)).save(photo)
-    with pytest.raises(UserError, match="not a world render: its person's attributes are unknown"):
+    with pytest.raises(PhotoError, match="not a world render: its person's attributes are unknown"):
         sampling_prompt(replace(unit, photos=(str(photo),)), "a photo of S*")
 
 

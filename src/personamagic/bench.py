@@ -344,9 +344,9 @@ def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: 
     """Measure the chosen `sections` (the plain step always); returns the result dict, also written
     as JSON to `output` (default ./bench-<device>-<date>.json) after every section."""
     if not Path(photo).is_file():
-        from .errors import UserError
+        from .errors import PhotoError
 
-        raise UserError(f"benchmark photo {photo} not found; pass --photo FACE.jpg")
+        raise PhotoError(f"benchmark photo {photo} not found; pass --photo FACE.jpg")
     bench = _Bench(resolve_device(device), steps, warmup_steps, photo, generation_batches, output, sections)
     bench.plain_step()
     if "steps" in sections:

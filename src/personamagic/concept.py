@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import BAD_JSON, UserError
+from .errors import BAD_JSON, ConceptError
 from .files import load_safetensors, save_safetensors_atomic
 from .method.mapper import MapperConfig, StageMapper
 from .method.stages import StageWindow
@@ -106,20 +106,20 @@ class Concept:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Concept":
         """Read a concept file (or a folder holding one). Anything that is not a whole, well-formed
-        concept is one UserError naming the file and the fault: metadata of the wrong shape or type,
+        concept is one ConceptError naming the file and the fault: metadata of the wrong shape or type,
         a tensor the configuration needs that is missing or of the wrong shape or dtype, non-finite
         values. Loading never executes code."""
         path = resolve_concept_path(path)
-        tensors, header = load_safetensors(path)
+        tensors, header = load_safetensors(path, error=ConceptError)
         try:
             meta = json.loads(header[METADATA_KEY])
         except (KeyError, *BAD_JSON):
-            raise UserError(f"{path}: not a PersonaMagic concept (a safetensors file without readable concept "
-                            "metadata)") from None
+            raise ConceptError(f"{path}: not a PersonaMagic concept (a safetensors file without readable concept "
+                               "metadata)") from None
         try:
             return cls._from_file(tensors, meta)
         except ConceptFileError as fault:
-            raise UserError(f"{path}: {fault}") from None
+            raise ConceptError(f"{path}: {fault}") from None
 
     @classmethod
     def _from_file(cls, tensors: dict[str, torch.Tensor], meta) -> "Concept":
@@ -216,7 +216,7 @@ class Concept:
     def check_compatible(self, hidden_size: int, num_train_timesteps: int, base_model: str,
                          family: str = "sd1", encoder_widths: list[int] | None = None,
                          placeholder: str | None = None) -> list[str]:
-        """Raise UserError if the concept cannot drive a base model of this family and shape (its text
+        """Raise ConceptError if the concept cannot drive a base model of this family and shape (its text
         width; with `encoder_widths`, each text encoder's width in order); return warnings. `placeholder`:
         what the concept is called in this run (a renamed placeholder), for the messages."""
         name = placeholder or self.placeholder
@@ -225,25 +225,25 @@ class Concept:
 
             trained = FAMILIES[self.family].title if self.family in FAMILIES else self.family
             now = FAMILIES[family].title if family in FAMILIES else family
-            raise UserError(
+            raise ConceptError(
                 f"concept {name!r} was trained on a {trained} model ({self.base_model}); "
                 f"{base_model} is a {now} model. Use --model {self.base_model} or another {trained} model"
             )
         # The mapper's own width decides what it can drive; the recorded one must agree with it.
         if hidden_size != self.text_encoder_hidden_size or hidden_size != self.mapper_config.get("text_embed_dim"):
-            raise UserError(
+            raise ConceptError(
                 f"concept {name!r} was trained on {self.base_model} (text width "
                 f"{self.text_encoder_hidden_size}); this base model's text width is {hidden_size}. "
                 f"Use --model {self.base_model} or a model of the same family"
             )
         trained_widths = list(self.mapper_config.get("encoder_widths") or [hidden_size])
         if encoder_widths is not None and trained_widths != list(encoder_widths):
-            raise UserError(
+            raise ConceptError(
                 f"concept {name!r} was trained on text encoders of widths {trained_widths}; this base "
                 f"model's are {list(encoder_widths)}. Use --model {self.base_model} or a model of the same family"
             )
         if num_train_timesteps != self.num_train_timesteps:
-            raise UserError(
+            raise ConceptError(
                 f"concept {name!r} expects {self.num_train_timesteps} training timesteps, "
                 f"the base model has {num_train_timesteps}"
             )
@@ -362,7 +362,8 @@ def resolve_concept_path(path: str | os.PathLike) -> Path:
             path = path / CONCEPT_FILENAME
         found = path.is_file()
     except OSError as err:  # a name too long, a folder on the way that may not be read
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+        raise ConceptError(f"cannot read {path}: {err.strerror or err}") from None
     if not found:
-        raise UserError(f"no concept at {path}; pass a folder made by `personamagic train` or its concept.safetensors")
+        raise ConceptError(f"no concept at {path}; pass a folder made by `personamagic train` or its "
+                           "concept.safetensors")
     return path

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from .concept import Concept, resolve_concept_path
-from .errors import UserError
+from .errors import ConceptError, SettingsError
 from .families import family_named
 from .files import disk_error, save_safetensors_atomic
 
@@ -100,22 +100,23 @@ def export_textual_inversion(
         output = Path(source.parent.name + ".safetensors")
     output = Path(output)
     if output.suffix != ".safetensors":
-        raise UserError(f"--output {output} must end in .safetensors (the format diffusers, A1111 and ComfyUI read)")
+        raise SettingsError(f"--output {output} must end in .safetensors "
+                            "(the format diffusers, A1111 and ComfyUI read)")
     try:
         if output.is_dir():
-            raise UserError(f"--output {output} is a folder; give a file name ending in .safetensors")
+            raise SettingsError(f"--output {output} is a folder; give a file name ending in .safetensors")
         if any(parent.exists() and not parent.is_dir() for parent in output.parents):
-            raise UserError(f"--output {output} lies under a file; give a path in a folder")
+            raise SettingsError(f"--output {output} lies under a file; give a path in a folder")
         if output.exists() and not overwrite:
-            raise UserError(f"{output} exists; pass --overwrite to replace it")
+            raise SettingsError(f"{output} exists; pass --overwrite to replace it")
     except OSError as err:  # a name too long, a folder on the way that may not be read
         raise disk_error(output, err) from None
     token = default_token(concept, output) if token is None else token
     if not token.strip() or token != token.strip():
-        raise UserError(f"token {token!r} must be non-empty text without surrounding spaces")
+        raise SettingsError(f"token {token!r} must be non-empty text without surrounding spaces")
     embedding, description = static_vectors(concept, vectors)
     if not torch.isfinite(embedding).all():  # Concept.load checks the mapper; this guards the export itself
-        raise UserError(f"{source}: the concept gives a NaN or infinite embedding; nothing was written")
+        raise ConceptError(f"{source}: the concept gives a NaN or infinite embedding; nothing was written")
     header = {
         "personamagic": json.dumps({
             "source_fingerprint": concept.fingerprint(),
@@ -132,8 +133,8 @@ def export_textual_inversion(
     widths = list(concept.mapper_config.get("encoder_widths") or [embedding.shape[1]])
     problems = family.encoder_width_problems(widths)
     if problems:
-        raise UserError(f"{source}: its metadata does not fit {family.title} ({'; '.join(problems)}); nothing was "
-                        "written (the concept is damaged: train it again)")
+        raise ConceptError(f"{source}: its metadata does not fit {family.title} ({'; '.join(problems)}); nothing was "
+                           "written (the concept is damaged: train it again)")
     parts = embedding.split(widths, dim=-1)
     tensors = family.export_tensors(token, [part.contiguous() for part in parts])
     try:

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import FolderInUse, UserError
+from .errors import DiskError, FolderInUse, ModelLoadError
 
 # safetensors' dtype names (the "dtype" of its header) -> torch dtypes, for shape-only reads
 _SAFETENSORS_DTYPES = {
@@ -33,11 +33,11 @@ def first_line(err: BaseException) -> str:
 
 
 def load_safetensors(
-    path: Path, *, advice: str = "", lazy: bool = False
+    path: Path, *, advice: str = "", lazy: bool = False, error: type[Exception] = ModelLoadError
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and the string header of a safetensors file; a corrupt file is a UserError (ending in
-    `advice`). `lazy`: no tensor data is read; the tensors are empty ones on the meta device (names, shapes
-    and dtypes)."""
+    """Read tensors and the string header of a safetensors file; a corrupt file raises `error` (the kind of
+    file it should be: a model's weights, a concept...), its message ending in `advice`. `lazy`: no tensor
+    data is read; the tensors are empty ones on the meta device (names, shapes and dtypes)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -49,7 +49,7 @@ def load_safetensors(
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises SafetensorError / OSError for unreadable files
         message = f"{path} is not a readable safetensors file ({first_line(err)})"
-        raise UserError(f"{message}; {advice}" if advice else message) from None
+        raise error(f"{message}; {advice}" if advice else message) from None
     return tensors, header
 
 
@@ -59,7 +59,7 @@ def read_weights(path: Path, *, advice: str, lazy: bool = False):
     (`.bin`, `.pt`, `.pth`, `.ckpt`: dicts, lists and numbers of tensors, never other pickled objects).
 
     `lazy`: the tensors' data is not read (memory-mapped, or on the meta device for safetensors), for a
-    look at names and shapes. Every failure is one UserError ending in `advice` (what to pass instead).
+    look at names and shapes. Every failure is one ModelLoadError ending in `advice` (what to pass instead).
     """
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -69,13 +69,13 @@ def read_weights(path: Path, *, advice: str, lazy: bool = False):
     except pickle.UnpicklingError as err:
         # torch's weights-only unpickler names the class or function it would have had to import.
         if "GLOBAL" in str(err):
-            raise UserError(
+            raise ModelLoadError(
                 f"{path} holds pickled Python objects other than tensors (code that would run when loaded); "
                 f"refusing it: {advice}"
             ) from None
-        raise UserError(f"{path} is not a PyTorch weights file (it does not unpickle); {advice}") from None
+        raise ModelLoadError(f"{path} is not a PyTorch weights file (it does not unpickle); {advice}") from None
     except Exception as err:  # torch.load raises RuntimeError, EOFError, ValueError... on a foreign file
-        raise UserError(f"{path} is not a PyTorch weights file ({first_line(err)}); {advice}") from None
+        raise ModelLoadError(f"{path} is not a PyTorch weights file ({first_line(err)}); {advice}") from None
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> None:
@@ -166,7 +166,7 @@ LOCK_FILENAME = ".personamagic.lock"
 class FolderLock:
     """An OS file lock on `folder/.personamagic.lock`, held while a run writes into `folder`. It is the
     kernel's lock on an open file (flock / LockFileEx), so it dies with its process: a killed run never
-    blocks the next one. A second run on the same folder gets one UserError naming the holder's pid."""
+    blocks the next one. A second run on the same folder gets one FolderInUse naming the holder's pid."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_FILENAME
@@ -242,6 +242,6 @@ def _try_lock(file) -> bool:
         return False
 
 
-def disk_error(path, err: OSError) -> UserError:
+def disk_error(path, err: OSError) -> DiskError:
     """A filesystem fault while writing `path` as one line: `cannot write PATH: No space left on device`."""
-    return UserError(f"cannot write {path}: {err.strerror or err}")
+    return DiskError(f"cannot write {path}: {err.strerror or err}")

@@ -3,7 +3,7 @@ downloaded into the hub cache by `huggingface_hub` (which honours `HF_HUB_OFFLIN
 reads the cache alone and never the network).
 
 `hub_reference` tells a hub reference from a local path by its shape alone; `resolve_file` turns either
-into the local path of one file, downloading it when needed. Every failure is one `UserError` that ends
+into the local path of one file, downloading it when needed. Every failure is one `ModelLoadError` that ends
 in what to pass instead.
 """
 
@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import ModelLoadError
 from .files import first_line
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,13 @@ def resolve_file(
         return path
     if path.is_dir():
         if filename is None:
-            raise UserError(f"the {what} {spec} is a directory; pass the file inside it")
+            raise ModelLoadError(f"the {what} {spec} is a directory; pass the file inside it")
         if not (path / filename).is_file():
-            raise UserError(f"{spec} has no {filename}; {advice}")
+            raise ModelLoadError(f"{spec} has no {filename}; {advice}")
         return path / filename
     reference = hub_reference(str(spec))
     if reference is None:
-        raise UserError(
+        raise ModelLoadError(
             f"the {what} {spec} does not exist (no such file or folder, and not a hub reference "
             f"owner/name[/path/in/repo]); {advice}"
         )
@@ -94,7 +94,7 @@ def resolve_file(
             reference.repo_id, name, revision=revision, local_files_only=local_files_only
         )
     except Exception as err:  # hub errors come in many classes: offline, not cached, no such repo or file, auth
-        raise UserError(
+        raise ModelLoadError(
             f"could not get the {what} {reference.repo_id}/{name} from the hub ({first_line(err)}); {advice}"
         ) from None
     logger.debug("%s %s/%s is %s", what, reference.repo_id, name, local)
@@ -108,10 +108,11 @@ def _only_file(repo_id: str, suffixes: tuple[str, ...], revision: str | None, ad
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
     except Exception as err:  # as in resolve_file: every hub failure means the same here
-        raise UserError(f"could not list the files of the hub repo {repo_id} ({first_line(err)}); {advice}") from None
+        raise ModelLoadError(f"could not list the files of the hub repo {repo_id} ({first_line(err)}); "
+                             f"{advice}") from None
     candidates = [f for f in files if f.lower().endswith(suffixes)]
     if len(candidates) != 1:
-        raise UserError(
+        raise ModelLoadError(
             f"hub repo {repo_id} holds {len(candidates)} weights files ({', '.join(candidates[:5])}); "
             f"name one as {repo_id}/FILE"
         )

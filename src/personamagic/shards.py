@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import SettingsError
 
 
 @dataclass(frozen=True)
@@ -21,12 +21,12 @@ class Shard:
 
     def __post_init__(self):
         if not 0 <= self.index < self.count:
-            raise ValueError(f"process index {self.index} out of range for {self.count} processes")
+            raise SettingsError(f"process index {self.index} out of range for {self.count} processes")
 
     @classmethod
     def from_environment(cls) -> Shard:
         """From the variables `accelerate launch`/`torchrun` (RANK, WORLD_SIZE, LOCAL_RANK) or MPI set;
-        a variable that is not a whole number, or a rank outside the world, is a UserError naming it."""
+        a variable that is not a whole number, or a rank outside the world, is a SettingsError naming it."""
         used = {}
 
         def first(*names, default):
@@ -34,8 +34,8 @@ class Shard:
                 value = os.environ.get(name, "").strip()
                 if value:
                     if not value.isdigit():
-                        raise UserError(f"the environment variable {name}={value!r} is not a whole number; fix "
-                                        "the launcher's settings, or unset it and pass --shard K/N")
+                        raise SettingsError(f"the environment variable {name}={value!r} is not a whole number; fix "
+                                            "the launcher's settings, or unset it and pass --shard K/N")
                     used[name] = value
                     return int(value)
             return default
@@ -45,8 +45,8 @@ class Shard:
         local_index = first("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", default=0)
         if not 0 <= index < count:
             named = ", ".join(f"{name}={value}" for name, value in used.items())
-            raise UserError(f"the launcher's environment ({named}) puts this process at index {index} of {count} "
-                            "processes; fix the launcher's settings, or unset them and pass --shard K/N")
+            raise SettingsError(f"the launcher's environment ({named}) puts this process at index {index} of {count} "
+                                "processes; fix the launcher's settings, or unset them and pass --shard K/N")
         return cls(index=index, count=count, local_index=local_index)
 
     @classmethod
@@ -56,7 +56,7 @@ class Shard:
             index, count = (int(part) for part in text.split("/"))
             return cls(index, count)
         except ValueError:
-            raise UserError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4), got {text!r}") from None
+            raise SettingsError(f"--shard must be K/N with 0 <= K < N (e.g. 0/4), got {text!r}") from None
 
     def take(self, units: list) -> list:
         """This process's share: the units (anything with a `unit_id`), ordered by a hash of their ids,

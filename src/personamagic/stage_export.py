@@ -266,29 +266,30 @@ def export_stages(concept_path, output, *, tool: str, bins: int = DEFAULT_BINS, 
     import re
 
     from .concept import resolve_concept_path
-    from .errors import UserError
+    from .errors import SettingsError
     from .families import family_named
     from .files import disk_error, save_safetensors_atomic, write_atomic
 
     if tool not in TOOLS:
-        raise UserError(f"--format {tool!r}: the staged formats are {', '.join(TOOLS)}")
+        raise SettingsError(f"--format {tool!r}: the staged formats are {', '.join(TOOLS)}")
     source = resolve_concept_path(concept_path)
     concept = Concept.load(source)
     output = Path(output)
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
-        raise UserError(f"--output {output} exists; give a new folder, or pass --overwrite to write into it")
+        raise SettingsError(f"--output {output} exists; give a new folder, or pass --overwrite to write into it")
     width = concept.window.hi - concept.window.lo
     if not 1 <= bins <= min(width, 64):
-        raise UserError(f"--bins {bins} must be from 1 to {min(width, 64)} (the dynamic stage is {width} timesteps)")
+        raise SettingsError(f"--bins {bins} must be from 1 to {min(width, 64)} (the dynamic stage is {width} "
+                            "timesteps)")
     prompt = prompt or f"a photo of {concept.placeholder}"
     if concept.placeholder not in prompt:
-        raise UserError(f"--prompt {prompt!r} does not say the concept's placeholder {concept.placeholder!r}")
+        raise SettingsError(f"--prompt {prompt!r} does not say the concept's placeholder {concept.placeholder!r}")
     settings = settings or SamplerSettings(checkpoint=checkpoint_file(concept.base_model))
     if name is None:  # a placeholder that looks like a token (<ann>), else the concept folder's name
         token = re.fullmatch(r"<([A-Za-z0-9_-]+)>", concept.placeholder)
         name = token.group(1) if token else re.sub(r"[^A-Za-z0-9_-]+", "-", source.parent.name).strip("-") or "concept"
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise UserError(f"--name {name!r} must be letters, digits, _ or - (it becomes file names and prompt words)")
+        raise SettingsError(f"--name {name!r} must be letters, digits, _ or - (it becomes file names and prompt words)")
     segments = stage_segments(concept, bins)
     names = {s.name: f"{name}_{s.name.split()[-1]}" if s.name.startswith("bin") else f"{name}_late"
              for s in segments if s.embedding is not None}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import ModelLoadError, SettingsError
 from ..files import first_line
 from ..hub import hub_reference
 
@@ -36,7 +36,7 @@ class IPAdapterSpec:
 
     def __post_init__(self):
         if not 0 <= self.scale <= MAX_SCALE:
-            raise UserError(f"--ip-adapter-scale must be in [0, {MAX_SCALE}], got {self.scale}")
+            raise SettingsError(f"--ip-adapter-scale must be in [0, {MAX_SCALE}], got {self.scale}")
 
     @classmethod
     def parse(cls, text: str, scale: float = 1.0) -> IPAdapterSpec:
@@ -47,7 +47,7 @@ class IPAdapterSpec:
             return cls(model=str(path.parent), weight_name=path.name, scale=scale)
         reference = hub_reference(text)
         if reference is None or reference.filename is None:
-            raise UserError(
+            raise ModelLoadError(
                 f"--ip-adapter {text!r} is neither a file nor owner/repo/[subfolder/]file on the hub "
                 "(e.g. h94/IP-Adapter/models/ip-adapter_sd15.safetensors)"
             )
@@ -65,7 +65,7 @@ class IPAdapterSpec:
 
 
 def load_ip_adapter(pipe, spec: IPAdapterSpec, *, local_files_only: bool = False) -> None:
-    """`pipe.load_ip_adapter(...)` + `pipe.set_ip_adapter_scale(...)`; failures become one UserError."""
+    """`pipe.load_ip_adapter(...)` + `pipe.set_ip_adapter_scale(...)`; failures become one ModelLoadError."""
     try:
         pipe.load_ip_adapter(
             spec.model,
@@ -77,12 +77,12 @@ def load_ip_adapter(pipe, spec: IPAdapterSpec, *, local_files_only: bool = False
     except (OSError, ValueError, KeyError) as err:
         first = first_line(err)
         if "shape" in first and ("expected" in first or "mismatch" in first):
-            raise UserError(f"the IP-Adapter {spec.describe()} does not fit this base model's UNet (its weights have "
-                            "other shapes: made for another model family?); use one made for this model "
-                            "(h94/IP-Adapter: models/ for SD-1.x, sdxl_models/ for SDXL)") from None
-        raise UserError(f"could not load the IP-Adapter {spec.describe()} ({first})") from None
+            raise ModelLoadError(f"the IP-Adapter {spec.describe()} does not fit this base model's UNet (its weights "
+                                 "have other shapes: made for another model family?); use one made for this model "
+                                 "(h94/IP-Adapter: models/ for SD-1.x, sdxl_models/ for SDXL)") from None
+        raise ModelLoadError(f"could not load the IP-Adapter {spec.describe()} ({first})") from None
     if getattr(pipe, "image_encoder", None) is None:
-        raise UserError(
+        raise ModelLoadError(
             f"the IP-Adapter {spec.describe()} came without a CLIP image encoder (looked in "
             f"{spec.image_encoder_folder!r}); put one there"
         )
@@ -124,7 +124,7 @@ def encode_images(pipe, images, adapter_index: int = 0) -> tuple[torch.Tensor, t
 def training_embeds(pipe, photos) -> torch.Tensor:
     """(N, 1, ...) IP-Adapter inputs of N training photos, one per photo (`TrainingData.ip_adapter_embeds`)."""
     if num_ip_adapters(pipe.unet) != 1:
-        raise UserError("training supports exactly one IP-Adapter")
+        raise SettingsError("training supports exactly one IP-Adapter")
     positive, _ = encode_images(pipe, list(photos))
     return positive[:, None]
 

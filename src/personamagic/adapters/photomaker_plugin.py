@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import ModelLoadError, SettingsError
 from .photomaker import HUB_REPO, TRIGGER_WORD
 from .photomaker.encoder import id_image_processor
 from .photomaker.lora import apply_photomaker_lora
@@ -87,7 +87,7 @@ class PhotoMaker:
         if encoder is None:
             encoder, lora = load_photomaker(spec.weights, device=device, dtype=dtype, local_files_only=local_files_only)
         if encoder.config.prompt_embed_dim != unet.config.cross_attention_dim:
-            raise UserError(
+            raise ModelLoadError(
                 f"PhotoMaker {spec.weights} fuses {encoder.config.prompt_embed_dim}-wide prompt embeddings, but this "
                 f"model's are {unet.config.cross_attention_dim}-wide; PhotoMaker needs an SDXL base model"
             )
@@ -116,8 +116,8 @@ class PhotoMaker:
         if not found:
             return None
         if len(found) > 1 or prompt.count(placeholder) > 1:
-            raise UserError(f"a PhotoMaker prompt names {placeholder} once, followed by {self.spec.trigger!r}: "
-                            f"{prompt!r}")
+            raise SettingsError(f"a PhotoMaker prompt names {placeholder} once, followed by {self.spec.trigger!r}: "
+                                f"{prompt!r}")
         text_only = re.sub(pattern, placeholder, prompt)
         fused = re.sub(pattern, " ".join([placeholder] * count), prompt)
         return text_only, fused

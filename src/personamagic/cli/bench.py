@@ -28,14 +28,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..bench import PHOTO, SECTIONS, format_table, run_benchmark
-    from ..errors import UserError
+    from ..errors import SettingsError
     from .common import quiet_libraries
 
     quiet_libraries(args.verbose)
     sections = [part.strip() for part in args.sections.split(",") if part.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
-        raise UserError(f"unknown --sections {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+        raise SettingsError(f"unknown --sections {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     result = run_benchmark(args.device, args.steps, args.warmup_steps, Path(args.photo) if args.photo else PHOTO,
                            output=Path(args.output) if args.output else None, sections=sections)
     print(format_table(result))

@@ -117,18 +117,19 @@ def _terminate_as_interrupt():
 
 
 def run_handler(handler, args) -> int:
-    """Run a command: a user mistake ends as one `error: ...` line and exit code 2 (a traceback only
-    with --verbose); Ctrl-C as `error: interrupted` and exit code 130."""
-    from ..errors import UserError
+    """Run a command: any `PersonaMagicError` (a mistake the user can fix) ends as one `error: ...` line
+    and exit code 2, or 130 for an `Interrupted` run (a traceback only with --verbose); Ctrl-C as
+    `error: interrupted` and exit code 130."""
+    from ..errors import Interrupted, PersonaMagicError
 
     try:
         with _terminate_as_interrupt():
             return handler(args)
-    except UserError as err:
+    except PersonaMagicError as err:
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        return EXIT_INTERRUPTED if isinstance(err, Interrupted) else EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -150,8 +151,8 @@ ADAPTER_SUB_FLAGS = {
 
 def check_adapter_flags(args) -> None:
     """A flag that tunes a plug-in, given without the plug-in, is a mistake (it would do nothing)."""
-    from ..errors import UserError
+    from ..errors import SettingsError
 
     for flag, adapter in ADAPTER_SUB_FLAGS.items():
         if getattr(args, flag, None) is not None and getattr(args, adapter, None) is None:
-            raise UserError(f"--{flag.replace('_', '-')} needs --{adapter.replace('_', '-')}")
+            raise SettingsError(f"--{flag.replace('_', '-')} needs --{adapter.replace('_', '-')}")

@@ -39,7 +39,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from ..errors import UserError
+    from ..errors import SettingsError
     from ..export import export_textual_inversion
 
     if args.format != "textual-inversion":
@@ -47,7 +47,7 @@ def run(args) -> int:
     given = [f for f, v in (("--bins", args.bins), ("--prompt", args.prompt), ("--name", args.name),
                             ("--checkpoint", args.checkpoint)) if v is not None]
     if given:
-        raise UserError(f"{', '.join(given)} belong to --format comfyui or a1111")
+        raise SettingsError(f"{', '.join(given)} belong to --format comfyui or a1111")
 
     result = export_textual_inversion(
         args.concept, args.output, token=args.token, vectors=args.vectors, overwrite=args.overwrite
@@ -62,12 +62,12 @@ def _staged(args) -> int:
     from pathlib import Path
 
     from ..concept import Concept, resolve_concept_path
-    from ..errors import UserError
+    from ..errors import SettingsError
     from ..families import family_named
     from ..stage_export import DEFAULT_BINS, SamplerSettings, checkpoint_file, export_stages, segment_range
 
     if args.output is None:
-        raise UserError(f"--format {args.format} writes a folder: give it with --output")
+        raise SettingsError(f"--format {args.format} writes a folder: give it with --output")
     concept = Concept.load(resolve_concept_path(args.concept))
     side = family_named(concept.family).image_size
     settings = SamplerSettings(checkpoint=args.checkpoint or checkpoint_file(concept.base_model), steps=args.steps,

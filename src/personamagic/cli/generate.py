@@ -92,7 +92,7 @@ def flag_message(message: str) -> str:
 
 
 def _run(args):
-    from ..errors import UserError
+    from ..errors import SettingsError
     from ..jobs.generate import GenerateConfig, generate, read_prompts_file, regenerate
     from .common import check_adapter_flags, quiet_libraries
 
@@ -102,7 +102,7 @@ def _run(args):
         given += [f"--{flag.replace('_', '-')}" for flag in ("prompt", "prompts_file", "placeholder", "ip_adapter_image",
                                                              "photomaker_image") if getattr(args, flag)]
         if given:
-            raise UserError(f"--from-image takes prompt, seed and settings from the image; drop {', '.join(given)}")
+            raise SettingsError(f"--from-image takes prompt, seed and settings from the image; drop {', '.join(given)}")
         result = regenerate(
             args.from_image,
             args.output,
@@ -119,7 +119,7 @@ def _run(args):
         if args.prompts_file is not None:
             prompts += read_prompts_file(args.prompts_file)
         if not args.concepts:
-            raise UserError("give at least one concept folder (or --from-image IMAGE)")
+            raise SettingsError("give at least one concept folder (or --from-image IMAGE)")
         settings = {field: getattr(args, flag) for flag, field in _SAMPLING_FLAGS.items() if getattr(args, flag) is not None}
         try:
             config = GenerateConfig(
@@ -133,9 +133,9 @@ def _run(args):
                 compile_backend=args.compile or "inductor",
                 **settings,
             )
-        except ValueError as err:
+        except SettingsError as err:
             hint = " (use --prompt \"a photo of S* ...\" or --prompts-file)" if not prompts else ""
-            raise UserError(f"{flag_message(str(err))}{hint}") from None
+            raise SettingsError(f"{flag_message(str(err))}{hint}") from None
         result = generate(
             args.concepts,
             args.output,

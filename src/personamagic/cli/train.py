@@ -93,36 +93,32 @@ def model_options(args) -> dict:
 
 
 def train_config(args):
-    """The `TrainConfig` the flags ask for (a bad combination is one UserError)."""
-    from ..errors import UserError
+    """The `TrainConfig` the flags ask for (a bad combination is one SettingsError)."""
     from ..training.config import TrainConfig
 
-    try:
-        return TrainConfig(
-            placeholder=args.placeholder,
-            supercategory=args.supercategory,
-            num_vectors=args.num_vectors,
-            max_train_steps=args.steps,
-            train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            seed=args.seed,
-            stage_window=args.stage_window,
-            lambda1=args.lambda1,
-            lambda2=args.lambda2,
-            partition_warmup_steps=args.partition_warmup_steps,
-            te_weight=args.te_weight,
-            id_weight=args.id_weight,
-            use_id_loss=not args.no_id_loss,
-            checkpoint_every=args.checkpoint_every,
-            train_prompt=args.train_prompt,
-            optimize=not args.no_optimize,
-            compile=args.compile is not None,
-            compile_backend=args.compile or "inductor",
-            gradient_checkpointing=args.low_memory,
-            gradient_accumulation_steps=args.batch_size if args.low_memory else 1,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    return TrainConfig(
+        placeholder=args.placeholder,
+        supercategory=args.supercategory,
+        num_vectors=args.num_vectors,
+        max_train_steps=args.steps,
+        train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        stage_window=args.stage_window,
+        lambda1=args.lambda1,
+        lambda2=args.lambda2,
+        partition_warmup_steps=args.partition_warmup_steps,
+        te_weight=args.te_weight,
+        id_weight=args.id_weight,
+        use_id_loss=not args.no_id_loss,
+        checkpoint_every=args.checkpoint_every,
+        train_prompt=args.train_prompt,
+        optimize=not args.no_optimize,
+        compile=args.compile is not None,
+        compile_backend=args.compile or "inductor",
+        gradient_checkpointing=args.low_memory,
+        gradient_accumulation_steps=args.batch_size if args.low_memory else 1,
+    )
 
 
 class ProgressBars:

@@ -62,7 +62,7 @@ class IdentityProgress:
 
 
 def run(args) -> int:
-    from ..errors import Interrupted, UserError
+    from ..errors import Interrupted
     from ..jobs.train_many import train_many
     from .common import quiet_libraries
     from .train import train_config
@@ -70,10 +70,7 @@ def run(args) -> int:
     quiet_libraries(args.verbose)
     from ..shards import Shard
 
-    try:  # a shard K/N out of range, from the flag or the launcher's environment
-        shard = Shard.parse(args.shard) if args.shard is not None else Shard.from_environment()
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    shard = Shard.parse(args.shard) if args.shard is not None else Shard.from_environment()
     config = train_config(args)
     progress = IdentityProgress()
     try:

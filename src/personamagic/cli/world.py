@@ -45,24 +45,24 @@ def run(args) -> int:
 
 
 def _render(args) -> int:
-    from ..errors import UserError
+    from ..errors import SettingsError
     from ..files import write_atomic
     from ..world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_COUNT, identity_attributes, is_held_out
     from ..world.render import render, save_render
 
     if args.identity >= IDENTITY_COUNT:
-        raise UserError(f"identity {args.identity} is out of range; the world has 0..{IDENTITY_COUNT - 1}")
+        raise SettingsError(f"identity {args.identity} is out of range; the world has 0..{IDENTITY_COUNT - 1}")
     context = {}
     names = {a.name: a for a in CONTEXT_ATTRIBUTES}
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in names or value not in names[name].values:
             known = "; ".join(f"{a.name}: {', '.join(a.values)}" for a in CONTEXT_ATTRIBUTES)
-            raise UserError(f"--set {item!r} is not NAME=VALUE of the world's context ({known})")
+            raise SettingsError(f"--set {item!r} is not NAME=VALUE of the world's context ({known})")
         context[name] = value
     output = Path(args.output)
     if output.suffix.lower() != ".png":
-        raise UserError(f"--output {output} must be a .png file")
+        raise SettingsError(f"--output {output} must be a .png file")
     item = render(args.identity, context, args.seed)
     mask_path = output.with_suffix(".mask.png")
     write_atomic(output, lambda tmp: save_render(item, tmp, args.seed))
@@ -103,15 +103,15 @@ def _train_judge(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..errors import UserError
+    from ..errors import SettingsError
     from ..world.dataset import load_dataset
     from ..world.judge import JUDGE_SCHEDULE, save_judge, train_judge_schedule
     from ..world.metrics import judge_report
 
     data_path = Path(args.work) / "data.npz"
     if not data_path.is_file():
-        raise UserError(f"{data_path} does not exist; run `personamagic world train-base --work {args.work}` first "
-                        "(it renders the training set)")
+        raise SettingsError(f"{data_path} does not exist; run `personamagic world train-base --work {args.work}` first "
+                            "(it renders the training set)")
     data = load_dataset(data_path)
     bar = tqdm(total=sum(cycle[0] for cycle in JUDGE_SCHEDULE), desc="judge", unit="step")
 

@@ -75,7 +75,7 @@ def _add_world(actions) -> None:
 
 
 def run(args) -> int:
-    """Handler of `personamagic evaluate ...`; user mistakes raise UserError (one `error:` line)."""
+    """Handler of `personamagic evaluate ...`; user mistakes raise a PersonaMagicError (one `error:` line)."""
     from ..cli.common import quiet_libraries
 
     quiet_libraries(getattr(args, "verbose", False))

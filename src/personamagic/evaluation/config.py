@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BAD_JSON, UserError
+from ..errors import BAD_JSON, SettingsError
 from ..models.loading import DEFAULT_BASE_MODEL
 from ..prompts import EVALUATION_PROMPTS
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
@@ -294,18 +294,18 @@ def load_study_config(spec: str, *, data_root: str | None = None, output: str | 
     if spec in STUDY_PRESETS and not path.is_file():
         drawn = all(d.get("layout") == "world" for d in STUDY_PRESETS[spec]["datasets"])
         if data_root is None and not drawn:
-            raise UserError(f"the built-in study {spec} needs --data-root, the folder holding its datasets "
-                            "(see docs/evaluation.md)")
+            raise SettingsError(f"the built-in study {spec} needs --data-root, the folder holding its datasets "
+                                "(see docs/evaluation.md)")
         data, base_dir = json.loads(json.dumps(STUDY_PRESETS[spec])), Path.cwd()
         data.setdefault("output", f"evaluation-{spec}")
     elif path.is_file():
         data, base_dir = _read_config_file(path), path.resolve().parent
     else:
-        raise UserError(f"{spec} is neither a study config file nor a built-in study ({', '.join(STUDY_PRESETS)})")
+        raise SettingsError(f"{spec} is neither a study config file nor a built-in study ({', '.join(STUDY_PRESETS)})")
     try:
         config = StudyConfig.from_dict(data)
     except (TypeError, ValueError) as err:
-        raise UserError(f"{spec}: {err}") from None
+        raise SettingsError(f"{spec}: {err}") from None
     return config.resolved(Path(data_root) if data_root else base_dir, base_dir, output)
 
 
@@ -315,14 +315,14 @@ def _read_config_file(path: Path) -> dict:
         try:
             import yaml
         except ImportError:
-            raise UserError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml or use JSON") from None
+            raise SettingsError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml or use JSON") from None
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
+            raise SettingsError(f"{path} is not valid YAML ({str(err).splitlines()[0]})") from None
     try:
         return json.loads(text)
     except BAD_JSON as err:
-        raise UserError(f"{path} is not valid JSON ({err}); fix it or use a .yaml file") from None
+        raise SettingsError(f"{path} is not valid JSON ({err}); fix it or use a .yaml file") from None
 
 

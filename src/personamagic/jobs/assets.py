@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..errors import UserError
+from ..errors import ModelLoadError
 from ..hub import hub_reference, is_hub_id
 
 
@@ -69,7 +69,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None:
-    """UserError listing every asset that is neither cached nor downloadable now; nothing when the hub
+    """ModelLoadError listing every asset that is neither cached nor downloadable now; nothing when the hub
     can be reached or all is cached."""
     missing = [a for a in assets if not cached(a)]
     if not missing or (not local_files_only and hub_reachable()):
@@ -77,11 +77,12 @@ def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None
     advice = "download them once with a network, or use the alternatives named"
     if len(missing) == 1:
         (a,) = missing
-        raise UserError(f"offline, and a download this command needs is not in the local hub cache: {a.what} "
-                        f"{a.spec} (or {a.flag}); {advice.replace('them', 'it').replace('alternatives', 'alternative')}")
+        raise ModelLoadError(f"offline, and a download this command needs is not in the local hub cache: {a.what} "
+                             f"{a.spec} (or {a.flag}); "
+                             f"{advice.replace('them', 'it').replace('alternatives', 'alternative')}")
     listed = "".join(f"\n  {a.what} {a.spec} (or {a.flag})" for a in missing)
-    raise UserError(f"offline, and {len(missing)} downloads this command needs are not in the local hub cache "
-                    f"({advice}):{listed}")
+    raise ModelLoadError(f"offline, and {len(missing)} downloads this command needs are not in the local hub cache "
+                         f"({advice}):{listed}")
 
 
 def base_model_asset(model: str) -> Asset:

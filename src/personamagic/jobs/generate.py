@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ..concept import Concept, resolve_concept_path
-from ..errors import Interrupted, UserError
+from ..errors import ConceptError, Interrupted, PersonaMagicError, PhotoError, SettingsError
 from ..files import disk_error, make_folders, remove_empty_folders, write_atomic
 from ..models import TINY_MODELS, load_base_model, resolve_device, resolve_dtype
 from .assets import check_assets, model_assets
@@ -81,55 +81,55 @@ class GenerateConfig:
         if self.compile:
             check_compile_backend(self.compile_backend)
         if not self.prompts or not all(isinstance(p, str) for p in self.prompts):
-            raise ValueError("give at least one prompt")
+            raise SettingsError("give at least one prompt")
         if any(not p.strip() for p in self.prompts):
-            raise ValueError("prompts must not be empty")
+            raise SettingsError("prompts must not be empty")
         if not isinstance(self.negative_prompt, str):
-            raise ValueError(f"negative_prompt must be text, got {self.negative_prompt!r}")
+            raise SettingsError(f"negative_prompt must be text, got {self.negative_prompt!r}")
         for name, low, high in (("num_images", 1, MAX_IMAGES), ("num_inference_steps", 1, MAX_INFERENCE_STEPS),
                                 ("batch_size", 1, MAX_BATCH_SIZE), ("seed", 0, MAX_SEED - 1)):
             value = getattr(self, name)
             if not is_int(value) or value < low or (high is not None and value > high):
                 bound = f"from {low} to {high}" if high is not None else f">= {low}"
-                raise ValueError(f"{name} must be a whole number {bound}, got {value!r}")
+                raise SettingsError(f"{name} must be a whole number {bound}, got {value!r}")
         if self.seed + self.num_images - 1 >= MAX_SEED:
-            raise ValueError(f"seed {self.seed} + {self.num_images} images passes the largest seed {MAX_SEED - 1}; "
-                             "use a smaller seed")
+            raise SettingsError(f"seed {self.seed} + {self.num_images} images passes the largest seed {MAX_SEED - 1}; "
+                                "use a smaller seed")
         if len(self.prompts) * self.num_images > MAX_IMAGES:
-            raise ValueError(f"{len(self.prompts)} prompts x {self.num_images} images is more than {MAX_IMAGES} "
-                             "images in one run; split the run")
+            raise SettingsError(f"{len(self.prompts)} prompts x {self.num_images} images is more than {MAX_IMAGES} "
+                                "images in one run; split the run")
         for name, high in (("guidance_scale", MAX_GUIDANCE_SCALE), ("ip_adapter_scale", MAX_IP_ADAPTER_SCALE)):
             value = getattr(self, name)
             if not is_number(value) or not 0 <= value <= high:
-                raise ValueError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
+                raise SettingsError(f"{name} must be a number from 0 to {high:g}, got {value!r}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 8 or value % 8 or value > MAX_SIDE):
-                raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
+                raise SettingsError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE}, got {value!r}")
         for placeholder in self.placeholders:
             if not isinstance(placeholder, str) or not placeholder.strip() or placeholder != placeholder.strip():
-                raise ValueError(f"a placeholder must be non-empty text without surrounding spaces, "
-                                 f"got {placeholder!r}")
+                raise SettingsError(f"a placeholder must be non-empty text without surrounding spaces, "
+                                    f"got {placeholder!r}")
         if (self.background is None) != (self.region is None):
-            raise ValueError("localized generation needs both a background and a region mask")
+            raise SettingsError("localized generation needs both a background and a region mask")
         if self.ip_adapter is not None and not self.ip_adapter_images:
-            raise ValueError("an IP-Adapter needs an image (the person's photo)")
+            raise SettingsError("an IP-Adapter needs an image (the person's photo)")
         if self.ip_adapter is None and self.ip_adapter_images:
-            raise ValueError("IP-Adapter images given without an IP-Adapter")
+            raise SettingsError("IP-Adapter images given without an IP-Adapter")
         if (self.photomaker is None) != (not self.photomaker_images):
-            raise ValueError("PhotoMaker needs both its weights (--photomaker) and the person's photo(s) "
-                             "(--photomaker-image)")
+            raise SettingsError("PhotoMaker needs both its weights (--photomaker) and the person's photo(s) "
+                                "(--photomaker-image)")
         if self.photomaker_merge_step is not None and not (is_int(self.photomaker_merge_step)
                                                            and 0 <= self.photomaker_merge_step <= MAX_INFERENCE_STEPS):
-            raise ValueError(f"photomaker_merge_step must be a whole number from 0 to {MAX_INFERENCE_STEPS}, "
-                             f"got {self.photomaker_merge_step!r}")
+            raise SettingsError(f"photomaker_merge_step must be a whole number from 0 to {MAX_INFERENCE_STEPS}, "
+                                f"got {self.photomaker_merge_step!r}")
         steps = self.num_inference_steps
         if self.photomaker is not None and self.photomaker_merge_step is not None and self.photomaker_merge_step >= steps - 1:
-            raise ValueError(f"photomaker_merge_step {self.photomaker_merge_step} leaves none of the {steps} steps to "
-                             "PhotoMaker (steps i <= it use the text-only prompt); give a smaller one or more steps")
+            raise SettingsError(f"photomaker_merge_step {self.photomaker_merge_step} leaves none of the {steps} steps to "
+                                "PhotoMaker (steps i <= it use the text-only prompt); give a smaller one or more steps")
         if not is_number(self.photomaker_lora_scale) or not 0 <= self.photomaker_lora_scale <= MAX_IP_ADAPTER_SCALE:
-            raise ValueError(f"photomaker_lora_scale must be a number from 0 to {MAX_IP_ADAPTER_SCALE:g}, "
-                             f"got {self.photomaker_lora_scale!r}")
+            raise SettingsError(f"photomaker_lora_scale must be a number from 0 to {MAX_IP_ADAPTER_SCALE:g}, "
+                                f"got {self.photomaker_lora_scale!r}")
 
     @property
     def num_jobs(self) -> int:
@@ -179,12 +179,12 @@ def read_prompts_file(path: str | Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(
+        raise SettingsError(
             f"cannot read the prompts file {path} ({err.__class__.__name__}); give a UTF-8 text file"
         ) from None
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise UserError(f"the prompts file {path} holds no prompt (one per line; # starts a comment)")
+        raise SettingsError(f"the prompts file {path} holds no prompt (one per line; # starts a comment)")
     return prompts
 
 
@@ -225,14 +225,17 @@ class GridTiles:
 # the job
 
 
-class GenerateStopped(UserError):
-    """A run that stopped on the way (a full disk, Ctrl-C, a fault in a later batch): the images it
-    wrote before stay, and `kept` lists them."""
+class GenerateStopped(PersonaMagicError):
+    """A run that stopped on the way (a full disk, a fault in a later batch): the images it wrote
+    before stay, and `kept` lists them."""
 
-    def __init__(self, message: str, kept: list[Path], exit_code: int = UserError.exit_code):
+    def __init__(self, message: str, kept: list[Path]):
         super().__init__(message)
         self.kept = kept
-        self.exit_code = exit_code
+
+
+class GenerateInterrupted(GenerateStopped, Interrupted):
+    """A run stopped by Ctrl-C: the images it wrote before stay, and `kept` lists them."""
 
 
 def prepare_output_folder(output: Path) -> list[Path]:
@@ -240,9 +243,9 @@ def prepare_output_folder(output: Path) -> list[Path]:
     once); returns the folders created, for `remove_empty_folders` when the run fails."""
     try:
         if output.exists() and not output.is_dir():
-            raise UserError(f"--output {output} is a file; give a folder")
+            raise SettingsError(f"--output {output} is a file; give a folder")
         if any(parent.exists() and not parent.is_dir() for parent in output.parents):
-            raise UserError(f"--output {output} lies under a file; give a folder path")
+            raise SettingsError(f"--output {output} lies under a file; give a folder path")
         created = make_folders(output)
     except OSError as err:
         raise disk_error(output, err) from None
@@ -283,14 +286,14 @@ class _Session:
     def _check_placeholders(self) -> None:
         config = self.config
         if not self.concepts:
-            raise UserError("give at least one concept folder")
+            raise SettingsError("give at least one concept folder")
         if config.placeholders and len(config.placeholders) != len(self.concepts):
-            raise UserError(
+            raise SettingsError(
                 f"{len(config.placeholders)} --placeholder for {len(self.concepts)} concepts; give one per concept"
             )
         placeholders = config.placeholders or [c.placeholder for c in self.concepts]
         if len(set(placeholders)) != len(placeholders):
-            raise UserError(
+            raise SettingsError(
                 f"two concepts use the placeholder {next(p for p in placeholders if placeholders.count(p) > 1)!r}; "
                 "give each its own (--placeholder once per concept, e.g. --placeholder '<me>' --placeholder '<style>')"
             )
@@ -338,8 +341,8 @@ class _Session:
         self.pipe.set_progress_bar_config(disable=True)
         num_train_timesteps = self.pipe.scheduler.config.num_train_timesteps
         if config.num_inference_steps > num_train_timesteps:
-            raise UserError(f"{config.num_inference_steps} denoising steps, but {self.model}'s schedule has "
-                            f"{num_train_timesteps} timesteps; use --steps {num_train_timesteps} or fewer")
+            raise SettingsError(f"{config.num_inference_steps} denoising steps, but {self.model}'s schedule has "
+                                f"{num_train_timesteps} timesteps; use --steps {num_train_timesteps} or fewer")
         if config.compile:
             logger.info("--compile: the first batch of each size compiles the UNet first (tens of seconds or "
                         "more; PyTorch caches the result on disk for later runs)")
@@ -353,10 +356,7 @@ class _Session:
         config, notes = self.config, self.result.notes
         placeholders = config.placeholders or [None] * len(self.concepts)
         for concept, placeholder in zip(self.concepts, placeholders):
-            try:
-                self.pipe.load_concept(concept, placeholder)
-            except ValueError as err:  # a --placeholder that cannot be a placeholder
-                raise UserError(f"--placeholder: {err}") from None
+            self.pipe.load_concept(concept, placeholder)
             for key, flags, given in (("ip_adapter", "--ip-adapter and --ip-adapter-image", config.ip_adapter),
                                       ("photomaker", "--photomaker and --photomaker-image", config.photomaker),
                                       ("vae", "--vae", config.vae)):
@@ -384,8 +384,8 @@ class _Session:
             )
             size = background.size
             if max(size) > MAX_SIDE:
-                raise UserError(f"the background's shape gives {size[0]}x{size[1]} images, over {MAX_SIDE} pixels a "
-                                "side; pass --width and --height, or crop the background")
+                raise PhotoError(f"the background's shape gives {size[0]}x{size[1]} images, over {MAX_SIDE} pixels a "
+                                 "side; pass --width and --height, or crop the background")
             kwargs.update(background=background, region=region)
         if size is not None:
             kwargs.update(width=size[0], height=size[1])
@@ -418,13 +418,13 @@ class _Session:
                 **self.call_kwargs,
             ).images  # (B, H, W, 3) in [0, 1]
         except (torch.OutOfMemoryError, MemoryError):
-            raise UserError(f"out of memory sampling {len(jobs)} image(s) at once on {self.device.type}; lower "
-                            "--batch-size, --width/--height, or use a larger device") from None
+            raise SettingsError(f"out of memory sampling {len(jobs)} image(s) at once on {self.device.type}; lower "
+                                "--batch-size, --width/--height, or use a larger device") from None
         if not np.isfinite(images).all():
             # Cast to 8 bits, NaN would be a black image written with success; say so instead.
             dtype = DTYPE_NAMES.get(self.dtype, str(self.dtype))
-            raise UserError(f"sampling gave NaN or infinite pixels (the model overflowed in {dtype}); "
-                            "use --dtype fp32 or a lower --guidance-scale")
+            raise SettingsError(f"sampling gave NaN or infinite pixels (the model overflowed in {dtype}); "
+                                "use --dtype fp32 or a lower --guidance-scale")
         return self.pipe.image_processor.numpy_to_pil(images)
 
     def save(self, image: Image.Image, path: Path, jobs: list[tuple[str, int]], index: int) -> None:
@@ -559,13 +559,13 @@ def stopped_error(err: BaseException, result: GenerateResult, output: Path) -> G
     it is not the user's to fix)."""
     kept = [image.path for image in result.images]
     if isinstance(err, KeyboardInterrupt):
-        reason, exit_code = "interrupted", Interrupted.exit_code
-    elif isinstance(err, UserError) and kept:
-        reason, exit_code = str(err), err.exit_code
+        reason, stopped = "interrupted", GenerateInterrupted
+    elif isinstance(err, PersonaMagicError) and kept:
+        reason, stopped = str(err), GenerateInterrupted if isinstance(err, Interrupted) else GenerateStopped
     else:
         return None
     reason += f"; kept the {len(kept)} image(s) written before in {output}" if kept else "; no image was written"
-    return GenerateStopped(reason, kept, exit_code)
+    return stopped(reason, kept)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -601,15 +601,15 @@ def regenerate(
     try:
         config = record.generate_config()
         jobs, index = record.batch_jobs()
-    except ValueError as err:
-        raise UserError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
+    except SettingsError as err:
+        raise SettingsError(f"{image}: its personamagic metadata asks for settings out of range ({err})") from None
     if model_config is not None:  # the single file's configs are elsewhere now
         config.model_config = model_config
 
     output = Path(output)
     path = output / image.name  # the image keeps its own name
     if path.resolve() == image.resolve():
-        raise UserError(f"--output {output} holds {image.name} itself; make it again into another folder")
+        raise SettingsError(f"--output {output} holds {image.name} itself; make it again into another folder")
     result = GenerateResult()
     with _stopping(output, result):
         dtype = dtype or record.dtype or "auto"
@@ -632,7 +632,7 @@ def _find_concepts(entries, given: list[str] | None) -> list[str]:
     """Concept paths for a record's concept entries, each checked against its fingerprint."""
     if given:
         if len(given) != len(entries):
-            raise UserError(f"the image was made with {len(entries)} concept(s); {len(given)} given")
+            raise ConceptError(f"the image was made with {len(entries)} concept(s); {len(given)} given")
         candidates = [[path] for path in given]
     else:
         candidates = [[e[key] for key in ("path", "abs_path") if e.get(key)] for e in entries]
@@ -641,13 +641,13 @@ def _find_concepts(entries, given: list[str] | None) -> list[str]:
         found = next((p for p in options if _is_concept(p)), None)
         if found is None:
             where = " or ".join(options) or "no recorded path"
-            raise UserError(
+            raise ConceptError(
                 f"the image was made with concept {entry['placeholder']!r} (fingerprint {entry['fingerprint']}) "
                 f"at {where}, which is not there; pass the concept folder(s) after --from-image"
             )
         fingerprint = Concept.load(found).fingerprint()
         if fingerprint != entry["fingerprint"]:
-            raise UserError(
+            raise ConceptError(
                 f"concept {found} has fingerprint {fingerprint}, but the image was made with "
                 f"{entry['fingerprint']} ({entry['placeholder']!r}); pass the concept that made it"
             )
@@ -658,6 +658,6 @@ def _find_concepts(entries, given: list[str] | None) -> list[str]:
 def _is_concept(path: str) -> bool:
     try:
         resolve_concept_path(path)
-    except UserError:
+    except ConceptError:
         return False
     return True

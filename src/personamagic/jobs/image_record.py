@@ -27,7 +27,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .. import __version__
 from ..concept import Concept
-from ..errors import BAD_JSON, UserError
+from ..errors import BAD_JSON, PhotoError, SettingsError
 from .generate import MAX_BATCH_SIZE, MAX_SEED, GenerateConfig, is_int, is_number
 
 METADATA_KEY = "personamagic"  # PNG text chunk of the record's JSON
@@ -89,8 +89,8 @@ class ImageRecord(Mapping):
 
     def generate_config(self) -> GenerateConfig:
         """The settings that make this image again, alone and without a grid; its input files are found
-        where they were (as given, then absolute) and must be unchanged (UserError otherwise).
-        ValueError: a setting out of range."""
+        where they were (as given, then absolute) and must be unchanged (PhotoError otherwise).
+        SettingsError: a setting out of range."""
         files = {name: _located(getattr(self, name), name) for name in ("background", "region")
                  if getattr(self, name) is not None}
         ip, pm = self.ip_adapter, self.photomaker
@@ -121,13 +121,13 @@ class ImageRecord(Mapping):
 
     def batch_jobs(self) -> tuple[list[tuple[str, int]], int]:
         """The (prompt, seed) pairs sampled in the image's batch and its position among them (the image
-        alone where no batch is recorded). ValueError: a seed out of range."""
+        alone where no batch is recorded). SettingsError: a seed out of range."""
         if self.batch is None:
             return [(self.prompt, self.seed)], 0
         jobs = [(prompt, seed) for prompt, seed in self.batch["jobs"]]
         for _, seed in jobs:  # the other images' seeds are sampled again too
             if not 0 <= seed < MAX_SEED:
-                raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED - 1}, got {seed}")
+                raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED - 1}, got {seed}")
         return jobs, self.batch["index"]
 
 
@@ -171,7 +171,7 @@ def image_metadata(prompt: str, seed: int, config: GenerateConfig, concepts: lis
 
 def input_records(config: GenerateConfig) -> dict:
     """The record's entries of `config`'s input files and plug-ins (background, region, IP-Adapter,
-    PhotoMaker, VAE, model config); every file is read for its SHA-256 (UserError naming its flag)."""
+    PhotoMaker, VAE, model config); every file is read for its SHA-256 (PhotoError naming its flag)."""
     inputs = {}
     if config.background is not None:
         inputs["background"] = file_record(config.background, "--background")
@@ -198,7 +198,7 @@ def file_record(path: str | Path, flag: str | None = None) -> dict:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     except OSError as err:
         given = f"{flag} {path}" if flag else str(path)
-        raise UserError(f"cannot read {given} ({err.strerror or err.__class__.__name__})") from None
+        raise PhotoError(f"cannot read {given} ({err.strerror or err.__class__.__name__})") from None
     return {"path": str(path), "abs_path": str(path.expanduser().resolve()), "sha256": digest}
 
 
@@ -208,10 +208,10 @@ def _located(record: Mapping, what: str) -> str:
         if Path(option).is_file():
             digest = file_record(option)["sha256"]
             if digest != record["sha256"]:
-                raise UserError(f"the {what} {option} changed since the image was made (sha256 {digest}, "
-                                f"image says {record['sha256']})")
+                raise PhotoError(f"the {what} {option} changed since the image was made (sha256 {digest}, "
+                                 f"image says {record['sha256']})")
             return option
-    raise UserError(f"the {what} {record['path']} that made the image is gone; put it back to regenerate")
+    raise PhotoError(f"the {what} {record['path']} that made the image is gone; put it back to regenerate")
 
 
 def png_info(record: ImageRecord) -> PngInfo:
@@ -227,7 +227,7 @@ def png_info(record: ImageRecord) -> PngInfo:
 
 
 def read_image_metadata(path: str | Path) -> ImageRecord:
-    """The record of a generated PNG, checked: UserError if it has none, or if it is not what
+    """The record of a generated PNG, checked: PhotoError if it has none, or if it is not what
     `image_metadata` writes."""
     try:
         with warnings.catch_warnings():
@@ -237,18 +237,18 @@ def read_image_metadata(path: str | Path) -> ImageRecord:
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise UserError(f"cannot read {path} as an image ({reason})") from None
+        raise PhotoError(f"cannot read {path} as an image ({reason})") from None
     if not text:
-        raise UserError(f"{path} has no personamagic metadata (was it made by personamagic generate?)")
+        raise PhotoError(f"{path} has no personamagic metadata (was it made by personamagic generate?)")
     try:
         data = json.loads(text)
     except BAD_JSON:
-        raise UserError(f"{path}: its personamagic metadata is not valid JSON (the file was edited or "
-                        "damaged)") from None
+        raise PhotoError(f"{path}: its personamagic metadata is not valid JSON (the file was edited or "
+                         "damaged)") from None
     try:
         return ImageRecord.from_json(data)
     except ValueError as err:
-        raise UserError(f"{path}: its personamagic metadata is damaged ({err})") from None
+        raise PhotoError(f"{path}: its personamagic metadata is damaged ({err})") from None
 
 
 def _frozen(value):

@@ -22,7 +22,7 @@ import torch
 
 from .. import DEFAULT_BASE_MODEL
 from ..concept import CONCEPT_FILENAME, Concept
-from ..errors import UserError
+from ..errors import ConceptError, ModelLoadError, PhotoError, SettingsError
 from ..faces import FaceDetector, load_photo, prepare_photo
 from ..faces.alignment import alignment_theta
 from ..faces.masks import DEFAULT_CLIPSEG, clipseg_mask, landmark_mask, load_clipseg, load_mask_file, mask_overlay
@@ -70,29 +70,29 @@ def file_sha256(path) -> str:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     except OSError as err:
-        raise UserError(f"cannot read {path} ({err.strerror or err})") from None
+        raise PhotoError(f"cannot read {path} ({err.strerror or err})") from None
 
 
 def check_folder_path(output: Path) -> None:
     """The output can be a folder: it is not a file, nor under one."""
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
+        raise SettingsError(f"--output {output} is a file; give a folder")
     if any(parent.exists() and not parent.is_dir() for parent in output.parents):
-        raise UserError(f"--output {output} lies under a file; give a folder path")
+        raise SettingsError(f"--output {output} lies under a file; give a folder path")
 
 
 def check_output_folder(output: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber an existing concept unless asked; refuse a resume with nothing to resume."""
     if overwrite and resume:
-        raise UserError("--overwrite and --resume exclude each other")
+        raise SettingsError("--overwrite and --resume exclude each other")
     check_folder_path(output)
     if resume:
         if latest_checkpoint(output / CHECKPOINT_DIR) is None:
-            raise UserError(f"nothing to resume in {output} (no checkpoints/); train without --resume")
+            raise SettingsError(f"nothing to resume in {output} (no checkpoints/); train without --resume")
     elif (output / CONCEPT_FILENAME).exists() and not overwrite:
-        raise UserError(f"{output} already holds a concept; pass --overwrite to replace it or --resume to continue")
+        raise SettingsError(f"{output} already holds a concept; pass --overwrite to replace it or --resume to continue")
     elif (output / CHECKPOINT_DIR).is_dir() and any((output / CHECKPOINT_DIR).iterdir()) and not overwrite:
-        raise UserError(f"{output} holds checkpoints of an unfinished run; pass --resume or --overwrite")
+        raise SettingsError(f"{output} holds checkpoints of an unfinished run; pass --resume or --overwrite")
 
 
 class OutputFolder:
@@ -176,12 +176,12 @@ def personalize(
     started = time.perf_counter()
     output = Path(output)
     if not photos:
-        raise UserError("give at least one photo")
+        raise PhotoError("give at least one photo")
     if mask not in MASK_METHODS and not Path(mask).is_file():
-        raise UserError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, world, nor an existing mask file")
+        raise SettingsError(f"--mask {mask!r} is not auto, clipseg, landmarks, none, world, nor an existing mask file")
     check_resolution(resolution)
     if crop not in CROP_METHODS:
-        raise UserError(f"--crop {crop!r} is not one of {', '.join(CROP_METHODS)}")
+        raise SettingsError(f"--crop {crop!r} is not one of {', '.join(CROP_METHODS)}")
     def key() -> str:
         return run_key(photos, config, model=model, mask=mask, image_encoder=image_encoder,
                        identity_model=identity_model, revision=revision, model_config=model_config, vae=vae,
@@ -251,7 +251,7 @@ def _same_run_done(output: Path, key: str) -> PersonalizeResult | None:
         return None
     try:
         concept = Concept.load(output)
-    except UserError:
+    except ConceptError:
         return None  # a damaged concept: the usual refusal names it
     if concept.extra.get("run_key") != key:
         return None
@@ -269,20 +269,20 @@ MAX_RESOLUTION = 4096  # largest training crop side (as generate's largest image
 def check_resolution(resolution: int | None) -> None:
     """`--resolution`: None (the model's) or a multiple of 64 from 64 to MAX_RESOLUTION."""
     if resolution is not None and (resolution < 64 or resolution % 64 or resolution > MAX_RESOLUTION):
-        raise UserError(f"--resolution {resolution} must be a multiple of 64 from 64 to {MAX_RESOLUTION} (e.g. 512, "
-                        "768, 1024)")
+        raise SettingsError(f"--resolution {resolution} must be a multiple of 64 from 64 to {MAX_RESOLUTION} "
+                            "(e.g. 512, 768, 1024)")
 
 
 def check_model_name(model: str, *, photomaker: bool = False) -> None:
     """Before anything loads: `model` names something loadable, and PhotoMaker is not asked of a model
     built in code whose family it does not fit (a downloaded model's family is checked once it has loaded)."""
     if not (model in BUILT_MODELS or model == WORLD or Path(model).expanduser().exists() or is_hub_id(model)):
-        raise UserError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
-                        f"{DEFAULT_BASE_MODEL}, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}")
+        raise ModelLoadError(f"unknown model {model!r}: not a file, not a folder, not a hub id (owner/name); use e.g. "
+                             f"{DEFAULT_BASE_MODEL}, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}")
     family = family_of_built_model(model)
     if photomaker and family is not None and not family.supports_photomaker:
         toy = next(f.tiny_model for f in FAMILIES.values() if f.supports_photomaker)
-        raise UserError(f"PhotoMaker works on SDXL models; {model} is a {family.title} model (try --model {toy})")
+        raise SettingsError(f"PhotoMaker works on SDXL models; {model} is a {family.title} model (try --model {toy})")
 
 
 class PersonalizeRun:
@@ -315,7 +315,7 @@ class PersonalizeRun:
         if mask == "auto" and model == WORLD:
             mask = "world"  # the renderer's mask, redrawn from the photo's world record
         if mask == "auto" and not self.detect_face and self.is_face:
-            raise UserError("--crop none finds no face to mask: pass --mask clipseg, none or FILE")
+            raise SettingsError("--crop none finds no face to mask: pass --mask clipseg, none or FILE")
         self.mask_method = mask if mask != "auto" else ("landmarks" if toy else "clipseg")
         self.encoder_name = image_encoder if image_encoder != "auto" else (TINY if offline else DEFAULT_IMAGE_ENCODER)
         self.identity_spec = None
@@ -357,7 +357,7 @@ class PersonalizeRun:
         size = self.resolution or base.resolution
         multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
         if size % multiple:
-            raise UserError(f"--resolution {size} is not a multiple of {multiple}, which this model's UNet needs")
+            raise SettingsError(f"--resolution {size} is not a multiple of {multiple}, which this model's UNet needs")
         detector = models.face_detector() if self.detect_face else None
         prepared = [prepare_photo(p, size, detect_face=self.detect_face, detector=detector) for p in self.photos]
         self.num_faces = [p.num_faces for p in prepared]
@@ -393,7 +393,7 @@ class PersonalizeRun:
         from ..adapters.photomaker_plugin import PhotoMaker, PhotoMakerSpec
 
         if not base.family.supports_photomaker:
-            raise UserError(f"PhotoMaker works on SDXL models; {base.name} is a {base.family.title} model")
+            raise SettingsError(f"PhotoMaker works on SDXL models; {base.name} is a {base.family.title} model")
         spec = spec if isinstance(spec, PhotoMakerSpec) else PhotoMakerSpec(weights=str(spec))
         self.photomaker = PhotoMaker.load(spec, base.unet, device=base.device, dtype=base.dtype,
                                           local_files_only=local_files_only)
@@ -533,16 +533,13 @@ def describe_partition(stages: dict, min_dynamic_fraction: float = 0.2) -> str:
 
 
 def recorded_world_mask(path):
-    """The face mask a world render records (its identity, context and seed); one UserError if none."""
+    """The face mask a world render records (its identity, context and seed); one PhotoError if none."""
     from ..world.render import recorded_mask
 
-    try:
-        mask = recorded_mask(path)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    mask = recorded_mask(path)
     if mask is None:
-        raise UserError(f"{path} is not a world render (it records no person); pass its face mask with "
-                        "--mask FILE, or draw the photo with personamagic world render")
+        raise PhotoError(f"{path} is not a world render (it records no person); pass its face mask with "
+                         "--mask FILE, or draw the photo with personamagic world render")
     return mask
 
 
@@ -552,8 +549,8 @@ def _world_mask(photo, size: int) -> np.ndarray:
 
     mask = recorded_world_mask(photo.path)
     if mask.size != photo.original.size:
-        raise UserError(f"{photo.path} is {photo.original.width}x{photo.original.height} pixels, not the "
-                        f"{mask.width}x{mask.height} of its world record; pass its face mask with --mask FILE")
+        raise PhotoError(f"{photo.path} is {photo.original.width}x{photo.original.height} pixels, not the "
+                         f"{mask.width}x{mask.height} of its world record; pass its face mask with --mask FILE")
     return (np.asarray(photo.crop.apply(mask, Image.Resampling.BILINEAR)) > 127).astype(np.float32)
 
 
@@ -563,7 +560,7 @@ def _make_masks(prepared, method: str, supercategory: str, local_files_only: boo
     size = prepared[0].image.width
     if method == "landmarks":
         if any(p.face is None for p in prepared):
-            raise UserError("--mask landmarks needs a face; use --mask clipseg, none or FILE for this supercategory")
+            raise PhotoError("--mask landmarks needs a face; use --mask clipseg, none or FILE for this supercategory")
         return [landmark_mask(p.face, size) for p in prepared]
     if method == "clipseg":
         model, processor = (models or PhotoModels()).clipseg(local_files_only)
@@ -573,5 +570,5 @@ def _make_masks(prepared, method: str, supercategory: str, local_files_only: boo
     if method == "world":
         return [_world_mask(p, size) for p in prepared]
     if len(prepared) != 1:
-        raise UserError("--mask FILE works with one photo; use --mask clipseg or landmarks with several photos")
+        raise SettingsError("--mask FILE works with one photo; use --mask clipseg or landmarks with several photos")
     return [load_mask_file(method, prepared[0])]

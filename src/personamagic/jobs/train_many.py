@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import DEFAULT_BASE_MODEL
 from ..concept import CONCEPT_FILENAME
-from ..errors import FolderInUse, SettingsError, UserError
+from ..errors import ConceptError, FolderInUse, PersonaMagicError, PhotoError, SettingsError
 from ..files import remove_empty_folders
 from ..faces import load_photo
 from ..models import load_base_model, resolve_device, resolve_dtype
@@ -103,29 +103,29 @@ def discover_identities(photos_dir: str | Path, exclude: Path | None = None) -> 
     """(concept folder name, photos) of every identity in `photos_dir` (module docstring), by name."""
     root = Path(photos_dir)
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder; give a folder of photos (or of one sub-folder per person)")
+        raise PhotoError(f"{root} is not a folder; give a folder of photos (or of one sub-folder per person)")
     if _written_by_us(root):
-        raise UserError(f"{root} is a concept folder (it holds {CONCEPT_FILENAME} or training checkpoints), not a "
-                        "folder of photos; give the folder of photos")
+        raise PhotoError(f"{root} is a concept folder (it holds {CONCEPT_FILENAME} or training checkpoints), not a "
+                         "folder of photos; give the folder of photos")
     exclude = exclude.resolve() if exclude is not None else None
     loose = _images_in(root)
     folders = [p for p in sorted(root.iterdir())
                if p.is_dir() and not p.name.startswith(".") and p.resolve() != exclude and not _written_by_us(p)
                and _images_in(p)]
     if loose and folders:
-        raise UserError(f"{root} holds both images ({loose[0].name}...) and sub-folders of images "
-                        f"({folders[0].name}/...); use one layout: an image per person, or a sub-folder per person")
+        raise PhotoError(f"{root} holds both images ({loose[0].name}...) and sub-folders of images "
+                         f"({folders[0].name}/...); use one layout: an image per person, or a sub-folder per person")
     found = [(safe_name(p.stem), (p,), p) for p in loose] or [(safe_name(p.name), tuple(_images_in(p)), p)
                                                                for p in folders]
     if not found:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} nor in its sub-folders")
+        raise PhotoError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} nor in its sub-folders")
     sources: dict[str, list[str]] = {}
     for name, _, source in found:
         sources.setdefault(name.lower(), []).append(source.name)  # lower: case-insensitive file systems
     for name, _, _ in found:
         if len(sources[name.lower()]) > 1:
-            raise UserError(f"{' and '.join(sources[name.lower()])} in {root} would share the concept folder "
-                            f"{name!r}; rename one")
+            raise PhotoError(f"{' and '.join(sources[name.lower()])} in {root} would share the concept folder "
+                             f"{name!r}; rename one")
     return sorted((name, photos) for name, photos, _ in found)
 
 
@@ -148,8 +148,8 @@ def train_many(
 
     output = Path(output)
     if mask not in MASK_METHODS:
-        raise UserError(f"--mask {mask!r}: train-many takes {', '.join(MASK_METHODS)} (a mask file fits one photo "
-                        "only)")
+        raise SettingsError(f"--mask {mask!r}: train-many takes {', '.join(MASK_METHODS)} (a mask file fits one photo "
+                            "only)")
     _check_output(output, Path(photos_dir))
     identities = discover_identities(photos_dir, exclude=output)
     shard = shard or Shard.from_environment()
@@ -172,14 +172,14 @@ def _check_output(output: Path, photos_dir: Path) -> None:
     """The concepts folder is a folder, not under a file, and neither the photos folder itself nor inside
     one of its identities' folders (the concepts and their pictures would be read as photos)."""
     if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
+        raise SettingsError(f"--output {output} is a file; give a folder")
     above = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if above is not None:
-        raise UserError(f"--output {output} lies under {above}, which is a file; give a folder")
+        raise SettingsError(f"--output {output} lies under {above}, which is a file; give a folder")
     out, root = output.resolve(), photos_dir.resolve()
     if out == root or (root in out.parents and out.parent != root):
-        raise UserError(f"--output {output} would put the concepts among the photos of {photos_dir}; give a folder "
-                        f"outside it (or directly inside it, e.g. {photos_dir}/concepts)")
+        raise SettingsError(f"--output {output} would put the concepts among the photos of {photos_dir}; give a folder "
+                            f"outside it (or directly inside it, e.g. {photos_dir}/concepts)")
 
 
 def _check_concept_folders(jobs: list[IdentityJob], photos_dir: Path) -> None:
@@ -189,8 +189,8 @@ def _check_concept_folders(jobs: list[IdentityJob], photos_dir: Path) -> None:
     for job in jobs:
         folder = job.output.resolve()
         if folder == root or folder in root.parents:
-            raise UserError(f"the concept of {job.name!r} would go to {job.output}, which is or holds the photos "
-                            f"folder {photos_dir}; give an --output outside the photos, or rename that person")
+            raise SettingsError(f"the concept of {job.name!r} would go to {job.output}, which is or holds the photos "
+                                f"folder {photos_dir}; give an --output outside the photos, or rename that person")
 
 
 def train_identities(
@@ -216,7 +216,7 @@ def train_identities(
     phase) is called for every step of every identity, phase "warm-up" or "train"."""
     started = time.perf_counter()
     if identities_per_step < 1:
-        raise UserError(f"--identities-per-step must be >= 1, got {identities_per_step}")
+        raise SettingsError(f"--identities-per-step must be >= 1, got {identities_per_step}")
     check_resolution(resolution)
     check_model_name(model)
     result = TrainManyResult()
@@ -227,17 +227,17 @@ def train_identities(
             continue
         try:
             if job.mask not in MASK_METHODS and not Path(job.mask).is_file():
-                raise UserError(f"--mask {job.mask!r} is not {', '.join(MASK_METHODS)}, nor an existing mask file")
+                raise SettingsError(f"--mask {job.mask!r} is not {', '.join(MASK_METHODS)}, nor an existing mask file")
             check_folder_path(job.output)  # what is in it is looked at once its lock is ours
             for photo in job.photos:
                 load_photo(photo)  # fail on an unreadable photo before the model loads
-        except UserError as err:
+        except PersonaMagicError as err:
             _failed(result, job.name, err)
             continue
         try:
             run = PersonalizeRun(job.photos, job.output, job.config, model, job.mask, image_encoder, identity_model,
                                  crop)
-        except UserError as err:
+        except PersonaMagicError as err:
             _failed(result, job.name, err)
             continue
         run.resolution, run.vae = resolution, vae
@@ -313,7 +313,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             except FolderInUse as err:  # another run (another process, another machine) has it: its job
                 result.held[slot.job.name] = str(err)
                 continue
-            except UserError as err:
+            except PersonaMagicError as err:
                 _failed(result, slot.job.name, err)
                 continue
             stack.push(_release(slot))
@@ -327,8 +327,8 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             resume = _has_checkpoint(slot.job.output)
             try:
                 if not resume and any((slot.job.output / CHECKPOINT_DIR).glob("*")):
-                    raise UserError(f"{slot.job.output / CHECKPOINT_DIR} holds no usable checkpoint; delete it to "
-                                    "train this identity again")
+                    raise ConceptError(f"{slot.job.output / CHECKPOINT_DIR} holds no usable checkpoint; delete it to "
+                                       "train this identity again")
                 data, slot.prepared, slot.masks, _ = slot.run.prepare(base, device, dtype, local_files_only, None,
                                                                       models)
                 slot.facts = slot.run.job_facts(base)
@@ -337,7 +337,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
                     _resume(slot)
             except SettingsError:  # the same for every identity: the run stops (its folders released)
                 raise
-            except UserError as err:
+            except PersonaMagicError as err:
                 _failed(result, slot.job.name, err)
                 slot.folder.__exit__(type(err), err, None)
                 slot.folder = None
@@ -368,7 +368,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             concept = trainer.concept(base_model=base.name, image_encoder=run.encoder_name, extra=extra)
             try:
                 path = _write_outputs(slot.job.output, concept, trainer, slot.prepared[0].image, slot.masks[0])
-            except UserError as err:  # a full disk: the checkpoints stay for a rerun
+            except PersonaMagicError as err:  # a full disk: the checkpoints stay for a rerun
                 _failed(result, slot.job.name, err)
                 slot.folder.__exit__(type(err), err, None)
                 slot.folder = None
@@ -389,7 +389,7 @@ def _resume(slot: _Slot) -> None:
         slot.trainer.load_checkpoint(checkpoint, slot.facts)
     except CheckpointError as err:
         other = f"{err.alternative}, or " if err.alternative else ""
-        raise UserError(f"{err.fault}; {other}delete {slot.job.output} to train this identity again") from None
+        raise ConceptError(f"{err.fault}; {other}delete {slot.job.output} to train this identity again") from None
     slot.run.notes.append(f"resumed from {checkpoint.name} (step {slot.trainer.step_count})")
 
 
@@ -399,7 +399,7 @@ def _release(slot: _Slot):
 
     def release(exc_type, exc, tb):
         if slot.folder is not None:
-            slot.folder.__exit__(exc_type or UserError, exc, tb)
+            slot.folder.__exit__(exc_type or PersonaMagicError, exc, tb)
         return False
 
     return release

@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from ..errors import SettingsError
+
 
 class PlaceholderTokens:
     """The tokens one concept adds to the base model's tokenizers, and how its placeholder text maps to
@@ -19,7 +21,7 @@ class PlaceholderTokens:
 
     def __init__(self, tokenizers, placeholder: str, num_vectors: int, slot: int):
         if not isinstance(placeholder, str) or not placeholder.strip() or placeholder.strip() != placeholder:
-            raise ValueError(f"placeholder must be non-empty text without surrounding spaces, got {placeholder!r}")
+            raise SettingsError(f"placeholder must be non-empty text without surrounding spaces, got {placeholder!r}")
         self.placeholder = placeholder
         # Lower-case ASCII names: the CLIP tokenizer lower-cases text, so these match as typed.
         self.tokens = [f"<personamagic-{slot}-{i}>" for i in range(num_vectors)]
@@ -43,12 +45,12 @@ class PlaceholderTokens:
 
 
 def single_token_id(tokenizer, word: str) -> int:
-    """Id of `word` if the tokenizer keeps it as one token, else ValueError."""
+    """Id of `word` if the tokenizer keeps it as one token, else SettingsError."""
     if not re.fullmatch(r"[\w'-]+", word):
-        raise ValueError(f"supercategory must be a single word, got {word!r}")
+        raise SettingsError(f"supercategory must be a single word, got {word!r}")
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
-        raise ValueError(
+        raise SettingsError(
             f"supercategory {word!r} is {len(ids)} tokens for this tokenizer; choose a word that is one token "
             "(face, person, cat, dog, cup, painting...)"
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..errors import SettingsError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
@@ -22,11 +22,11 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise SettingsError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+        raise SettingsError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} asked for but MPS is not available; use --device cpu")
+        raise SettingsError(f"device {name!r} asked for but MPS is not available; use --device cpu")
     return device
 
 
@@ -38,16 +38,16 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in _DTYPES:
-        raise UserError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
+        raise SettingsError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
     dtype = _DTYPES[name]
     if device.type == "cpu" and dtype == torch.float16:
-        raise UserError("fp16 is not supported on the CPU; use --dtype fp32 (or bf16)")
+        raise SettingsError("fp16 is not supported on the CPU; use --dtype fp32 (or bf16)")
     return dtype
 
 
 def check_compile_backend(name: str) -> None:
-    """ValueError unless `name` is a `torch.compile` backend (inductor, aot_eager, cudagraphs, ...)."""
+    """SettingsError unless `name` is a `torch.compile` backend (inductor, aot_eager, cudagraphs, ...)."""
     backends = torch.compiler.list_backends(exclude_tags=())
     if name not in backends:
-        raise ValueError(f"unknown torch.compile backend {name!r}; use inductor (the default) or one of "
-                         f"{', '.join(b for b in backends if 'TESTING' not in b)}")
+        raise SettingsError(f"unknown torch.compile backend {name!r}; use inductor (the default) or one of "
+                            f"{', '.join(b for b in backends if 'TESTING' not in b)}")

@@ -14,7 +14,7 @@ of that family (`model_config`) or from the family's reference repo in the hub c
 when online). The scheduler config comes from the same place.
 
 Which family a model is, and whether PersonaMagic can drive it, is decided from the files before any
-weights are read; every failure is one `UserError` line.
+weights are read; every failure is one `ModelLoadError` line.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import DEFAULT_BASE_MODEL
-from ..errors import BAD_JSON, UserError
+from ..errors import BAD_JSON, ModelLoadError, SettingsError
 from ..families import FAMILIES, ModelFamily
 from ..files import first_line, read_weights
 from ..hub import is_hub_id, resolve_file
@@ -55,23 +55,24 @@ def load_base_model(
     """Load a base model by hub id, local diffusers folder, single `.safetensors`/`.ckpt` file, or build
     `tiny`/`tiny-sdxl`/`random-sd1`, or the shipped learning-world model `world`. `revision`: a hub branch, tag or commit; `model_config`: a
     diffusers folder whose configs a single file uses; `vae`: another VAE (hub id or folder of an
-    AutoencoderKL, e.g. an fp16-fixed SDXL VAE) to use instead of the model's. Raises UserError for
+    AutoencoderKL, e.g. an fp16-fixed SDXL VAE) to use instead of the model's. Raises ModelLoadError for
     models PersonaMagic cannot drive."""
     if model_config is not None and not Path(name).expanduser().is_file():
-        raise UserError(f"--model-config is for a single .safetensors/.ckpt file, and {name} is not one (it brings "
-                        "its own configs); drop --model-config")
+        raise SettingsError(f"--model-config is for a single .safetensors/.ckpt file, and {name} is not one (it brings "
+                            "its own configs); drop --model-config")
     components = _components(name, device=device, dtype=dtype, local_files_only=local_files_only, revision=revision,
                              model_config=model_config)
     problems = components.family.problems(components)
     if problems:
-        raise UserError(f"{name} is not a {components.family.title} model PersonaMagic can drive: {'; '.join(problems)}")
+        raise ModelLoadError(f"{name} is not a {components.family.title} model PersonaMagic can drive: "
+                             f"{'; '.join(problems)}")
     if vae is not None:
         own = components.vae.config
         components.vae = load_vae(vae, dtype=dtype, local_files_only=local_files_only)
         problems = components.family.problems(components) + latent_space_problems(components.vae.config, own)
         if problems:
-            raise UserError(f"--vae {vae} does not fit {name} ({components.family.title}): {'; '.join(problems)}; "
-                            "give a VAE made for this model family")
+            raise ModelLoadError(f"--vae {vae} does not fit {name} ({components.family.title}): {'; '.join(problems)}; "
+                                 "give a VAE made for this model family")
     return components.freeze().to(device=device, dtype=dtype)
 
 
@@ -99,8 +100,8 @@ def load_vae(name: str, *, dtype=None, local_files_only: bool = False):
         return AutoencoderKL.from_pretrained(name, subfolder=subfolder, torch_dtype=dtype or torch.float32,
                                              local_files_only=local_files_only)
     except Exception as err:  # missing, corrupt or mismatched files
-        raise UserError(f"could not load the VAE {name!r} ({first_line(err)}); pass a hub id or folder of an "
-                        "AutoencoderKL") from None
+        raise ModelLoadError(f"could not load the VAE {name!r} ({first_line(err)}); pass a hub id or folder of an "
+                             "AutoencoderKL") from None
 
 
 def _components(name: str, *, device, dtype, local_files_only: bool, revision, model_config) -> BaseComponents:
@@ -108,11 +109,7 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
     if name in BUILT_MODELS:
         return build_model(name, device)
     if name == WORLD:  # the shipped diffusers folder, loaded as any user's folder, known by its short name
-        try:
-            folder = world_model_folder()
-        except FileNotFoundError as err:
-            raise UserError(str(err)) from None
-        components = load_diffusers(str(folder), local_files_only=True, dtype=dtype)
+        components = load_diffusers(str(world_model_folder()), local_files_only=True, dtype=dtype)
         components.name = WORLD
         return components
     path = Path(name).expanduser()
@@ -120,14 +117,14 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
         return load_single_file(path, model_config=model_config, local_files_only=local_files_only, dtype=dtype)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise UserError(
+            raise ModelLoadError(
                 f"{name} is a folder but not a diffusers model (no model_index.json); "
                 "pass a diffusers folder, a .safetensors/.ckpt file or a hub id"
             )
         return load_diffusers(str(path), local_files_only=local_files_only, dtype=dtype)
     if is_hub_id(name):
         return load_diffusers(name, local_files_only=local_files_only, revision=revision, dtype=dtype)
-    raise UserError(
+    raise ModelLoadError(
         f"unknown model {name!r}: not a file, not a folder, not a hub id (owner/name); "
         f"use e.g. {DEFAULT_BASE_MODEL}, a local path, or one of {', '.join((*BUILT_MODELS, WORLD))}"
     )
@@ -149,9 +146,9 @@ def read_json_file(name: str, filename: str, *, subfolder: str = "", revision: s
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, *BAD_JSON) as err:
-        raise UserError(f"{path} is not readable JSON ({first_line(err)}); download the model again") from None
+        raise ModelLoadError(f"{path} is not readable JSON ({first_line(err)}); download the model again") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object; download the model again")
+        raise ModelLoadError(f"{path} holds a JSON {type(data).__name__}, not an object; download the model again")
     return data, path
 
 
@@ -164,10 +161,10 @@ def snapshot_revision(path: Path) -> str | None:
 
 
 def family_of_index(name: str, index: dict) -> ModelFamily:
-    """The family a `model_index.json` describes; UserError naming what it is when none fits."""
+    """The family a `model_index.json` describes; ModelLoadError naming what it is when none fits."""
     class_name = str(index.get("_class_name", ""))
     if "Inpaint" in class_name or "Img2Img" in class_name or "Refiner" in class_name:
-        raise UserError(
+        raise ModelLoadError(
             f"{name} is a {class_name} model (inpainting / refiner); PersonaMagic needs a text-to-image base "
             f"model such as {', '.join(f.default_model for f in FAMILIES.values())}"
         )
@@ -175,7 +172,7 @@ def family_of_index(name: str, index: dict) -> ModelFamily:
         if family.recognizes_index(index):
             return family
     what = "an SDXL" if "text_encoder_2" in index or "XL" in class_name else f"a {class_name or 'non-Stable-Diffusion'}"
-    raise UserError(
+    raise ModelLoadError(
         f"{name} is {what} model; PersonaMagic supports {', '.join(f.title for f in FAMILIES.values())} "
         f"(e.g. {', '.join(f.default_model for f in FAMILIES.values())})"
     )
@@ -185,13 +182,14 @@ def _component_class(index: dict, component: str, name: str):
     """The class `model_index.json` names for a component, from diffusers or transformers."""
     entry = index.get(component)
     if not isinstance(entry, list) or len(entry) != 2 or entry[0] not in ("diffusers", "transformers"):
-        raise UserError(f"{name}'s model_index.json names no library class for {component!r}")
+        raise ModelLoadError(f"{name}'s model_index.json names no library class for {component!r}")
     import importlib
 
     module = importlib.import_module(entry[0])
     cls = getattr(module, entry[1], None)
     if cls is None:
-        raise UserError(f"{name} needs {entry[0]}.{entry[1]} for {component}, which this {entry[0]} lacks; upgrade it")
+        raise ModelLoadError(f"{name} needs {entry[0]}.{entry[1]} for {component}, which this {entry[0]} lacks; "
+                             "upgrade it")
     return cls
 
 
@@ -231,7 +229,7 @@ def _load_part(cls, name: str, subfolder: str, hub: dict, *, variant=None, dtype
     try:
         return cls.from_pretrained(name, subfolder=subfolder, **hub, **kwargs)
     except Exception as err:  # missing, corrupt or mismatched files: each library raises its own classes
-        raise UserError(f"could not load the {subfolder} of {name!r} ({first_line(err)})") from None
+        raise ModelLoadError(f"could not load the {subfolder} of {name!r} ({first_line(err)})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,35 +240,36 @@ def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple]:
     """Tensor names and shapes of a single-file checkpoint, without reading its weights (the
     safetensors header, or a weights-only, memory-mapped `torch.load` of a .ckpt)."""
     if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
-        raise UserError(f"{path}: unknown model file type {path.suffix!r}; use .safetensors or .ckpt")
+        raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; use .safetensors or .ckpt")
     checkpoint = read_weights(path, lazy=True, advice="convert it to .safetensors where you trust it, or pass a "
                               "diffusers folder")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise UserError(f"{path} holds no state dict of tensors; pass a Stable Diffusion checkpoint")
+        raise ModelLoadError(f"{path} holds no state dict of tensors; pass a Stable Diffusion checkpoint")
     return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def family_of_checkpoint(path: Path, shapes: dict[str, tuple]) -> ModelFamily:
-    """The family of a single-file checkpoint from its tensor names; UserError naming what it is else."""
+    """The family of a single-file checkpoint from its tensor names; ModelLoadError naming what it is else."""
     keys = set(shapes)
     unet_input = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     if unet_input is None:
-        raise UserError(f"{path} is not a Stable Diffusion checkpoint (no UNet weights found)")
+        raise ModelLoadError(f"{path} is not a Stable Diffusion checkpoint (no UNet weights found)")
     if len(unet_input) == 4 and unet_input[1] != 4:
-        raise UserError(f"{path}'s UNet takes {unet_input[1]} input channels (an inpainting or depth model); "
-                        "PersonaMagic needs a text-to-image model")
+        raise ModelLoadError(f"{path}'s UNet takes {unet_input[1]} input channels (an inpainting or depth model); "
+                             "PersonaMagic needs a text-to-image model")
     for family in FAMILIES.values():
         if family.recognizes_checkpoint(keys):
             return family
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        raise UserError(f"{path} is an SDXL refiner checkpoint (one OpenCLIP text encoder); PersonaMagic needs a "
-                        "text-to-image base model such as stabilityai/stable-diffusion-xl-base-1.0 or a fine-tune of it")
+        raise ModelLoadError(f"{path} is an SDXL refiner checkpoint (one OpenCLIP text encoder); PersonaMagic "
+                             "needs a text-to-image base model such as stabilityai/stable-diffusion-xl-base-1.0 or a "
+                             "fine-tune of it")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise UserError(f"{path} is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder); PersonaMagic "
-                        f"supports {', '.join(f.title for f in FAMILIES.values())}")
-    raise UserError(f"{path} is not a checkpoint of a family PersonaMagic supports "
-                    f"({', '.join(f.title for f in FAMILIES.values())})")
+        raise ModelLoadError(f"{path} is a Stable Diffusion 2.x checkpoint (OpenCLIP-H text encoder); PersonaMagic "
+                             f"supports {', '.join(f.title for f in FAMILIES.values())}")
+    raise ModelLoadError(f"{path} is not a checkpoint of a family PersonaMagic supports "
+                         f"({', '.join(f.title for f in FAMILIES.values())})")
 
 
 def load_single_file(path: Path, *, model_config: str | None = None, local_files_only: bool = False,
@@ -282,16 +281,16 @@ def load_single_file(path: Path, *, model_config: str | None = None, local_files
     config = model_config or family.checkpoint_config_repo
     if model_config is not None:
         if not Path(model_config).expanduser().is_dir() and not is_hub_id(model_config):
-            raise UserError(f"--model-config {model_config} is neither a folder nor a hub id; give the diffusers "
-                            f"folder (or hub id) of a {family.title} model whose configs {path.name} uses")
+            raise ModelLoadError(f"--model-config {model_config} is neither a folder nor a hub id; give the diffusers "
+                                 f"folder (or hub id) of a {family.title} model whose configs {path.name} uses")
         index, _ = read_json_file(model_config, "model_index.json")
         if family_of_index(model_config, index) is not family:
-            raise UserError(f"--model-config {model_config} is not a {family.title} model, but {path} is")
+            raise ModelLoadError(f"--model-config {model_config} is not a {family.title} model, but {path} is")
     try:
         scheduler_config, _ = read_json_file(config, SCHEDULER_CONFIG_FILE, subfolder="scheduler",
                                              local_files_only=local_files_only)
-    except UserError:
-        raise UserError(
+    except ModelLoadError:
+        raise ModelLoadError(
             f"{path} is a {family.title} checkpoint, whose configs come from {config} (not in the local hub "
             f"cache, or offline); pass --model-config FOLDER (a diffusers folder of the same family, e.g. a "
             f"download of {family.checkpoint_config_repo}) or run once online"
@@ -303,7 +302,7 @@ def load_single_file(path: Path, *, model_config: str | None = None, local_files
     try:
         pipe = pipeline_class.from_single_file(str(path), config=config, local_files_only=local_files_only, **kwargs)
     except Exception as err:  # shape mismatches, missing configs, corrupt tensors: each its own class
-        raise UserError(f"could not load {path} ({first_line(err)})") from None
+        raise ModelLoadError(f"could not load {path} ({first_line(err)})") from None
     tokenizers = [getattr(pipe, spec.tokenizer) for spec in family.encoders]
     text_encoders = [getattr(pipe, spec.component) for spec in family.encoders]
     for encoder in text_encoders:
@@ -334,7 +333,7 @@ def load_image_encoder(name: str, *, device=None, dtype=None, local_files_only: 
                                                                         output_loading_info=True)
             processor = CLIPImageProcessor.from_pretrained(name, local_files_only=local_files_only)
         except Exception as err:  # hub, file and config errors: all mean "cannot load it"
-            raise UserError(
+            raise ModelLoadError(
                 f"could not load the CLIP image encoder {name!r} ({first_line(err)}); "
                 "check the id/path or your network, or pass --image-encoder PATH (tiny: the offline toy)"
             ) from None
@@ -343,7 +342,8 @@ def load_image_encoder(name: str, *, device=None, dtype=None, local_files_only: 
         missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
         if missing or info.get("mismatched_keys"):
             problem = f"{len(missing)} weights missing (e.g. {missing[0]})" if missing else "weights of other shapes"
-            raise UserError(f"the CLIP image encoder {name!r} does not fit CLIPVisionModelWithProjection ({problem}); "
-                            "pass --image-encoder with a CLIP model such as openai/clip-vit-base-patch32")
+            raise ModelLoadError(f"the CLIP image encoder {name!r} does not fit CLIPVisionModelWithProjection "
+                                 f"({problem}); pass --image-encoder with a CLIP model such as "
+                                 "openai/clip-vit-base-patch32")
         model.eval().requires_grad_(False)
     return model.to(device=device, dtype=dtype), processor

@@ -6,15 +6,17 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from ..errors import ModelLoadError
+
 WORLD = "world"  # the short name of the shipped world model (and of its judge) on the command line
 
 
 def world_file(name: str) -> Path:
-    """A file the package ships under `personamagic/world/`; FileNotFoundError (what to do) if missing."""
+    """A file the package ships under `personamagic/world/`; ModelLoadError (what to do) if missing."""
     path = Path(str(resources.files("personamagic"))) / "world" / name
     if not path.is_file():
-        raise FileNotFoundError(f"the world's {name} is missing from this installation ({path}); reinstall "
-                                "personamagic, or train it (personamagic world train-base / train-judge)")
+        raise ModelLoadError(f"the world's {name} is missing from this installation ({path}); reinstall "
+                             "personamagic, or train it (personamagic world train-base / train-judge)")
     return path
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import PhotoError
 from ..models.latents import LatentScale
 
 
@@ -66,7 +66,7 @@ def prepare_localized(pipe, background, region, batch_size: int, height: int, wi
         raise ValueError(f"{latents.shape[0]} backgrounds for {batch_size} images")
     region = latent_region(mask.to(pipe.device), latents.shape[-2:])
     if not region.any():
-        raise UserError("the region mask is empty at latent resolution; paint a larger white area")
+        raise PhotoError("the region mask is empty at latent resolution; paint a larger white area")
     return latents.expand(batch_size, -1, -1, -1), region
 
 
@@ -90,7 +90,7 @@ def load_localized_inputs(background: str, region: str, size: tuple[int, int] | 
 
     image, mask = open_image(background), open_image(region)
     if image.size != mask.size:
-        raise UserError(
+        raise PhotoError(
             f"region {region} is {mask.width}x{mask.height} but background {background} is "
             f"{image.width}x{image.height}; draw the region on the background itself"
         )
@@ -98,7 +98,7 @@ def load_localized_inputs(background: str, region: str, size: tuple[int, int] | 
     values = alpha if alpha is not None and alpha.min() < 255 else np.asarray(to_rgb(mask).convert("L"))
     mask = Image.fromarray(np.where(values > 127, 255, 0).astype(np.uint8))
     if not np.asarray(mask).any():
-        raise UserError(f"region {region} marks nothing; paint the region white on black")
+        raise PhotoError(f"region {region} marks nothing; paint the region white on black")
     width, height = size or localized_size(image.size, resolution, multiple)
     box = _centre_box(image.size, width / height)
     image = to_rgb(image).crop(box).resize((width, height), Image.Resampling.LANCZOS)

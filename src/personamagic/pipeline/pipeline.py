@@ -37,7 +37,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..adapters.ip_adapter import prepare_ip_adapter
 from ..concept import Concept
-from ..errors import UserError
+from ..errors import ConceptError, SettingsError
 from ..models.latents import LatentScale
 from ..families import family_of_modules
 from ..method.attention import attention_processors
@@ -118,7 +118,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         far fewer launches — at batch 1-2 the eager UNet mostly waits for them. CUDA only; not used
         with IP-Adapter inputs."""
         if enabled and self.device.type != "cuda":
-            raise UserError("CUDA graphs need a CUDA device; run on --device cuda or without them")
+            raise SettingsError("CUDA graphs need a CUDA device; run on --device cuda or without them")
         self.graphed_unet = GraphedUNet(self._denoiser()) if enabled else None
 
     def enable_compile(self, enabled: bool = True, backend: str = "inductor", channels_last: bool = True) -> None:
@@ -140,7 +140,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         from ..adapters.photomaker_plugin import PhotoMaker, PhotoMakerSpec
 
         if not self.family.supports_photomaker:
-            raise UserError(f"PhotoMaker works on SDXL models; this is a {self.family.title} model")
+            raise SettingsError(f"PhotoMaker works on SDXL models; this is a {self.family.title} model")
         self.photomaker = PhotoMaker.load(spec or PhotoMakerSpec(), self.unet, device=self.device, dtype=self.unet.dtype,
                                           local_files_only=local_files_only, encoder=encoder, lora=lora)
         return self.photomaker
@@ -162,7 +162,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
         ):
             logger.warning(warning)
         if any(c.tokens.placeholder == placeholder for c in self.concepts):
-            raise UserError(
+            raise SettingsError(
                 f"two concepts use the placeholder {placeholder!r}; give each its own "
                 "(--placeholder once per concept, e.g. --placeholder '<me>' --placeholder '<style>')"
             )
@@ -406,7 +406,7 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
             text_only.append(split[0])
             fused.append(split[1])
         if len(classes) > 1:
-            raise UserError(f"PhotoMaker fuses one concept per run; the prompts fuse {', '.join(sorted(classes))}")
+            raise SettingsError(f"PhotoMaker fuses one concept per run; the prompts fuse {', '.join(sorted(classes))}")
         plain = self.encode_schedule(self.tokenize(text_only), timesteps)
         if not classes:
             return plain
@@ -461,8 +461,8 @@ class PersonaMagicPipeline(DiffusionPipeline, IPAdapterMixin, TextEncoderWidths)
 def check_photomaker_vectors(placeholder: str, num_vectors: int) -> None:
     """PhotoMaker fuses its ID embedding into one token: a concept of several vectors cannot take it."""
     if num_vectors != 1:
-        raise UserError(f"PhotoMaker fuses its ID into a one-vector concept; {placeholder!r} has {num_vectors} "
-                        "vectors (--num-vectors): train it with --num-vectors 1, or generate without --photomaker")
+        raise ConceptError(f"PhotoMaker fuses its ID into a one-vector concept; {placeholder!r} has {num_vectors} "
+                           "vectors (--num-vectors): train it with --num-vectors 1, or generate without --photomaker")
 
 
 def attach_concepts(

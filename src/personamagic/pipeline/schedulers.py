@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import UserError
+from ..errors import SettingsError
 
 # Scheduler names for `--scheduler`, mapped to diffusers classes and config overrides. Any other
 # diffusers scheduler that fits SD-1.x (`KarrasDiffusionSchedulers`) is accepted by its class name.
@@ -30,7 +30,7 @@ SCHEDULER_REQUIREMENTS = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDESchedule
 
 
 def scheduler_choice(name: str) -> tuple[str, dict]:
-    """(diffusers class name, config overrides) for a `--scheduler` name; UserError if unusable here."""
+    """(diffusers class name, config overrides) for a `--scheduler` name; SettingsError if unusable here."""
     from diffusers.schedulers import KarrasDiffusionSchedulers
 
     # The schedulers diffusers' Stable Diffusion pipelines accept; EDM's needs an EDM-trained model.
@@ -40,13 +40,13 @@ def scheduler_choice(name: str) -> tuple[str, dict]:
     elif name in compatible:
         class_name, overrides = name, {}
     else:
-        raise UserError(
+        raise SettingsError(
             f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or a diffusers class name "
             "such as KDPM2DiscreteScheduler"
         )
     package = SCHEDULER_REQUIREMENTS.get(class_name)
     if package is not None and importlib.util.find_spec(package) is None:
-        raise UserError(f"scheduler {name!r} needs the package {package}: pip install {package}")
+        raise SettingsError(f"scheduler {name!r} needs the package {package}: pip install {package}")
     return class_name, overrides
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import BAD_JSON, UserError
+from ..errors import BAD_JSON, ConceptError
 from ..files import disk_error, load_safetensors, save_safetensors_atomic
 
 CHECKPOINT_FORMAT = 2
@@ -75,7 +75,7 @@ def save_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
 RESTART = "train again with --overwrite"  # what `personamagic train` says to do about a checkpoint it cannot use
 
 
-class CheckpointError(UserError):
+class CheckpointError(ConceptError):
     """A checkpoint that cannot be resumed from: `fault` says why; the message adds what `personamagic
     train` does about it (a command with other flags words its own advice from `fault`)."""
 
@@ -86,10 +86,7 @@ class CheckpointError(UserError):
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:
     """(tensors, header) of a checkpoint; CheckpointError for anything that is not one of ours."""
-    try:
-        tensors, header = load_safetensors(path)
-    except UserError as err:
-        raise CheckpointError(str(err)) from None
+    tensors, header = load_safetensors(path, error=CheckpointError)
     try:
         meta = json.loads(header["checkpoint"])
     except (KeyError, *BAD_JSON):
@@ -149,7 +146,7 @@ def resume_differences(saved: dict, config: dict, saved_job: dict, job: dict, st
 
 def load_checkpoint(trainer, path: Path, job: dict | None = None) -> None:
     """Restore the trainer's state from `path`, after checking that the run asked for is the saved one
-    (`resume_differences`); the differences are one UserError listing each."""
+    (`resume_differences`); the differences are one CheckpointError listing each."""
     from ..method.stages import StageWindow
 
     tensors, meta = read_checkpoint(path)

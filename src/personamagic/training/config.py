@@ -6,6 +6,7 @@ import re
 import string
 from dataclasses import asdict, dataclass
 
+from ..errors import SettingsError
 from ..models.devices import check_compile_backend
 
 DEFAULT_PARTITION_WARMUP_STEPS = 100  # docs/method.md
@@ -70,48 +71,49 @@ class TrainConfig:
         if isinstance(self.te_encoder_weights, list):
             self.te_encoder_weights = tuple(self.te_encoder_weights)
         if self.max_train_steps == 0 and self.stage_window is None:
-            raise ValueError("max_train_steps 0 (an untrained concept: the supercategory word) needs a stage_window")
+            raise SettingsError("max_train_steps 0 (an untrained concept: the supercategory word) needs a stage_window")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:  # torch generators take a signed 64-bit seed
-            raise ValueError(f"seed (--seed) must be a whole number from 0 to {2**63 - 1}, got {self.seed}")
+            raise SettingsError(f"seed (--seed) must be a whole number from 0 to {2**63 - 1}, got {self.seed}")
         if not isinstance(self.max_train_steps, int) or self.max_train_steps < 0:
-            raise ValueError(f"max_train_steps must be >= 0, got {self.max_train_steps}")
+            raise SettingsError(f"max_train_steps must be >= 0, got {self.max_train_steps}")
         positive = ("num_vectors", "train_batch_size", "mapper_hidden_dim", "time_frequencies",
                     "partition_timesteps", "partition_resolution", "sync_every", "gradient_accumulation_steps")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "te_temperature"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "te_weight", "id_weight", "checkpoint_every", "partition_warmup_steps",
                      "id_patch_margin"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "bypass_drop"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise SettingsError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.train_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
+            raise SettingsError(
                 f"train_batch_size {self.train_batch_size} must be a multiple of gradient_accumulation_steps "
                 f"{self.gradient_accumulation_steps}"
             )
         if not 0 <= self.lambda1 <= self.lambda2 <= 1:
-            raise ValueError(f"need 0 <= lambda1 <= lambda2 <= 1, got {self.lambda1}, {self.lambda2}")
+            raise SettingsError(f"need 0 <= lambda1 <= lambda2 <= 1, got {self.lambda1}, {self.lambda2}")
         if not 0 < self.min_dynamic_fraction <= 1:
-            raise ValueError(f"min_dynamic_fraction must be in (0, 1], got {self.min_dynamic_fraction}")
+            raise SettingsError(f"min_dynamic_fraction must be in (0, 1], got {self.min_dynamic_fraction}")
         fields = [name for _, name, _, _ in string.Formatter().parse(self.train_prompt) if name is not None]
         if fields != [""]:
-            raise ValueError(f"train_prompt must contain {{}} exactly once, where the placeholder goes (and no other "
-                             f"braces), got {self.train_prompt!r}")
+            raise SettingsError(f"train_prompt must contain {{}} exactly once, where the placeholder goes (and no "
+                                f"other braces), got {self.train_prompt!r}")
         if not self.placeholder.strip() or self.placeholder.strip() != self.placeholder:
-            raise ValueError(f"placeholder must be non-empty text without surrounding spaces, got {self.placeholder!r}")
+            raise SettingsError("placeholder must be non-empty text without surrounding spaces, got "
+                                f"{self.placeholder!r}")
         if not re.fullmatch(r"[\w'-]+", self.supercategory):
-            raise ValueError(f"supercategory must be a single word (face, person, cat, painting...), "
-                             f"got {self.supercategory!r}")
+            raise SettingsError(f"supercategory must be a single word (face, person, cat, painting...), "
+                                f"got {self.supercategory!r}")
         if self.stage_window is not None:
             lo, hi = self.stage_window
             if not 0 <= lo < hi:
-                raise ValueError(f"stage_window must be LO:HI with 0 <= LO < HI, got {lo}:{hi}")
+                raise SettingsError(f"stage_window must be LO:HI with 0 <= LO < HI, got {lo}:{hi}")
         if self.compile:
             check_compile_backend(self.compile_backend)
 

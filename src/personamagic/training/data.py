@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..errors import UserError
+from ..errors import PhotoError
 from ..faces.alignment import warp_faces
 
 
@@ -45,7 +45,7 @@ def prepare_training_data(
     face_theta: (N, 2, 3) from `identity.alignment_theta`, needed with an identity encoder.
     """
     if masks.flatten(1).sum(1).min() <= 0:
-        raise UserError("a face mask is empty; use another --mask method or a mask file that marks the face")
+        raise PhotoError("a face mask is empty; use another --mask method or a mask file that marks the face")
     device, dtype = vae.device, vae.dtype
     posterior = vae.encode(pixels.to(device, dtype)).latent_dist
     latent_size = posterior.mean.shape[-2:]

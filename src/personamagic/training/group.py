@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import UserError
+from ..errors import PersonaMagicError
 from ..method.stages import PartitionError
 from . import checkpoints
 from .config import TrainConfig
@@ -63,7 +63,7 @@ SHARED_FIELDS = (
 )
 
 
-class TrainingDiverged(UserError):
+class TrainingDiverged(PersonaMagicError):
     """The loss became NaN or infinite."""
 
 
@@ -301,19 +301,20 @@ class GroupTrainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def train(self, progress=None, checkpoint_dirs: list[Path | None] | None = None,
-              jobs: list[dict | None] | None = None) -> dict[int, UserError]:
+              jobs: list[dict | None] | None = None) -> dict[int, PersonaMagicError]:
         """Run every trainer as `Trainer.find_stage_window` + `Trainer.train` would alone: the warm-up and
         partition if it has no stage window yet, then training until its `max_train_steps`, with a
         checkpoint (recording jobs[i]) in checkpoint_dirs[i] every `checkpoint_every` steps.
 
         progress(i, step, total, logs, phase) is called for every step of trainer i, phase "warm-up" or
         "train" (in bursts of `sync_every` on the optimised path). Returns the trainers that failed (their
-        loss diverged, their partition failed) as {index: UserError naming the identity}; the others finish.
+        loss diverged, their partition failed) as {index: PersonaMagicError naming the identity}; the others
+        finish.
         """
         dirs, jobs = checkpoint_dirs or [None] * len(self.trainers), jobs or [None] * len(self.trainers)
         members = [self.member(i, t.config.max_train_steps, checkpoint_dir=folder, job=job)
                    for i, (t, folder, job) in enumerate(zip(self.trainers, dirs, jobs))]
-        errors: dict[int, UserError] = {}
+        errors: dict[int, PersonaMagicError] = {}
         self.run(members, progress, errors)
         return errors
 
@@ -329,7 +330,7 @@ class GroupTrainer:
     def run(self, members: list[Member], progress=None, errors: dict | None = None) -> None:
         """Step `members` together until each is done: a warm-up ends in its partition, then it trains until
         its `until`; progress(i, step, total, logs, phase) as in `train`. errors: where a member's failure goes
-        as {index: UserError naming it}, the others going on (None: raised as it is, the run stops)."""
+        as {index: PersonaMagicError naming it}, the others going on (None: raised as it is, the run stops)."""
         while True:
             self._partition_ready(members, errors)
             active = [m for m in members if m.phase in ("warm-up", "train")]
@@ -344,7 +345,7 @@ class GroupTrainer:
                 m.pending.append(logs)
                 try:
                     self._after_step(m, progress)
-                except UserError as err:
+                except PersonaMagicError as err:
                     self._fail(m, err, errors)
 
     def _after_step(self, m: Member, progress) -> None:
@@ -389,20 +390,20 @@ class GroupTrainer:
                 try:
                     with nullcontext() if alone else m.trainer.objective:
                         m.trainer.partition_after_warmup()
-                except UserError as err:
+                except PersonaMagicError as err:
                     self._fail(m, err, errors)
                     continue
                 except PartitionError as err:  # e.g. NaN attention maps: this identity's alone
                     if errors is None:
                         raise
-                    self._fail(m, UserError(f"the stage partition failed ({err})"), errors)
+                    self._fail(m, PersonaMagicError(f"the stage partition failed ({err})"), errors)
                     continue
                 m.phase = "done" if m.trainer.step_count >= m.until else "train"
         finally:
             if not alone:
                 self.objective.__enter__()
 
-    def _fail(self, m: Member, err: UserError, errors: dict | None) -> None:
+    def _fail(self, m: Member, err: PersonaMagicError, errors: dict | None) -> None:
         """Record the member's failure in `errors` and drop it from the run (errors None: raise it)."""
         if errors is None:
             raise err

@@ -114,7 +114,7 @@ class Objective:
         for ids in (*self.train_ids, *self.te_ids):
             if bool((torch.isin(ids, placeholder).sum(dim=1) < len(self.placeholder_ids)).any()):
                 raise SettingsError(f"--num-vectors {c.num_vectors} does not fit: with that many S* tokens the training "
-                                "prompts are cut at 77 tokens; use fewer vectors or a shorter --train-prompt")
+                                    "prompts are cut at 77 tokens; use fewer vectors or a shorter --train-prompt")
         self.te_placeholder_mask = [torch.isin(ids, placeholder) for ids in self.te_ids]
         self.te_eos = [eos_positions(ids, tok.eos_token_id) for ids, tok in zip(self.te_ids, self.base.tokenizers)]
         encoders = len(self.base.text_encoders)

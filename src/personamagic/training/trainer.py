@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..concept import Concept
-from ..errors import SettingsError, UserError
+from ..errors import SettingsError
 from ..method.mapper import MapperConfig, StageMapper
 from ..method.stages import StagePartition, StageWindow
 from ..method.tokens import PlaceholderTokens, single_token_id
@@ -25,14 +25,11 @@ from .partition import capture_attention, partition_after_warmup
 
 
 def supercategory_embedding(base, word: str) -> torch.Tensor:
-    """(D,) the word's token embedding in every text encoder, side by side (UserError unless the word
+    """(D,) the word's token embedding in every text encoder, side by side (SettingsError unless the word
     is one token for every tokenizer)."""
     parts = []
     for tokenizer, encoder in zip(base.tokenizers, base.text_encoders):
-        try:
-            token = single_token_id(tokenizer, word)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        token = single_token_id(tokenizer, word)
         parts.append(encoder.get_input_embeddings().weight[token].detach().float().cpu())
     return torch.cat(parts)
 
@@ -53,10 +50,7 @@ class Trainer:
         self.base, self.data, self.config = base, data, config
         self.identity_encoder = identity_encoder  # as given (a group of trainers shares one)
         self.device = base.device
-        try:
-            self.tokens = PlaceholderTokens(base.tokenizers, config.placeholder, config.num_vectors, slot=0)
-        except ValueError as err:
-            raise UserError(str(err)) from None
+        self.tokens = PlaceholderTokens(base.tokenizers, config.placeholder, config.num_vectors, slot=0)
         mapper_config = MapperConfig(
             text_embed_dim=base.hidden_size,
             image_embed_dim=data.image_embeds.shape[-1],
@@ -87,7 +81,7 @@ class Trainer:
             try:
                 self.stage_window = StageWindow(*config.stage_window, self.num_train_timesteps)
             except ValueError as err:
-                raise UserError(f"--stage-window: {err}") from None
+                raise SettingsError(f"--stage-window: {err}") from None
             self.stages = {"method": "fixed", "window": self.stage_window.to_list()}
         self.partition: StagePartition | None = None  # the automatic partition, once found
         self.attention_maps: torch.Tensor | None = None  # (K, r, r) from the partition capture

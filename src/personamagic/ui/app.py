@@ -3,7 +3,7 @@
 Every event handler here returns at once: heavy work is a job on the studio's queue, and a per-tab
 `gr.Timer` polls that tab's jobs while any is unfinished. Each tab keeps its own job ids in a
 `gr.State`, so tabs share the queue (one GPU job at a time) and the library, but not their progress,
-results or selection. Handlers never raise into Gradio: a `UserError` becomes its message in the
+results or selection. Handlers never raise into Gradio: a `PersonaMagicError` becomes its message in the
 page, anything else a short generic line (the traceback goes to the server log).
 """
 
@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402  (the environment above must be set first)
 
-from ..errors import UserError  # noqa: E402
+from ..errors import PersonaMagicError, SettingsError  # noqa: E402
 from ..families import FAMILIES  # noqa: E402
 from ..models.tiny import TINY_MODELS  # noqa: E402
 from ..models.world import WORLD  # noqa: E402
@@ -55,7 +55,7 @@ def status_html(text: str, kind: str = "info", progress: tuple[int, int] | None 
 
 
 def error_html(err: BaseException) -> str:
-    if isinstance(err, UserError):
+    if isinstance(err, PersonaMagicError):
         return status_html(str(err), "error")
     logger.error("unexpected error in the web UI", exc_info=err)
     return status_html(INTERNAL_ERROR, "error")
@@ -69,7 +69,7 @@ def guarded(num_outputs: int, status_index: int):
         def wrapper(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except Exception as err:  # UserError: its message; anything else: generic line + log
+            except Exception as err:  # PersonaMagicError: its message; anything else: generic line + log
                 outputs = [gr.skip()] * num_outputs
                 outputs[status_index] = error_html(err)
                 return tuple(outputs) if num_outputs > 1 else outputs[0]
@@ -83,9 +83,9 @@ def _int(value, name: str, minimum: int = 0) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be a whole number, got {value!r}") from None
+        raise SettingsError(f"{name} must be a whole number, got {value!r}") from None
     if number != value or number < minimum:
-        raise UserError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        raise SettingsError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return number
 
 
@@ -93,7 +93,7 @@ def _float(value, name: str) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be a number, got {value!r}") from None
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
 
 
 def _job_status(snapshot: dict, ahead: int, what: str) -> str:
@@ -263,18 +263,15 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                      warmup_, id_loss_, state):
             from .studio import parse_stage_window
 
-            try:
-                config = TrainConfig(
-                    placeholder=(placeholder_ or "").strip() or "S*",
-                    supercategory=(supercategory_ or "").strip(),
-                    max_train_steps=_int(steps_, "steps", 1),
-                    seed=_int(seed_, "seed"),
-                    stage_window=parse_stage_window(window_),
-                    partition_warmup_steps=_int(warmup_, "warm-up steps"),
-                    use_id_loss=bool(id_loss_),
-                )
-            except ValueError as err:
-                raise UserError(str(err)) from None
+            config = TrainConfig(
+                placeholder=(placeholder_ or "").strip() or "S*",
+                supercategory=(supercategory_ or "").strip(),
+                max_train_steps=_int(steps_, "steps", 1),
+                seed=_int(seed_, "seed"),
+                stage_window=parse_stage_window(window_),
+                partition_warmup_steps=_int(warmup_, "warm-up steps"),
+                use_id_loss=bool(id_loss_),
+            )
             job = studio.submit_personalize(files, name_, config, model=(model_ or "").strip(), mask=mask_)
             state = {**state, "train": job.id, "train_points": None}
             # None, not an empty table, clears the plot: see loss_frame (a new run may have other terms).
@@ -283,18 +280,18 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
 
         @guarded(3, 0)
         def on_generate(selected, prompts_, negative_, num_images_, seed_, steps_, guidance_, scheduler_, state):
+            numbers = {"num_images": _int(num_images_, "images per prompt", 1), "seed": _int(seed_, "seed"),
+                       "num_inference_steps": _int(steps_, "steps", 1),
+                       "guidance_scale": _float(guidance_, "guidance")}
             try:
                 config = GenerateConfig(
                     prompts=[line.strip() for line in (prompts_ or "").splitlines() if line.strip()],
                     negative_prompt=negative_ or "",
-                    num_images=_int(num_images_, "images per prompt", 1),
-                    seed=_int(seed_, "seed"),
-                    num_inference_steps=_int(steps_, "steps", 1),
-                    guidance_scale=_float(guidance_, "guidance"),
                     scheduler=scheduler_,
+                    **numbers,
                 )
-            except ValueError as err:
-                raise UserError(f"{err} (type prompts such as \"a photo of S* as an astronaut\")") from None
+            except SettingsError as err:
+                raise SettingsError(f"{err} (type prompts such as \"a photo of S* as an astronaut\")") from None
             job = studio.submit_generate(list(selected or []), config)
             state = {**state, "generate": job.id}
             return status_html("generating: queued", "queued", (0, 1)), state, gr.Timer(active=True)
@@ -309,7 +306,7 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
         @guarded(10, 0)
         def on_regenerate(state):
             if not state.get("selected"):
-                raise UserError("select an image in the gallery first")
+                raise SettingsError("select an image in the gallery first")
             return regenerate_from(state["selected"], state)
 
         @guarded(10, 0)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
+from ..errors import PersonaMagicError
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class JobQueue:
                 _remove_folder(job)
                 job._set(state=CANCELLED, finished_at=time.time())
                 logger.info("cancelled %s job %s", job.kind, job.id)
-            except UserError as err:
+            except PersonaMagicError as err:
                 _remove_folder(job)
                 job._set(state=FAILED, error=str(err), finished_at=time.time())
                 logger.info("%s job %s failed: %s", job.kind, job.id, err)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..concept import CONCEPT_FILENAME, Concept
-from ..errors import UserError
+from ..errors import ConceptError, PersonaMagicError, PhotoError, SettingsError
 from ..models import TINY_MODELS, ResidentModels
 from ..models.world import WORLD
 from .jobs import Job, JobQueue, new_job_id
@@ -73,7 +73,7 @@ class Library:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"--library {self.root} is a file; give a folder")
+            raise SettingsError(f"--library {self.root} is a file; give a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         self._fingerprints: dict[Path, tuple[int, str]] = {}  # folder -> (mtime_ns, fingerprint)
 
@@ -100,7 +100,7 @@ class Library:
                 continue
             try:
                 concept = Concept.load(folder)
-            except UserError as err:
+            except ConceptError as err:
                 logger.warning("skipping %s: %s", folder, err)
                 continue
             entries.append(ConceptEntry(
@@ -110,10 +110,10 @@ class Library:
         return entries
 
     def concept_folder(self, name: str) -> Path:
-        """The folder of an existing concept (UserError if there is none)."""
+        """The folder of an existing concept (ConceptError if there is none)."""
         folder = self.root / name
         if Path(name).name != name or name.startswith(".") or not (folder / CONCEPT_FILENAME).is_file():
-            raise UserError(f"there is no concept {name!r} in the library; refresh the list")
+            raise ConceptError(f"there is no concept {name!r} in the library; refresh the list")
         return folder
 
     def free_folder(self, name: str) -> Path:
@@ -138,10 +138,10 @@ class Library:
 
 
 def check_name(name: str) -> str:
-    """A new concept's name, stripped: a plain folder name (UserError otherwise)."""
+    """A new concept's name, stripped: a plain folder name (SettingsError otherwise)."""
     name = (name or "").strip()
     if not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
-        raise UserError(
+        raise SettingsError(
             f"concept name {name!r} is not usable; use letters, digits, '-', '_' or '.' "
             f"(up to 64, starting with a letter or digit; not {', '.join(sorted(RESERVED_NAMES))})"
         )
@@ -156,9 +156,9 @@ def parse_stage_window(text: str) -> tuple[int, int] | None:
     try:
         lo, hi = (int(part) for part in text.split(":"))
     except ValueError:
-        raise UserError(f"stage window must be auto or LO:HI (e.g. 400:800), got {text!r}") from None
+        raise SettingsError(f"stage window must be auto or LO:HI (e.g. 400:800), got {text!r}") from None
     if not 0 <= lo < hi <= 1000:
-        raise UserError(f"stage window needs 0 <= LO < HI <= 1000, got {text}")
+        raise SettingsError(f"stage window needs 0 <= LO < HI <= 1000, got {text}")
     return lo, hi
 
 
@@ -171,7 +171,7 @@ def display_name(path) -> str:
     return Path(path).name
 
 
-def user_message(err: UserError, paths) -> str:
+def user_message(err: PersonaMagicError, paths) -> str:
     """The error's message with temporary upload paths replaced by the names the user knows."""
     text = str(err)
     for path in paths:
@@ -182,7 +182,7 @@ def user_message(err: UserError, paths) -> str:
 def check_upload_size(path, max_mb: float) -> None:
     size = Path(path).stat().st_size
     if size > max_mb * 1024 * 1024:
-        raise UserError(
+        raise PhotoError(
             f"{display_name(path)} is {size / 1024 / 1024:.0f} MB; upload photos under {max_mb:g} MB"
         )
 
@@ -201,9 +201,9 @@ def _detector():
 def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float,
                   crop: bool = True) -> tuple[Image.Image, str]:
     """The training crop of a photo with its face box and landmarks drawn on it and the training mask
-    tinted (`mask`: landmarks, clipseg, none or world), and a caption. Raises UserError for anything the
-    training would refuse (too big, not an image, no face). crop False: the photo is already a crop
-    (the world model's), nothing is detected."""
+    tinted (`mask`: landmarks, clipseg, none or world), and a caption. Raises a PersonaMagicError for
+    anything the training would refuse (too big, not an image, no face). crop False: the photo is already
+    a crop (the world model's), nothing is detected."""
     from ..faces.crop import prepare_photo
     from ..faces.masks import landmark_mask, mask_overlay
     from ..jobs.personalize import FACE_SUPERCATEGORIES
@@ -212,13 +212,13 @@ def preview_photo(path, supercategory: str, mask: str, max_upload_mb: float,
     is_face = supercategory in FACE_SUPERCATEGORIES and crop
     try:
         photo = prepare_photo(path, PREVIEW_SIZE, detect_face=is_face, detector=_detector() if is_face else None)
-    except UserError as err:
-        raise UserError(user_message(err, [path])) from None
+    except PersonaMagicError as err:
+        raise PersonaMagicError(user_message(err, [path])) from None
     name = display_name(path)
     if photo.face is None:
         if mask == "landmarks":
-            raise UserError(f"{name}: the landmark mask needs a face; choose mask clipseg or none for "
-                            f"supercategory {supercategory!r}")
+            raise PhotoError(f"{name}: the landmark mask needs a face; choose mask clipseg or none for "
+                             f"supercategory {supercategory!r}")
         caption = (f"{name}: no face detection for supercategory {supercategory!r} (centre crop)" if crop else
                    f"{name}: taken as it is (the world model's photos are crops)")
     else:
@@ -287,14 +287,14 @@ class Studio:
     def preview(self, paths, supercategory: str, mask: str, model: str) -> tuple[list, list[str]]:
         """[(image, caption)] for the photos that pass, and one error line per photo that does not."""
         if mask not in MASK_CHOICES:
-            raise UserError(f"mask must be one of {', '.join(MASK_CHOICES)}, got {mask!r}")
+            raise SettingsError(f"mask must be one of {', '.join(MASK_CHOICES)}, got {mask!r}")
         if mask == "auto":  # what personalize() picks
             mask = "world" if model == WORLD else "landmarks" if model in TINY_MODELS else "clipseg"
         previews, errors = [], []
         for path in paths or []:
             try:
                 previews.append(preview_photo(path, supercategory, mask, self.max_upload_mb, crop=model != WORLD))
-            except UserError as err:
+            except PersonaMagicError as err:
                 errors.append(str(err))
         return previews, errors
 
@@ -314,12 +314,12 @@ class Studio:
         name = check_name(name)
         photos = [Path(p) for p in photos or []]
         if not photos:
-            raise UserError("upload at least one photo of the person first")
+            raise PhotoError("upload at least one photo of the person first")
         if not config.supercategory.strip():
-            raise UserError("choose a supercategory (face for a person)")
+            raise SettingsError("choose a supercategory (face for a person)")
         _, errors = self.preview(photos, config.supercategory, mask, model)
         if errors:
-            raise UserError("; ".join(errors))
+            raise PhotoError("; ".join(errors))
         with self._submitting:
             return self._submit_personalize(photos, name, config, model, mask, identity_model)
 
@@ -327,9 +327,9 @@ class Studio:
         from ..jobs.personalize import personalize
 
         if (self.library.root / name).exists():
-            raise UserError(f"the library already has {name!r}; choose another name")
+            raise SettingsError(f"the library already has {name!r}; choose another name")
         if any(j.kind == "personalize" and j.label == name for j in self.jobs.active()):
-            raise UserError(f"a personalization named {name!r} is already queued; choose another name")
+            raise SettingsError(f"a personalization named {name!r} is already queued; choose another name")
 
         job_id = new_job_id()
         folder = self.library.staging_dir / job_id
@@ -366,7 +366,7 @@ class Studio:
     def submit_generate(self, concept_names: list[str], config, *, model: str | None = None) -> Job:
         """Queue a generation into a new `images/<job-id>/` folder."""
         if not concept_names:
-            raise UserError("pick at least one concept from the library list")
+            raise SettingsError("pick at least one concept from the library list")
         folders = [self.library.concept_folder(name) for name in concept_names]
         return self._submit_generate(folders, config, model, label=", ".join(concept_names))
 
@@ -380,8 +380,8 @@ class Studio:
 
         try:
             record = read_image_metadata(image_path)
-        except UserError as err:
-            raise UserError(user_message(err, [image_path])) from None
+        except PhotoError as err:
+            raise PhotoError(user_message(err, [image_path])) from None
         found = [self.library.find_fingerprint(entry["fingerprint"]) for entry in record.concepts]
         concept_paths = [str(folder) for folder in found] if found and all(found) else None
         job_id = new_job_id()
@@ -392,8 +392,8 @@ class Studio:
             try:
                 result = regenerate(image_path, folder, concept_paths=concept_paths, device=self.device,
                                     local_files_only=self.local_files_only, resident=self.resident)
-            except UserError as err:
-                raise UserError(user_message(err, [image_path])) from None
+            except PersonaMagicError as err:
+                raise PersonaMagicError(user_message(err, [image_path])) from None
             return {"images": [image.path for image in result.images], "grid": None, "notes": result.notes}
 
         job = Job("generate", folder, work, label=f"regenerate seed {record.seed}", id=job_id)
@@ -406,7 +406,7 @@ class Studio:
         for folder in folders:
             placeholder = Concept.load(folder).placeholder
             if placeholder in placeholders:
-                raise UserError(
+                raise ConceptError(
                     f"{placeholders[placeholder]} and {folder.name} both use the placeholder {placeholder!r}; "
                     "to use them together, train one of them with another placeholder (e.g. S2*)"
                 )

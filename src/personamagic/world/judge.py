@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelLoadError
 from .attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES
 
 ALL_ATTRIBUTES = IDENTITY_ATTRIBUTES + CONTEXT_ATTRIBUTES
@@ -166,7 +167,8 @@ def load_judge(path: Path) -> WorldJudge:
     meta = json.loads(header.get("world_judge", "{}"))
     expected = {a.name: list(a.values) for a in ALL_ATTRIBUTES}
     if meta.get("attributes") != expected:
-        raise ValueError(f"{path} is not a judge of this world's attributes; retrain it (personamagic world train-judge)")
+        raise ModelLoadError(f"{path} is not a judge of this world's attributes; retrain it (personamagic world "
+                             "train-judge)")
     judge = WorldJudge(resolution=meta["resolution"])
     judge.load_state_dict(tensors)
     return judge.eval().requires_grad_(False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter
 
+from ..errors import PhotoError
 from .attributes import CONTEXT_ATTRIBUTES, default_context, identity_attributes
 
 RESOLUTION = 64  # the world's image side
@@ -66,7 +67,7 @@ def recorded_render(path) -> dict | None:
         record = json.loads(text)
         return {"identity": int(record["identity"]), "context": dict(record["context"]), "seed": int(record["seed"])}
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} has a damaged world record ({err}); pass the mask with --mask FILE") from None
+        raise PhotoError(f"{path} has a damaged world record ({err}); pass the mask with --mask FILE") from None
 
 
 def recorded_mask(path) -> Image.Image | None:
@@ -77,7 +78,7 @@ def recorded_mask(path) -> Image.Image | None:
     try:
         return render(record["identity"], record["context"], record["seed"]).mask
     except ValueError as err:  # a value the renderer does not know
-        raise ValueError(f"{path} has a damaged world record ({err}); pass the mask with --mask FILE") from None
+        raise PhotoError(f"{path} has a damaged world record ({err}); pass the mask with --mask FILE") from None
 
 
 def render(identity: int, context: dict | None = None, seed: int = 0) -> WorldImage:

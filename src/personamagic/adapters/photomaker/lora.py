@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import re
 
-from ...errors import UserError
+from ...errors import ModelLoadError
 
 LORA_ADAPTER_NAME = "photomaker"  # the adapter name the official pipeline loads its LoRA under
 # diffusers' old attention-processor LoRA key, the format of `lora_weights`
@@ -29,10 +29,10 @@ def apply_photomaker_lora(pipe_or_unet, lora_state_dict: dict, scale: float = 1.
 
     _check_scale(scale)
     if not USE_PEFT_BACKEND:
-        raise UserError("PhotoMaker's LoRA loads through peft: pip install 'peft>=0.17'")
+        raise ModelLoadError("PhotoMaker's LoRA loads through peft: pip install 'peft>=0.17'")
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     if LORA_ADAPTER_NAME in getattr(unet, "peft_config", {}):
-        raise UserError(
+        raise ModelLoadError(
             "PhotoMaker's LoRA is already loaded in this UNet: change its strength with set_photomaker_lora_scale"
         )
     check_lora_state(lora_state_dict, "the PhotoMaker LoRA")
@@ -53,7 +53,7 @@ def set_photomaker_lora_scale(pipe_or_unet, scale: float) -> None:
     _check_scale(scale)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     if LORA_ADAPTER_NAME not in getattr(unet, "peft_config", {}):
-        raise UserError("PhotoMaker's LoRA is not loaded in this UNet: call apply_photomaker_lora first")
+        raise ModelLoadError("PhotoMaker's LoRA is not loaded in this UNet: call apply_photomaker_lora first")
     # diffusers' set_adapters would also reset the weights of any other LoRA; this is the per-layer call it makes.
     for module in unet.modules():
         if isinstance(module, LoraLayer):
@@ -63,27 +63,27 @@ def set_photomaker_lora_scale(pipe_or_unet, scale: float) -> None:
 def check_lora_state(lora_state: dict, source) -> None:
     """`lora_state` is a non-empty LoRA in diffusers' old processor format, with matching ranks."""
     if not lora_state:
-        raise UserError(f"{source} has no LoRA weights ('lora_weights' is empty)")
+        raise ModelLoadError(f"{source} has no LoRA weights ('lora_weights' is empty)")
     ranks = {}
     for key, tensor in lora_state.items():
         match = _LORA_KEY.fullmatch(key)
         if match is None:
-            raise UserError(
+            raise ModelLoadError(
                 f"{source}: LoRA key {key!r} is not in PhotoMaker's format "
                 "unet.<attention>.processor.to_{q,k,v,out}_lora.{down,up}.weight"
             )
         if tensor.ndim != 2:
-            raise UserError(f"{source}: LoRA weight {key} has shape {tuple(tensor.shape)}, expected a matrix")
+            raise ModelLoadError(f"{source}: LoRA weight {key} has shape {tuple(tensor.shape)}, expected a matrix")
         pair = (match["module"], match["proj"])
         rank = tensor.shape[0] if match["side"] == "down" else tensor.shape[1]  # down (r, in), up (out, r)
         if ranks.setdefault(pair, rank) != rank:
-            raise UserError(
+            raise ModelLoadError(
                 f"{source}: the down and up weights of {match['module']}.{match['proj']} have different ranks"
             )
     halves = {(m["module"], m["proj"], m["side"]) for m in map(_LORA_KEY.fullmatch, lora_state)}
     for module, proj in ranks:
         if {(module, proj, "down"), (module, proj, "up")} - halves:
-            raise UserError(f"{source}: the LoRA of {module}.{proj} lacks its down or up weight")
+            raise ModelLoadError(f"{source}: the LoRA of {module}.{proj} lacks its down or up weight")
 
 
 def _check_lora_fits(unet, lora_state: dict) -> None:
@@ -95,13 +95,13 @@ def _check_lora_fits(unet, lora_state: dict) -> None:
             linear = attention.to_out[0] if match["proj"] == "to_out" else getattr(attention, match["proj"])
             sizes = (linear.in_features, linear.out_features)
         except AttributeError:
-            raise UserError(
+            raise ModelLoadError(
                 f"the PhotoMaker LoRA does not fit this UNet (it has no {match['module']}.{match['proj']}); "
                 "PhotoMaker v1 is made for SDXL"
             ) from None
         fits = tensor.shape[1] == sizes[0] if match["side"] == "down" else tensor.shape[0] == sizes[1]
         if not fits:
-            raise UserError(
+            raise ModelLoadError(
                 f"the PhotoMaker LoRA does not fit this UNet ({key} is {tuple(tensor.shape)}, the layer maps "
                 f"{sizes[0]} -> {sizes[1]}); PhotoMaker v1 is made for SDXL"
             )

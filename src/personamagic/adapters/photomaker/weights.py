@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import UserError
+from ...errors import ModelLoadError
 from ...files import read_weights
 from ...hub import resolve_file
 from . import HUB_REPO, WEIGHTS_NAME
@@ -28,7 +28,7 @@ def load_photomaker(spec: str | Path = HUB_REPO, *, device=None, dtype=None, loc
     `id_encoder.*` / `lora_weights.*` keys, which the official loader also reads, works too). The
     encoder's sizes are read off the tensor shapes; it comes back in eval mode, frozen, in `dtype`
     (default float32) on `device` (default CPU). The LoRA state dict stays as stored, for
-    `apply_photomaker_lora`. Every problem with the file is one `UserError`.
+    `apply_photomaker_lora`. Every problem with the file is one `ModelLoadError`.
     """
     path = resolve_file(
         spec, what="PhotoMaker weights file", filename=WEIGHTS_NAME, local_files_only=local_files_only,
@@ -53,16 +53,17 @@ def infer_photomaker_config(encoder_state: dict, *, source: str | Path = "the we
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         tensor = encoder_state.get(key)
         if tensor is None:
-            raise UserError(f"{source} is not a PhotoMaker v1 ID encoder: it has no id_encoder.{key}")
+            raise ModelLoadError(f"{source} is not a PhotoMaker v1 ID encoder: it has no id_encoder.{key}")
         if tensor.ndim != ndim:
-            raise UserError(f"{source}: id_encoder.{key} has shape {tuple(tensor.shape)}, expected {ndim} dimensions")
+            raise ModelLoadError(f"{source}: id_encoder.{key} has shape {tuple(tensor.shape)}, expected {ndim} "
+                                 "dimensions")
         return tuple(tensor.shape)
 
     hidden, channels, patch, _ = shape("vision_model.embeddings.patch_embedding.weight", 4)
     positions, _ = shape("vision_model.embeddings.position_embedding.weight", 2)
     patches_per_side = math.isqrt(positions - 1)  # positions = 1 CLS + (image / patch)^2 patches
     if patches_per_side < 1 or patches_per_side**2 != positions - 1:
-        raise UserError(f"{source}: {positions} position embeddings are not 1 + a square number of patches")
+        raise ModelLoadError(f"{source}: {positions} position embeddings are not 1 + a square number of patches")
     layers = {
         int(m.group(1)) for key in encoder_state if (m := re.match(r"vision_model\.encoder\.layers\.(\d+)\.", key))
     }
@@ -72,7 +73,7 @@ def infer_photomaker_config(encoder_state: dict, *, source: str | Path = "the we
     (prompt_embed_dim,) = shape("fuse_module.layer_norm.weight", 1)
     fuse_hidden_dim, fuse_in = shape("fuse_module.mlp1.fc1.weight", 2)
     if fuse_in != prompt_embed_dim + projection_dim + projection_dim_2:
-        raise UserError(
+        raise ModelLoadError(
             f"{source}: fuse_module.mlp1 reads {fuse_in} features, but prompt {prompt_embed_dim} + ID "
             f"{projection_dim + projection_dim_2} = {prompt_embed_dim + projection_dim + projection_dim_2}"
         )
@@ -91,7 +92,7 @@ def infer_photomaker_config(encoder_state: dict, *, source: str | Path = "the we
             fuse_hidden_dim=fuse_hidden_dim,
         )
     except ValueError as err:
-        raise UserError(f"{source}: the ID encoder's shapes do not make a CLIP vision tower ({err})") from None
+        raise ModelLoadError(f"{source}: the ID encoder's shapes do not make a CLIP vision tower ({err})") from None
 
 
 def _nest_by_prefix(flat: dict) -> dict[str, dict]:
@@ -106,13 +107,13 @@ def _nest_by_prefix(flat: dict) -> dict[str, dict]:
 def _split_weights(state, source: Path) -> tuple[dict, dict]:
     """`id_encoder` and `lora_weights` of a PhotoMaker file, checked to be dicts of tensors."""
     if not isinstance(state, dict):
-        raise UserError(
+        raise ModelLoadError(
             f"{source} holds a {type(state).__name__}, not PhotoMaker's {{'id_encoder': ..., 'lora_weights': ...}}"
         )
     missing = [name for name in PARTS if name not in state]
     extra = sorted(str(name) for name in state if name not in PARTS)
     if missing or extra:
-        raise UserError(
+        raise ModelLoadError(
             f"{source} is not a PhotoMaker v1 file: it needs exactly 'id_encoder' and 'lora_weights', "
             f"has {sorted(str(name) for name in state)}"
         )
@@ -121,21 +122,22 @@ def _split_weights(state, source: Path) -> tuple[dict, dict]:
         if not isinstance(part, dict) or not all(
             isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in part.items()
         ):
-            raise UserError(
+            raise ModelLoadError(
                 f"{source}: '{name}' must be a dict of named tensors, got a {type(part).__name__} of other things"
             )
     return state["id_encoder"], state["lora_weights"]
 
 
 def _check_encoder_state(encoder: PhotoMakerIDEncoder, encoder_state: dict, source: Path) -> None:
-    """Same keys and shapes as `encoder`, or one UserError naming the first differences."""
+    """Same keys and shapes as `encoder`, or one ModelLoadError naming the first differences."""
     expected = encoder.state_dict()
     if any(key.startswith("qformer_perceiver.") for key in encoder_state):
-        raise UserError(f"{source} is a PhotoMaker v2 file (it needs insightface ID embeddings); use photomaker-v1.bin")
+        raise ModelLoadError(f"{source} is a PhotoMaker v2 file (it needs insightface ID embeddings); use "
+                             "photomaker-v1.bin")
     missing = sorted(set(expected) - set(encoder_state))
     unexpected = sorted(set(encoder_state) - set(expected))
     if missing or unexpected:
-        raise UserError(
+        raise ModelLoadError(
             f"{source} is not a PhotoMaker v1 ID encoder: missing id_encoder.{missing[:3]}, "
             f"unexpected id_encoder.{unexpected[:3]}"
         )
@@ -145,4 +147,4 @@ def _check_encoder_state(encoder: PhotoMakerIDEncoder, encoder_state: dict, sour
         if encoder_state[key].shape != value.shape
     ]
     if wrong:
-        raise UserError(f"{source}: the ID encoder's tensors do not fit together: id_encoder.{wrong[0]}")
+        raise ModelLoadError(f"{source}: the ID encoder's tensors do not fit together: id_encoder.{wrong[0]}")
