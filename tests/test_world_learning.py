@@ -55,8 +55,20 @@ if os.environ.get("PERSONAMAGIC_WORLD_BREAKS"):
               for name in BREAKS]
 
 
+@pytest.fixture
+def two_threads():
+    """The automatic partition of this person sits on a nearly flat IoU curve, so the order in which
+    float sums are taken picks its window: 781 <= t < 1000 with two CPU threads (measured, as CI runs),
+    0 <= t < 201 with one (OMP_NUM_THREADS=1), where the concept does not learn the likeness
+    (docs/world.md). The test runs with two threads wherever it runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("broken", CASES)
-def test_a_held_out_person_is_learnt_from_one_photo(broken, monkeypatch, tmp_path):
+def test_a_held_out_person_is_learnt_from_one_photo(broken, monkeypatch, tmp_path, two_threads):
     torch.manual_seed(0)
     if broken:
         BREAKS[broken](monkeypatch)
