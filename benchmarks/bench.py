@@ -1,4 +1,4 @@
-"""Run the benchmark (same as `personamagic bench`, docs/performance.md); see personamagic/bench.py.
+"""Run the benchmark (same as `personamagic bench`, docs/performance.md); see personamagic/cli/bench_run.py.
 
     python benchmarks/bench.py [--device cuda] [--steps 1000] [--output benchmarks/results/x.json]
 """

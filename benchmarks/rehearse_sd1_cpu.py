@@ -9,22 +9,29 @@ memory. It checks that everything is finite; its timings are CPU ones.
 """
 
 import math
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
-from personamagic.bench import PHOTO, Setup, time_conditioning
+from personamagic.cli.bench_run import Setup, draw_photo, time_conditioning
 from personamagic.models import RANDOM_SD1
 from personamagic.pipeline import PersonaMagicPipeline
 from personamagic.training import TrainConfig
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        rehearse(Path(folder))
+
+
+def rehearse(folder: Path) -> None:
     start = time.perf_counter()
-    setup = Setup(torch.device("cpu"), torch.float32, RANDOM_SD1, PHOTO)
-    print(f"models built in {time.perf_counter() - start:.0f} s")
     config = TrainConfig(stage_window=(400, 800), max_train_steps=10, seed=0)
+    setup = Setup(torch.device("cpu"), torch.float32, RANDOM_SD1, draw_photo(folder / "photo.png"), config, folder)
+    print(f"models built in {time.perf_counter() - start:.0f} s")
     concept = None
     for name, cfg in (("optimised", config), ("plain", replace(config, optimize=False))):
         start = time.perf_counter()

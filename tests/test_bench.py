@@ -1,4 +1,4 @@
-"""The benchmark (issue: Performance) end to end on the CPU with the tiny model, at a small size."""
+"""The benchmark end to end on the CPU with the tiny model, at a small size."""
 
 import json
 import math
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from personamagic.bench import PHOTO, format_table, run_benchmark
 from personamagic.cli import main
+from personamagic.cli.bench import format_table
+from personamagic.cli.bench_run import run_benchmark
 
 REQUIRED = ("device", "plain_step_ms", "step_ms", "train_loop_s", "personalize_s", "peak_gib",
             "gen_single_image_s", "gen_images_per_s_best", "identities_per_hour", "identities_per_step_best")
@@ -15,7 +16,7 @@ REQUIRED = ("device", "plain_step_ms", "step_ms", "train_loop_s", "personalize_s
 
 def test_benchmark_writes_every_required_figure(tmp_path):
     output = tmp_path / "bench.json"
-    result = run_benchmark("cpu", steps=2, warmup_steps=1, photo=PHOTO, generation_batches=[1], output=output,
+    result = run_benchmark("cpu", steps=2, warmup_steps=1, generation_batches=[1], output=output,
                            sections=("steps", "personalize", "generation", "throughput", "sdxl"),
                            identities_per_step=(2,))
     saved = json.loads(output.read_text())
@@ -51,7 +52,8 @@ def test_unknown_section_is_a_one_line_error(capsys):
 
 def test_bench_writes_where_it_is_run_and_its_help_lists_the_sections(capsys):
     from cli_helpers import run_cli
-    from personamagic.bench import SECTIONS, default_output
+    from personamagic.cli.bench_run import default_output
+    from personamagic.cli.bench_sections import SECTIONS
 
     path = default_output("CPU (x86_64, 2 threads)")
     assert path.parent == Path(".") and path.name.startswith("bench-cpu-x86-64-2-threads-")
@@ -75,3 +77,15 @@ def test_the_table_says_what_each_step_figure_is_compared_with():
     lone = rows["grouped step, 1 identity, optimised (the step of 'step: optimized', timed again)"]
     assert "80.0 ms" in lone and "1.00x the identities/h of K = 1" in lone and "plain" not in lone
     assert "1.07x the identities/h of K = 1" in rows["grouped step, 2 identities, optimised"]
+
+
+def test_without_a_photo_the_benchmark_draws_a_face_the_job_crops_without_upscaling(tmp_path):
+    """An installed package has no test photos: the default photo is drawn by the package itself, and the
+    job finds its face and crops it at every size the benchmark trains at without enlarging it."""
+    from personamagic.cli.bench_run import PHOTO_SIDE, draw_photo
+    from personamagic.faces import prepare_photo
+
+    photo = draw_photo(tmp_path / "face.png")
+    assert photo.is_file() and photo.parent == tmp_path
+    prepared = prepare_photo(photo, PHOTO_SIDE)
+    assert prepared.num_faces == 1 and prepared.crop.side >= PHOTO_SIDE / 2

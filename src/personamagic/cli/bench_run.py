@@ -1,17 +1,19 @@
 """The benchmark (docs/performance.md): personalize and generate, the plain step beside the optimised one.
 
 On a GPU it runs Stable Diffusion 1.x at its real sizes with random weights (timing does not depend on
-the weights' values) in bf16; on a CPU it runs the tiny model in fp32. The SDXL section does the same
-with SDXL-base sizes (tiny-sdxl on a CPU). The plain step is one identity's training step with every
-speed-up off (`optimize=False`); the optimised step and its variants are measured in the same run and
-printed as a ratio to it. The throughput section times the optimised step of K identities together
-(`training.group`; K = 1 is the optimised step again, since a concept trained alone is a group of one)
-and gives identities per hour, as a ratio to K = 1. Every step figure is the median of steps that read
-their losses back, after a first step timed apart (`first_step_s`) and three more untimed. The sections
-run one after another: on a shared CPU they see different loads, so compare figures of one section or
-of repeated runs. The whole personalize job runs in a fresh process, as `personamagic train` would.
-Results: a table and a JSON file (device, versions, date, every figure), by default in the working
-directory.
+the weights' values) in bf16; on a CPU it runs the tiny model in fp32 (each the model its family names
+for the purpose). The SDXL section does the same with SDXL-base sizes (tiny-sdxl on a CPU). The photo
+is `--photo`, or a face of the learning world drawn at the start (`draw_photo`), and is prepared by the
+personalize job's own steps (`jobs.personalize.PersonalizeRun`). The plain step is one identity's
+training step with every speed-up off (`optimize=False`); the optimised step and its variants are
+measured in the same run and printed as a ratio to it. The throughput section times the optimised step
+of K identities together (`training.group`; K = 1 is the optimised step again, since a concept trained
+alone is a group of one) and gives identities per hour, as a ratio to K = 1. Every step figure is the
+median of steps that read their losses back, after a first step timed apart (`first_step_s`) and three
+more untimed. The sections run one after another: on a shared CPU they see different loads, so compare
+figures of one section or of repeated runs. The whole personalize job runs in a fresh process, as
+`personamagic train` would. Results: a JSON file (device, versions, date, every figure), by default in
+the working directory, and the command's table (`cli.bench.format_table`).
 
     personamagic bench                      # this machine, defaults per device
     python benchmarks/bench.py --steps 1000 # the same script
@@ -31,16 +33,37 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .models import RANDOM_IMAGE_ENCODER, RANDOM_SD1, TINY, TINY_MODELS, TINY_SDXL, load_base_model, resolve_device
+from .. import __version__
+from ..families import SD1, SDXL
+from ..identity.loading import RANDOM_IRESNET100
+from ..models import RANDOM_IMAGE_ENCODER, TINY, TINY_MODELS, load_base_model, resolve_device
+from ..models.latents import LatentScale
 from .bench_sections import SECTIONS
-from .models.latents import LatentScale
-from .models.tiny import RANDOM_SDXL
 
 logger = logging.getLogger(__name__)
 
-# A source checkout has the test photo; an installed package needs --photo.
-PHOTO = Path(__file__).resolve().parent.parent.parent / "tests" / "data" / "astronaut.png"
+MASK = "landmarks"  # the job's face mask on a toy model, and one that needs no download on any model
+PHOTO_SIDE = 1024  # the drawn photo's side: no model here trains at a larger crop, so none upscales it
+
+
+def draw_photo(path: Path) -> Path:
+    """The default photo, written to `path`: person 0 of the learning world (`world.render`), far away
+    so that the job's crop around the face stays inside the picture, enlarged to PHOTO_SIDE²."""
+    from PIL import Image
+
+    from ..world.render import render
+
+    image = render(0, {"position": "far"}).image
+    image.resize((PHOTO_SIDE, PHOTO_SIDE), Image.Resampling.LANCZOS).save(path)
+    return path
+
+
+def photo_model_names(model: str) -> dict[str, str]:
+    """The image encoder and identity network the benchmark runs beside `model` (`personalize`'s
+    keywords): the tiny stand-ins beside a toy, real sizes with random weights beside a real-size model."""
+    toy = model in TINY_MODELS
+    return {"image_encoder": TINY if toy else RANDOM_IMAGE_ENCODER,
+            "identity_model": "tiny" if toy else RANDOM_IRESNET100}
 
 
 def _sync(device: torch.device) -> None:
@@ -72,36 +95,21 @@ def _median_ms(fn, device, repeats: int, warmup: int) -> float:
 
 
 class Setup:
-    """Models and prepared photo data shared by the step timings."""
+    """The base model and one photo's training data, prepared as the personalize job prepares them
+    (`PersonalizeRun.prepare`: face crop, mask, CLIP image embedding, VAE posterior, identity reference),
+    shared by the step timings. `folder`: where the job would write its concept (nothing is written)."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, model: str, photo: Path):
-        from .faces.crop import prepare_photo
-        from .faces.alignment import alignment_theta
-        from .identity.loading import load_identity_model
-        from .faces.masks import landmark_mask
-        from .jobs.personalize import pil_to_tensor, training_time_ids
-        from .training.data import prepare_training_data
+    def __init__(self, device: torch.device, dtype: torch.dtype, model: str, photo: Path, config, folder: Path):
+        from ..jobs.personalize import PersonalizeRun
 
         self.device, self.dtype, self.model = device, dtype, model
         self.base = load_base_model(model, device=device, dtype=dtype)
-        size = self.base.resolution
-        photo = prepare_photo(photo, size)
-        self.identity_spec = "tiny" if model in TINY_MODELS else "random-iresnet100"
-        self.encoder = load_identity_model(self.identity_spec, device=device, dtype=dtype)
-        theta = alignment_theta(photo.face.landmarks, (size, size), landmarks_order="yunet")[None]
-        embed_dim = 16 if model in TINY_MODELS else 512
-        self.data = prepare_training_data(
-            self.base.vae,
-            pil_to_tensor(photo.image)[None],
-            torch.from_numpy(landmark_mask(photo.face, size))[None, None],
-            torch.randn(1, embed_dim, device=device),
-            theta,
-            self.encoder,
-        )
-        self.data.time_ids = training_time_ids(self.base.family, [photo.crop], device)  # SDXL's size ids
+        run = PersonalizeRun([photo], folder / "concept", config, model, MASK, **photo_model_names(model))
+        self.data, _, _, _ = run.prepare(self.base, device, dtype, local_files_only=True, ip_adapter=None)
+        self.encoder = run.identity_encoder
 
     def trainer(self, config):
-        from .training.trainer import Trainer
+        from ..training.trainer import Trainer
 
         return Trainer(self.base, self.data, config, self.encoder)
 
@@ -135,7 +143,7 @@ def time_throughput(setup: Setup, config, ks, steps_per_concept: int, repeats: i
     preparation or model load). K = 1 is the step `time_steps` times (a concept trained alone is a group of
     one), measured again. Each figure is also a ratio to K = 1 in the same run (always measured); a K that
     runs out of GPU memory ends the series."""
-    from .training.group import GroupTrainer
+    from ..training.group import GroupTrainer
 
     per_k = {}
     for k in sorted(set(ks) | {1}):
@@ -165,7 +173,7 @@ def check_equivalence(setup: Setup, config) -> dict:
         with setup.trainer(cfg) as trainer:
             batch = trainer.sample_batch()
             if trainer.group.use_graph:
-                from .training.graph import GraphedStep
+                from ..training.graph import GraphedStep
 
                 graphed = GraphedStep(trainer.losses, trainer.sample_batch(generator=torch.Generator(setup.device).manual_seed(0)),
                                       trainer.mapper.parameters())
@@ -192,7 +200,7 @@ def time_personalize(model: str, device: torch.device, dtype_name: str, steps: i
     captured is reused. `process_s` adds the interpreter start and the imports."""
     import multiprocessing
 
-    from .concept import Concept
+    from ..concept import Concept
 
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -207,16 +215,15 @@ def time_personalize(model: str, device: torch.device, dtype_name: str, steps: i
 def _personalize_job(model: str, device: str, dtype_name: str, steps: int, warmup_steps: int, photo: str,
                      output: str) -> dict:
     """`time_personalize`'s child process."""
-    from .jobs.personalize import personalize
-    from .training.config import TrainConfig
+    from ..jobs.personalize import personalize
+    from ..training.config import TrainConfig
 
     torch.backends.cudnn.benchmark = True  # as the CLI sets it
     config = TrainConfig(max_train_steps=steps, partition_warmup_steps=warmup_steps, checkpoint_every=0)
     start = time.perf_counter()
     result = personalize(
-        [photo], output, config, model=model, device=device, dtype=dtype_name, mask="landmarks",
-        image_encoder=TINY if model == TINY else RANDOM_IMAGE_ENCODER,
-        identity_model="tiny" if model == TINY else "random-iresnet100",
+        [photo], output, config, model=model, device=device, dtype=dtype_name, mask=MASK,
+        **photo_model_names(model),
     )
     total = time.perf_counter() - start
     device_ = torch.device(device)
@@ -232,7 +239,7 @@ def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: fl
                     compile: bool = False) -> dict:
     """Seconds for one image and images/s per batch size (DDIM, CFG, VAE decode included); the first
     call of each batch size (graph capture, compilation) is timed apart as `first_call_s`."""
-    from .pipeline.pipeline import PersonaMagicPipeline
+    from ..pipeline.pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
     pipe.set_progress_bar_config(disable=True)
@@ -266,7 +273,7 @@ def time_generation(setup: Setup, concept, batch_sizes, steps: int, guidance: fl
 def time_conditioning(setup: Setup, concept, batch_sizes, steps: int) -> dict:
     """The text conditioning of a whole sampling run (50 DDIM steps, CFG): one text-encoder call per
     step whose conditioning changes (how sampling did it before) vs `encode_schedule` (all at once)."""
-    from .pipeline import PersonaMagicPipeline
+    from ..pipeline import PersonaMagicPipeline
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
     pipe.load_concept(concept)
@@ -304,10 +311,10 @@ def _part_ms(setup: Setup, fn) -> float:
 def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> dict:
     """Where one image's sampling time goes (batch 1, CFG): ms for the run's text conditioning, one
     UNet call (eager, and replayed from a CUDA graph), one scheduler step, and the VAE decode."""
-    from .method.attention import attention_processors
-    from .method.conditioning import UNetConditioning
-    from .pipeline import PersonaMagicPipeline
-    from .pipeline.graph import GraphedUNet
+    from ..method.attention import attention_processors
+    from ..method.conditioning import UNetConditioning
+    from ..pipeline import PersonaMagicPipeline
+    from ..pipeline.graph import GraphedUNet
 
     pipe = PersonaMagicPipeline.from_base(setup.base)
     pipe.load_concept(concept)
@@ -336,46 +343,50 @@ def time_sampling_parts(setup: Setup, concept, steps: int, cuda_graph: bool) -> 
     return parts
 
 
-
-
 def run_benchmark(device: str = "auto", steps: int | None = None, warmup_steps: int | None = None,
-                  photo: Path = PHOTO, generation_batches=None, output: Path | None = None,
+                  photo: Path | None = None, generation_batches=None, output: Path | None = None,
                   sections=SECTIONS, identities_per_step=IDENTITIES_PER_STEP) -> dict:
-    """Measure the chosen `sections` (the plain step always); returns the result dict, also written
-    as JSON to `output` (default ./bench-<device>-<date>.json) after every section."""
-    if not Path(photo).is_file():
-        from .errors import PhotoError
+    """Measure the chosen `sections` (the plain step always) with the face `photo` (default: a face of
+    the learning world, `draw_photo`); returns the result dict, also written as JSON to `output`
+    (default ./bench-<device>-<date>.json) after every section."""
+    if photo is not None and not Path(photo).is_file():
+        from ..errors import PhotoError
 
-        raise PhotoError(f"benchmark photo {photo} not found; pass --photo FACE.jpg")
-    bench = _Bench(resolve_device(device), steps, warmup_steps, photo, generation_batches, output, sections)
-    bench.plain_step()
-    if "steps" in sections:
-        bench.optimized_step()
-    if "throughput" in sections:
-        bench.throughput(identities_per_step)
-    if "personalize" in sections:
-        bench.personalize()
-    bench.generation()
-    bench.variants()
-    if "equivalence" in sections:
-        bench.attempt("equivalence", lambda: check_equivalence(bench.setup, replace(bench.config, id_face_patch=False)),
-                      key="equivalence")
-    if "sdxl" in sections:
-        bench.sdxl()
-    return bench.finish()
+        raise PhotoError(f"benchmark photo {photo} not found; give a face photo, or no --photo for a drawn face")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        photo = Path(photo) if photo is not None else draw_photo(folder / "photo.png")
+        bench = _Bench(resolve_device(device), steps, warmup_steps, photo, generation_batches, output, sections,
+                       folder)
+        bench.plain_step()
+        if "steps" in sections:
+            bench.optimized_step()
+        if "throughput" in sections:
+            bench.throughput(identities_per_step)
+        if "personalize" in sections:
+            bench.personalize()
+        bench.generation()
+        bench.variants()
+        if "equivalence" in sections:
+            bench.attempt("equivalence", lambda: check_equivalence(bench.setup, replace(bench.config, id_face_patch=False)),
+                          key="equivalence")
+        if "sdxl" in sections:
+            bench.sdxl()
+        return bench.finish()
 
 
 class _Bench:
     """One benchmark run: the setup, the result dict and its JSON file (written after every section,
-    so a run cut short still leaves its figures), one method per section."""
+    so a run cut short still leaves its figures), one method per section. `folder`: the run's scratch
+    folder (`Setup`)."""
 
-    def __init__(self, device, steps, warmup_steps, photo, generation_batches, output, sections):
-        from .training.config import TrainConfig
+    def __init__(self, device, steps, warmup_steps, photo, generation_batches, output, sections, folder):
+        from ..training.config import TrainConfig
 
         self.started = time.perf_counter()
-        self.device, self.photo, self.sections = device, photo, sections
+        self.device, self.photo, self.sections, self.folder = device, photo, sections, folder
         self.gpu = gpu = device.type == "cuda"
-        self.model = RANDOM_SD1 if gpu else TINY
+        self.model = SD1.random_model if gpu else SD1.tiny_model
         self.dtype_name = "bf16" if gpu else "fp32"
         self.dtype = torch.bfloat16 if gpu else torch.float32
         self.steps = steps or (1000 if gpu else 20)
@@ -392,8 +403,8 @@ class _Bench:
         }
         self.output = Path(output) if output is not None else default_output(name)
         self.result["output"] = str(self.output)
-        self.setup = Setup(device, self.dtype, self.model, photo)
         self.config = TrainConfig(stage_window=(400, 800), max_train_steps=10**6, seed=0)
+        self.setup = Setup(device, self.dtype, self.model, photo, self.config, folder)
         self.repeats = 20 if gpu else 5
         self.concept = None
 
@@ -509,7 +520,8 @@ class _Bench:
         """SDXL at its own resolution (1024² on a GPU with random SDXL-base weights; tiny-sdxl on a CPU):
         the optimised training step at batch 2 with its peak memory, and one image's sampling time."""
         def measure():
-            setup = Setup(self.device, self.dtype, RANDOM_SDXL if self.gpu else TINY_SDXL, self.photo)
+            model = SDXL.random_model if self.gpu else SDXL.tiny_model
+            setup = Setup(self.device, self.dtype, model, self.photo, self.config, self.folder)
             step = time_steps(setup, self.config, self.repeats, warmup=3)
             with setup.trainer(self.config) as trainer:
                 concept = trainer.concept(setup.model)
@@ -546,67 +558,3 @@ def default_output(device_name: str) -> Path:
     """Where results go without --output: `bench-<device>-<date>.json` in the working directory."""
     slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")[:40]
     return Path(f"bench-{slug}-{time.strftime('%Y%m%d-%H%M')}.json")
-
-
-def format_table(result: dict) -> str:
-    """The figures as a plain-text table, each with its ratio (to the plain step, or to what it names)."""
-    plain = result["plain_step_ms"]
-    rows = [("figure", "value", "ratio"), ("device", result["device"], "")]
-    rows.append(("plain step (batch 2, ID loss), one identity, every speed-up off", f"{plain:.1f} ms",
-                 "1.00x vs plain step"))
-    for name, v in result.get("variants", {}).items():
-        peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
-        rows.append((f"step: {name}", f"{v['ms']:.1f} ms{peak}, first step {v['first_step_s']:.1f} s",
-                     f"{plain / v['ms']:.2f}x vs plain step"))
-    if "train_loop_s" in result:
-        steps = result["steps"]
-        rows.append((f"training loop, {steps} steps", f"{result['train_loop_s']:.1f} s",
-                     f"{result['ratios_to_plain_step']['train_loop']:.2f}x vs plain step "
-                     f"({plain * steps / 1000:.1f} s plain)"))
-        process = result.get("personalize", {}).get("process_s")
-        rows.append(("whole personalize job, fresh process", f"{result['personalize_s']:.1f} s"
-                     + (f" ({process:.1f} s with interpreter start)" if process else ""), ""))
-    if result.get("peak_gib") is not None:
-        rows.append(("peak GPU memory (job)", f"{result['peak_gib']:.1f} GiB", ""))
-    if "throughput" in result:
-        throughput = result["throughput"]
-        for k, v in throughput["per_k"].items():
-            # K = 1 is the optimised step of one identity, not the plain step
-            label = ("grouped step, 1 identity, optimised (the step of 'step: optimized', timed again)" if k == "1"
-                     else f"grouped step, {k} identities, optimised")
-            if "ms" not in v:
-                rows.append((label, v["error"], ""))
-                continue
-            peak = f", peak {v['peak_gib']:.1f} GiB" if v.get("peak_gib") is not None else ""
-            rows.append((label, f"{v['ms']:.1f} ms{peak} -> {v['identities_per_hour']:.0f} "
-                         f"identities/h ({throughput['steps_per_concept']} steps each)",
-                         f"{v['ratio_to_k1']:.2f}x the identities/h of K = 1"))
-        rows.append(("identities per hour, best K", f"{result['identities_per_hour']:.0f} at "
-                     f"{result['identities_per_step_best']} per step", ""))
-    for mode in ("generation", "generation_cuda_graph", "generation_compile"):
-        for batch, v in result.get(mode, {}).items():
-            rows.append((f"{mode}, {batch} image(s)", f"{v['seconds']:.2f} s ({v['images_per_s']:.2f} img/s), "
-                         f"first call {v['first_call_s']:.1f} s", ""))
-    for batch, v in result.get("conditioning", {}).items():
-        rows.append((f"text conditioning of 50 steps, {batch} image(s)", f"{v['per_step_ms']:.1f} ms step by step -> "
-                     f"{v['schedule_ms']:.1f} ms at once", f"{v['ratio']:.2f}x faster at once"))
-    if "sampling_parts" in result:
-        parts = result["sampling_parts"]
-        rows.append(("1 image, each part timed alone (median of 10 isolated calls, ms): "
-                     + ", ".join(k[:-3] for k in parts if k.endswith("_ms")),
-                     ", ".join(f"{v:.1f}" for k, v in parts.items() if k.endswith("_ms")),
-                     f"estimate from the parts {parts['sum_for_one_image_s']:.2f} s (isolated calls miss the warm "
-                     "caches of a run: compare with the measured call below)"))
-    if result.get("gen_single_image_s") is not None:
-        rows.append(("generate 1 image (50 DDIM, CFG 8), the whole pipeline call measured",
-                     f"{result['gen_single_image_s']:.2f} s", ""))
-        rows.append((f"generate, best batch ({result['gen_best_batch']})", f"{result['gen_images_per_s_best']:.2f} img/s", ""))
-    if "sdxl" in result:
-        x = result["sdxl"]
-        peak = f", peak {x['step_peak_gib']:.1f} GiB" if x.get("step_peak_gib") is not None else ""
-        rows.append((f"SDXL ({x['model']}, {x['resolution']}²): step, batch 2", f"{x['step_ms']:.1f} ms{peak}", ""))
-        rows.append((f"SDXL ({x['model']}): 1 image, 50 DDIM, CFG 8", f"{x['gen_single_image_s']:.2f} s", ""))
-    for name, error in result.get("errors", {}).items():
-        rows.append((f"FAILED {name}", error[:80], ""))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows)
