@@ -10,6 +10,7 @@ import torch
 from _concepts import random_concept, stable_diffusion_pipeline
 from PIL import Image
 
+from personamagic.method.stages import Stage
 from personamagic.method.tokens import tokenize
 from personamagic.errors import PhotoError, SettingsError
 from personamagic.pipeline import PersonaMagicPipeline, attach_concepts
@@ -51,7 +52,7 @@ def test_dynamic_stage_changes_the_image(pipe, tiny_base):
 def test_stage_of_each_timestep(pipe, tiny_base):
     loaded = pipe.load_concept(random_concept(tiny_base, window=(400, 800)))
     assert [loaded.stage(t) for t in (999, 800, 799, 400, 399, 0)] == [
-        "static1", "static1", "dynamic", "dynamic", "static2", "static2"]
+        Stage.STATIC_1, Stage.STATIC_1, Stage.DYNAMIC, Stage.DYNAMIC, Stage.STATIC_2, Stage.STATIC_2]
     # Static 2 freezes the conditioning at t_lo.
     frozen = loaded.vectors(399)
     assert all(torch.equal(a, b) for a, b in zip(frozen, loaded.vectors(10)))

@@ -9,10 +9,11 @@ import torch
 from personamagic.method.attention import PersonaMagicAttnProcessor, attention_processors, is_cross_attention
 from personamagic.method.stages import (
     PartitionError,
+    Stage,
+    StageWindow,
     attention_iou,
     average_maps,
     capturing_attention,
-    partition_from_iou,
     partition_stages,
 )
 
@@ -52,22 +53,42 @@ def test_iou_degenerate_inputs():
         attention_iou(broken, np.ones((4, 4)))
 
 
-# -- partition_from_iou on hand-made curves ----------------------------------------------------------
+# -- the stage table ---------------------------------------------------------------------------------
+
+
+def test_a_window_gives_each_timestep_its_stage_and_its_source_of_s_star():
+    window = StageWindow(400, 800, 1000)
+    t = (999, 800, 799, 400, 399, 0)
+    assert [window.stage(x) for x in t] == [Stage.STATIC_1] * 2 + [Stage.DYNAMIC] * 2 + [Stage.STATIC_2] * 2
+    assert [window.mapper_timestep(x) for x in t] == [None, None, 799, 400, 400, 400]  # None: the word
+    assert [window.span(stage) for stage in Stage] == [(800, 1000), (400, 800), (0, 400)]
+    whole = StageWindow(0, 1000, 1000)  # no static stage
+    assert whole.span(Stage.STATIC_1) == (1000, 1000) and whole.span(Stage.STATIC_2) == (0, 0)
+
+
+def test_the_stage_names_are_those_plots_and_exported_files_show():
+    import json
+
+    assert [str(stage) for stage in Stage] == ["static 1", "dynamic", "static 2"]
+    assert f"{Stage.STATIC_2}" == "static 2" and json.dumps([Stage.STATIC_1]) == '["static 1"]'
+
+
+# -- partition_stages on hand-made curves ------------------------------------------------------------
 
 MONOTONE = [(900 - t) / 1000 for t in GRID10]  # IoU rises as t falls: r = 0, .11, ..., 1
 
 
 def test_monotone_curve():
-    assert partition_from_iou(GRID10, MONOTONE, min_dynamic_fraction=0.05) == (200, 300)
+    assert partition_stages(GRID10, MONOTONE, min_dynamic_fraction=0.05).grid_window == (200, 300)
     # The default minimum width (0.2 T = 200) widens the 100-wide stage around its centre.
-    assert partition_from_iou(GRID10, MONOTONE) == (150, 350)
+    assert partition_stages(GRID10, MONOTONE).grid_window == (150, 350)
 
 
 def test_order_of_timesteps_does_not_matter():
     shuffled = [3, 7, 0, 9, 1, 5, 2, 8, 4, 6]
     t = [GRID10[i] for i in shuffled]
     iou = [MONOTONE[i] for i in shuffled]
-    assert partition_from_iou(t, iou, min_dynamic_fraction=0.05) == (200, 300)
+    assert partition_stages(t, iou, min_dynamic_fraction=0.05).grid_window == (200, 300)
 
 
 def test_widening_keeps_the_stage_flags_consistent():
@@ -81,7 +102,7 @@ def test_widening_keeps_the_stage_flags_consistent():
 
 
 def test_lambda2_one_gives_no_static_2_and_small_lambda1_no_static_1():
-    assert partition_from_iou(GRID10, MONOTONE, 0.7, 1.0) == (0, 300)
+    assert partition_stages(GRID10, MONOTONE, 0.7, 1.0).grid_window == (0, 300)
     result = partition_stages(GRID10, MONOTONE, 0.05, 0.8)
     assert not result.has_static1 and result.has_static2
     assert (result.t_lo, result.t_hi) == (200, 900)
@@ -90,13 +111,13 @@ def test_lambda2_one_gives_no_static_2_and_small_lambda1_no_static_1():
 def test_noisy_curve_lands_within_a_grid_step_of_the_clean_one():
     rng = np.random.default_rng(0)
     noisy = np.clip(np.array(MONOTONE) + rng.normal(0, 0.03, len(MONOTONE)), 0, None)
-    t_lo, t_hi = partition_from_iou(GRID10, noisy, min_dynamic_fraction=0.05)
+    t_lo, t_hi = partition_stages(GRID10, noisy, min_dynamic_fraction=0.05).grid_window
     assert abs(t_lo - 200) <= 100 and abs(t_hi - 300) <= 100 and t_lo < t_hi
 
 
 def test_step_shaped_curve():
     step = [0.2] * 5 + [1.0] * 5  # t >= 500: 0.2, t < 500: 1.0; smoothing puts t=400 at 0.73
-    assert partition_from_iou(GRID10, step, min_dynamic_fraction=0.05) == (400, 500)
+    assert partition_stages(GRID10, step, min_dynamic_fraction=0.05).grid_window == (400, 500)
 
 
 @pytest.mark.parametrize("curve", [[0.4] * 10, [0.0] * 10])
@@ -108,16 +129,16 @@ def test_flat_curve_gives_the_whole_range_with_a_warning(curve, caplog):
 
 def test_nan_curve_and_bad_arguments_raise():
     with pytest.raises(PartitionError, match="NaN"):
-        partition_from_iou(GRID10, [0.1] * 9 + [float("nan")])
+        partition_stages(GRID10, [0.1] * 9 + [float("nan")]).grid_window
     with pytest.raises(PartitionError, match="equal length"):
-        partition_from_iou(GRID10, [0.1] * 9)
+        partition_stages(GRID10, [0.1] * 9).grid_window
     with pytest.raises(PartitionError, match="lambda1"):
-        partition_from_iou(GRID10, MONOTONE, 0.9, 0.8)
+        partition_stages(GRID10, MONOTONE, 0.9, 0.8).grid_window
 
 
 def test_returns_ints_inside_the_probed_range():
     curve = 1 / (1 + np.exp((np.array(DDIM50) - 500) / 80))
-    t_lo, t_hi = partition_from_iou(DDIM50, curve)
+    t_lo, t_hi = partition_stages(DDIM50, curve).grid_window
     assert isinstance(t_lo, int) and isinstance(t_hi, int)
     assert min(DDIM50) <= t_lo <= t_hi <= max(DDIM50)
 
@@ -128,7 +149,7 @@ PAPER_ROWS = [(0.5, 1.0), (0.6, 1.0), (0.7, 1.0), (0.8, 1.0), (0.7, 0.9), (0.7, 
 def test_paper_ablation_rows_give_nested_windows():
     # A gentle rise of the relative IoU (0.56 at t = 981 to 1.0 at t = 1), as in the paper's Fig. 2.
     curve = [1 - 0.45 * t / 1000 for t in DDIM50]
-    windows = {row: partition_from_iou(DDIM50, curve, *row) for row in PAPER_ROWS}
+    windows = {row: partition_stages(DDIM50, curve, *row).grid_window for row in PAPER_ROWS}
     assert windows[(0.5, 1.0)] == (1, 981)  # the paper's "unpartitioned" setting
 
     def inside(a, b):

@@ -24,13 +24,14 @@ from pathlib import Path
 import torch
 
 from .concept import Concept
+from .method.stages import Stage
 
 
 @dataclass(frozen=True)
 class Segment:
     """One piece of the export: S* is `embedding` (None: the supercategory word) for lo <= t < hi."""
 
-    name: str  # "static 1", "bin 1".."bin K" (bin 1 first in denoising order: the highest t), "static 2"
+    name: str  # a static stage's name (`Stage`) or "bin 1".."bin K" (bin 1 first in denoising order: highest t)
     lo: int
     hi: int
     embedding: torch.Tensor | None  # (n, D), every text encoder's part side by side
@@ -48,17 +49,21 @@ def stage_segments(concept: Concept, bins: int) -> list[Segment]:
     """The export's pieces in denoising order (static 1, bins 1..K, static 2); a static stage of zero
     width (a window reaching T or 0) is left out."""
     mapper = concept.build_mapper("cpu")
-    window, T = concept.window, concept.num_train_timesteps
+    window = concept.window
     image_embed = concept.mean_image_embed()[None]
-    segments = [Segment("static 1", window.hi, T, None)] if window.hi < T else []
-    edges = bin_edges(window.lo, window.hi, bins)
-    for k, (top, bottom) in enumerate(zip(edges, edges[1:]), start=1):
-        timesteps = torch.arange(bottom, top)
-        embeddings, _ = mapper(timesteps, image_embed.expand(len(timesteps), -1))
-        segments.append(Segment(f"bin {k}", bottom, top, mapper.renormalize(embeddings.mean(dim=0))))
-    if window.lo > 0:
-        embedding, _ = mapper(torch.tensor([window.lo]), image_embed)
-        segments.append(Segment("static 2", 0, window.lo, embedding[0]))
+    segments = []
+    for stage in Stage:
+        lo, hi = window.span(stage)
+        if stage == Stage.DYNAMIC:
+            edges = bin_edges(lo, hi, bins)
+            for k, (top, bottom) in enumerate(zip(edges, edges[1:]), start=1):
+                timesteps = torch.arange(bottom, top)
+                embeddings, _ = mapper(timesteps, image_embed.expand(len(timesteps), -1))
+                segments.append(Segment(f"bin {k}", bottom, top, mapper.renormalize(embeddings.mean(dim=0))))
+        elif hi > lo:  # a static stage: S* is one embedding over all of it
+            source = window.mapper_timestep(lo)
+            embedding = None if source is None else mapper(torch.tensor([source]), image_embed)[0][0]
+            segments.append(Segment(stage.value, lo, hi, embedding))
     return segments
 
 
@@ -291,7 +296,7 @@ def export_stages(concept_path, output, *, tool: str, bins: int = DEFAULT_BINS, 
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise SettingsError(f"--name {name!r} must be letters, digits, _ or - (it becomes file names and prompt words)")
     segments = stage_segments(concept, bins)
-    names = {s.name: f"{name}_{s.name.split()[-1]}" if s.name.startswith("bin") else f"{name}_late"
+    names = {s.name: f"{name}_late" if s.name == Stage.STATIC_2 else f"{name}_{s.name.split()[-1]}"
              for s in segments if s.embedding is not None}
     family = family_named(concept.family)
     widths = list(concept.mapper_config.get("encoder_widths") or [concept.text_encoder_hidden_size])

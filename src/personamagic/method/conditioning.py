@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .stages import Stage
 from .tokens import eos_positions, tokenize
 
 
@@ -362,7 +363,7 @@ def encode_schedule(conditioner: TextConditioner, concepts: list, input_ids: lis
 def stage_key(concepts: list, t: int) -> tuple:
     """Steps with the same key share text conditioning: each concept's stage, or t itself where the
     concept is dynamic (static stages are computed once)."""
-    return tuple(c.stage(t) if c.stage(t) != "dynamic" else t for c in concepts)
+    return tuple(c.stage(t) if c.stage(t) != Stage.DYNAMIC else t for c in concepts)
 
 
 def _schedule_vectors(concepts: list, timesteps: list[int], rows: int) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ thresholds scanning from large t down:
     dynamic:  then while r_t <= λ2 -> S* = mapper(t), trained
     static 2: the rest          -> S* = mapper(t_lo), frozen
 
-The pure functions (`attention_iou`, `partition_from_iou`) take plain arrays;
+The pure functions (`attention_iou`, `partition_stages`) take plain arrays;
 `training.partition.capture_attention` runs the UNet with probability-recording processors that know their layer by name.
 """
 
@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -34,6 +35,18 @@ class PartitionError(ValueError):
     """The IoU curve or the maps cannot be partitioned (NaN values, empty mask)."""
 
 
+class Stage(str, Enum):
+    """The three stages of S* along the schedule, in denoising order; the value is the stage's name in
+    plots, messages and exported files."""
+
+    STATIC_1 = "static 1"
+    DYNAMIC = "dynamic"
+    STATIC_2 = "static 2"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class StageWindow(tuple):
     """The dynamic stage t_lo <= t < t_hi of a schedule of T training timesteps (docs/method.md), as the pair
     (t_lo, t_hi), with the stage table every part of PersonaMagic reads:
@@ -44,7 +57,7 @@ class StageWindow(tuple):
     | dynamic  | t_lo <= t < t_hi | mapper(t), trained        |
     | static 2 | t < t_lo         | mapper(t_lo), frozen      |
 
-    Always 0 <= t_lo < t_hi <= T; an unpacks and compares like the tuple (t_lo, t_hi).
+    Always 0 <= t_lo < t_hi <= T; it unpacks and compares like the tuple (t_lo, t_hi).
     """
 
     def __new__(cls, lo, hi, num_train_timesteps: int = 1000):
@@ -65,9 +78,23 @@ class StageWindow(tuple):
     def hi(self) -> int:
         return self[1]
 
-    def stage(self, t: int) -> str:
-        """"static1", "dynamic" or "static2" for timestep t."""
-        return "static1" if t >= self.hi else "dynamic" if t >= self.lo else "static2"
+    def stage(self, t: int) -> Stage:
+        """The stage timestep t is in."""
+        return Stage.STATIC_1 if t >= self.hi else Stage.DYNAMIC if t >= self.lo else Stage.STATIC_2
+
+    def mapper_timestep(self, t: int) -> int | None:
+        """Where S* comes from at timestep t: None for the supercategory word (static 1), else the timestep
+        the mapper is read at (t in the dynamic stage, t_lo in static 2)."""
+        stage = self.stage(t)
+        if stage == Stage.STATIC_1:
+            return None
+        return t if stage == Stage.DYNAMIC else self.lo
+
+    def span(self, stage: Stage) -> tuple[int, int]:
+        """(start, end): the timesteps start <= t < end of `stage` in [0, T); start == end where a window
+        reaching T or 0 leaves that static stage empty."""
+        return {Stage.STATIC_1: (self.hi, self.num_train_timesteps), Stage.DYNAMIC: (self.lo, self.hi),
+                Stage.STATIC_2: (0, self.lo)}[Stage(stage)]
 
     @classmethod
     def from_partition(cls, partition: "StagePartition", num_train_timesteps: int,
@@ -143,6 +170,11 @@ class StagePartition:
     widened: bool  # the min-width rule moved the boundaries
     flat: bool  # the curve carried no stage information (all-zero or constant IoU)
 
+    @property
+    def grid_window(self) -> tuple[int, int]:
+        """(t_lo, t_hi) on the probed grid (`StageWindow.from_partition` maps it onto the whole schedule)."""
+        return self.t_lo, self.t_hi
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -156,7 +188,16 @@ def partition_stages(
     min_dynamic_fraction: float = 0.2,
     num_train_timesteps: int = 1000,
 ) -> StagePartition:
-    """Partition the schedule from an IoU curve (docs/method.md). See `partition_from_iou`."""
+    """Partition the schedule from an IoU curve (docs/method.md); the dynamic stage is `grid_window`.
+
+    timesteps: (K,) in any order; iou: (K,) IoU_t at those timesteps. r_t = IoU_t / max IoU, smoothed
+    with a width-3 moving average along t. Scanning from the largest t down, static 1 lasts while
+    r_t < λ1, the dynamic stage while r_t <= λ2, the rest is static 2. Boundaries are grid values with
+    min(t) <= t_lo <= t_hi <= max(t): t_hi = the smallest timestep of static 1 (max(t) when there is
+    none), t_lo = the smallest timestep of the dynamic stage (min(t) when there is no static 2). A
+    dynamic stage narrower than `min_dynamic_fraction`·T is widened symmetrically; a flat curve gives
+    the whole range (with a warning). NaN values raise PartitionError.
+    """
     t = np.asarray(timesteps, dtype=np.int64).reshape(-1)
     values = np.asarray(iou, dtype=np.float64).reshape(-1)
     if t.shape != values.shape or len(t) == 0:
@@ -206,32 +247,6 @@ def partition_stages(
         has_static1, has_static2 = t_hi < high, t_lo > low
     return StagePartition(t.tolist(), values.tolist(), relative.tolist(), lambda1, lambda2,
                           t_lo, t_hi, has_static1, has_static2, widened, False)
-
-
-def partition_from_iou(
-    timesteps,
-    iou,
-    lambda1: float = 0.7,
-    lambda2: float = 0.8,
-    *,
-    min_dynamic_fraction: float = 0.2,
-    num_train_timesteps: int = 1000,
-) -> tuple[int, int]:
-    """Dynamic stage (t_lo, t_hi) from an IoU curve (docs/method.md).
-
-    timesteps: (K,) in any order; iou: (K,) IoU_t at those timesteps. r_t = IoU_t / max IoU, smoothed
-    with a width-3 moving average along t. Scanning from the largest t down, static 1 lasts while
-    r_t < λ1, the dynamic stage while r_t <= λ2, the rest is static 2. Returns grid values with
-    min(t) <= t_lo <= t_hi <= max(t): t_hi = the smallest timestep of static 1 (max(t) when there is
-    none), t_lo = the smallest timestep of the dynamic stage (min(t) when there is no static 2). A
-    dynamic stage narrower than `min_dynamic_fraction`·T is widened symmetrically (with a warning);
-    a flat curve gives the whole range. NaN values raise PartitionError.
-    """
-    result = partition_stages(
-        timesteps, iou, lambda1, lambda2,
-        min_dynamic_fraction=min_dynamic_fraction, num_train_timesteps=num_train_timesteps,
-    )
-    return result.t_lo, result.t_hi
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..concept import Concept
+from ..method.stages import Stage, StageWindow
 from ..method.tokens import PlaceholderTokens
 
 
@@ -21,11 +22,11 @@ class LoadedConcept:
     image_embed: torch.Tensor  # (1, E)
 
     @property
-    def window(self):
+    def window(self) -> StageWindow:
         """The concept's `StageWindow` (t_lo, t_hi)."""
         return self.concept.window
 
-    def stage(self, t: int) -> str:
+    def stage(self, t: int) -> Stage:
         return self.window.stage(t)
 
     def vectors(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,10 +39,10 @@ class LoadedConcept:
         the supercategory word and no residual in static 1, mapper(t) in the dynamic stage, mapper(t_lo)
         in static 2."""
         window = self.window
-        stages = [window.stage(t) for t in timesteps]
-        t_eff = torch.tensor([t if s == "dynamic" else window.lo for t, s in zip(timesteps, stages)],
-                             device=self.image_embed.device)
+        sources = [window.mapper_timestep(t) for t in timesteps]
+        # one batched mapper call; where S* is the word, its output (read at t_lo) is replaced
+        t_eff = torch.tensor([window.lo if s is None else s for s in sources], device=self.image_embed.device)
         embeddings, residuals = self.mapper(t_eff, self.image_embed.expand(len(timesteps), -1))
-        static1 = torch.tensor([s == "static1" for s in stages], device=embeddings.device)[:, None, None]
+        is_word = torch.tensor([s is None for s in sources], device=embeddings.device)[:, None, None]
         word = self.mapper.super_embedding.expand_as(embeddings)
-        return torch.where(static1, word, embeddings), residuals.masked_fill(static1, 0.0)
+        return torch.where(is_word, word, embeddings), residuals.masked_fill(is_word, 0.0)
