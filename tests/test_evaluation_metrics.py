@@ -13,7 +13,8 @@ from personamagic.cli import build_parser
 from personamagic.evaluation import cli as evaluation_cli
 from personamagic.evaluation.identity_preservation import IdentityPreservation, load_face_embedder
 from personamagic.evaluation.statistics import identity_scores, mean_std, summarize
-from personamagic.evaluation.text_similarity import CLIP_S_WEIGHT, TextSimilarity, build_tiny_clip, replace_placeholders
+from personamagic.evaluation.text_similarity import CLIP_S_WEIGHT, TextSimilarity, replace_placeholders
+from personamagic.models.tiny import build_tiny_clip
 from personamagic.faces import load_photo
 from personamagic.jobs.generate import GenerateConfig
 from personamagic.jobs.image_record import image_metadata, png_info

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelLoadError
-from ..models.tiny import TINY
-from ..models.tokenizer import clip_tokenizer
+from ..models.tiny import TINY, build_tiny_clip
 from . import DEFAULT_CLIP_MODEL
 
 # CLIP-S = w * max(cos, 0) with w = 2.5 (Hessel et al. 2021, Eq. 1), to spread scores over [0, 1].
@@ -61,41 +60,6 @@ class TextScore:
     t_sim: float  # raw cosine
     t_sim_100: float  # 100 * cosine (torchmetrics' per-image scale)
     clip_s: float  # 2.5 * max(cosine, 0) (Hessel et al.; the scale of the paper's numbers)
-
-
-def build_tiny_clip(seed: int = 0):
-    """A tiny, seeded, randomly initialised `CLIPModel` + `CLIPProcessor` (real classes, SD-1.x
-    tokenizer) for tests and offline demos: it runs the metric but knows nothing about images."""
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
-    tokenizer = clip_tokenizer()
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision_config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         image_size=32, patch_size=8)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
-    processor = CLIPProcessor(image_processor=_tiny_image_processor(), tokenizer=tokenizer)
-    return model.eval().requires_grad_(False), processor
-
-
-def _tiny_image_processor():
-    # transformers >= 5 names the torchvision-free processor explicitly and warns when it falls back.
-    try:
-        from transformers import CLIPImageProcessorPil as processor_class
-    except ImportError:
-        from transformers import CLIPImageProcessor as processor_class
-    return processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 def load_clip(name: str = DEFAULT_CLIP_MODEL, *, device=None, local_files_only: bool = False):

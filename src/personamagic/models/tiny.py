@@ -61,7 +61,7 @@ class TinyConfig:
 
 def build_tiny_components(config: TinyConfig = TinyConfig()) -> BaseComponents:
     """Build the tiny SD-1.x-shaped model, deterministically, without touching the global RNG."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = clip_tokenizer()
@@ -79,16 +79,7 @@ def build_tiny_components(config: TinyConfig = TinyConfig()) -> BaseComponents:
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
-            block_out_channels=config.vae_channels,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=config.latent_size * 8,
-        )
+        vae = _tiny_vae(config.vae_channels, config.latent_size)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -104,6 +95,16 @@ def build_tiny_components(config: TinyConfig = TinyConfig()) -> BaseComponents:
             )
         )
     return BaseComponents(TINY, SD1, [tokenizer], [text_encoder], vae, unet, dict(SD1_SCHEDULER_CONFIG)).freeze()
+
+
+def _tiny_vae(channels: tuple, latent_size: int, **family):
+    """A tiny `AutoencoderKL`: one level per channel count (4 levels: scale factor 8), 4 latent channels;
+    `family`: the family's own settings (SDXL's scaling factor)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(channels),
+                         up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+                         latent_channels=4, norm_num_groups=8, sample_size=latent_size * 8, **family)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class TinySDXLConfig:
 def build_tiny_sdxl_components(config: TinySDXLConfig = TinySDXLConfig()) -> BaseComponents:
     """Build `tiny-sdxl` deterministically, without touching the global RNG; the real SDXL tokenizers
     (the second pads with "!", as OpenCLIP does) and the real SDXL noise schedule."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
@@ -156,20 +157,16 @@ def build_tiny_sdxl_components(config: TinySDXLConfig = TinySDXLConfig()) -> Bas
             projection_class_embeddings_input_dim=6 * config.time_embed_dim + w2,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
-            block_out_channels=config.vae_channels,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=config.latent_size * 8,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = _tiny_vae(config.vae_channels, config.latent_size, scaling_factor=0.13025, force_upcast=True)
         text_encoder = CLIPTextModel(text_config(w1, "quick_gelu"))
         text_encoder_2 = CLIPTextModelWithProjection(text_config(w2, "gelu"))
     return BaseComponents(TINY_SDXL, SDXL, [tokenizer, tokenizer_2], [text_encoder, text_encoder_2], vae, unet,
                           dict(SDXL_SCHEDULER_CONFIG)).freeze()
+
+
+# The vision tower of every tiny CLIP (the mapper's image encoder, the T-Sim metric's toy).
+TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8)
 
 
 def build_tiny_image_encoder(config: TinyConfig = TinyConfig()):
@@ -178,26 +175,42 @@ def build_tiny_image_encoder(config: TinyConfig = TinyConfig()):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        model = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=32,
-                patch_size=8,
-                projection_dim=config.image_embed_dim,
-            )
-        )
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=config.image_embed_dim))
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return model.eval().requires_grad_(False), processor
+
+
+def build_tiny_clip(seed: int = 0):
+    """A tiny, seeded, randomly initialised `CLIPModel` + `CLIPProcessor` (real classes, SD-1.x
+    tokenizer) for the T-Sim metric's tests and offline demos: it runs the metric but knows nothing
+    about images."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=TINY_CLIP_VISION, projection_dim=16))
+    processor = CLIPProcessor(image_processor=_tiny_clip_image_processor(), tokenizer=tokenizer)
+    return model.eval().requires_grad_(False), processor
+
+
+def _tiny_clip_image_processor():
+    # transformers >= 5 names the torchvision-free processor explicitly and warns when it falls back.
+    try:
+        from transformers import CLIPImageProcessorPil as processor_class
+    except ImportError:
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 def build_random_sd1_components(device=None) -> BaseComponents:
     """Stable Diffusion 1.x at its real sizes (UNet 320/640/1280/1280, SD VAE, CLIP ViT-L/14 text
     encoder, real tokenizer) with random weights, initialised directly on `device`. For benchmarks:
     timing and memory do not depend on the weights' values. Images are noise."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = clip_tokenizer()
@@ -281,7 +294,7 @@ def build_random_sdxl_components(device=None) -> BaseComponents:
     """SDXL base at its real sizes (UNet 320/640/1280 with 1/2/10 transformer layers, CLIP-L + OpenCLIP-G
     text encoders, the SDXL VAE), random weights, initialised directly on `device`: for benchmarks at
     1024². Images are noise."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
