@@ -14,7 +14,9 @@ Several reports (the one-shot study, the few-shot variant) are written one after
 from __future__ import annotations
 
 import json
+import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from personamagic.evaluation.report import identity_table  # noqa: E402
-from personamagic.evaluation.statistics import mean_ci  # noqa: E402
+from personamagic.evaluation.statistics import mean_ci, student_t_quantile  # noqa: E402
 
 DOC = ROOT / "docs" / "evaluation.md"
 START, END = "<!-- world-study:start -->", "<!-- world-study:end -->"
@@ -38,6 +40,7 @@ CLAIMS = [
     ("a likeness at all: ahead of the supercategory word", "personamagic", "supercategory"),
     ("what the textual-inversion export keeps", "textual-inversion-export", "personamagic"),
     ("against the person said in words", "personamagic", "attributes"),
+    ("words carry some of the person", "attributes", "supercategory"),
 ]
 
 
@@ -55,6 +58,8 @@ def verdict(stat: dict | None) -> str:
         return "not measured"
     if stat["ci"] is None:
         return "one person: no interval"
+    if stat["mean"] == 0 and stat["ci"] == 0:
+        return "equal"
     if stat["mean"] - stat["ci"] > 0:
         return "ahead"
     if stat["mean"] + stat["ci"] < 0:
@@ -68,12 +73,23 @@ def _diff(stat: dict | None) -> str:
     return f"{stat['mean']:+.3f}" + ("" if stat["ci"] is None else f" ± {stat['ci']:.3f}")
 
 
+def people_needed(stat: dict | None) -> str:
+    """How many people the interval would need to exclude 0 at the measured mean and spread (normal
+    approximation: n = (1.96·sd / mean)²); "–" where it already does or nothing was measured."""
+    if stat is None or stat["mean"] is None or stat["ci"] is None or verdict(stat) != "not resolved":
+        return "–"
+    sd = stat["ci"] / student_t_quantile(0.95, stat["n"] - 1) * math.sqrt(stat["n"])
+    return "no number" if stat["mean"] == 0 else str(math.ceil((1.96 * sd / abs(stat["mean"])) ** 2))
+
+
 def claims_table(summary: dict, dataset: str) -> str:
     rows = {r["method"]: r for r in summary["rows"] if r["dataset"] == dataset}
-    lines = ["| claim | A − B | world I-Pre: A − B | world T-Sim: A − B | I-Pre | T-Sim |", "|---|---|---|---|---|---|"]
+    lines = ["| claim | A − B | world I-Pre: A − B | world T-Sim: A − B | I-Pre | T-Sim | people to resolve (I-Pre / T-Sim) |",
+             "|---|---|---|---|---|---|---|"]
     for claim, a, b in CLAIMS:
         i_pre, t_sim = paired(rows, a, b, "i_pre"), paired(rows, a, b, "t_sim")
-        lines.append(f"| {claim} | {a} − {b} | {_diff(i_pre)} | {_diff(t_sim)} | {verdict(i_pre)} | {verdict(t_sim)} |")
+        lines.append(f"| {claim} | {a} − {b} | {_diff(i_pre)} | {_diff(t_sim)} | {verdict(i_pre)} | {verdict(t_sim)} | "
+                     f"{people_needed(i_pre)} / {people_needed(t_sim)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,10 +105,13 @@ def study_markdown(summary: dict, name: str, pareto: str | None) -> str:
                  f"{train.get('learning_rate')}, {settings['scheduler'].upper()} {settings['sampling_steps']} steps "
                  f"with guidance {settings['guidance_scale']:g}; measured {settings['date']} on "
                  f"{settings['machine']}.", ""]
+    typical = sum(statistics.median(times) * len(times) for times in cost.get("unit_s", {}).values())
     text += [identity_table(summary["rows"], "world"),
              f"Cost on that machine: training {cost['train_s'] / 60:.1f} min, generation "
              f"{cost['generate_s'] / 60:.1f} min, scoring {cost['score_s'] / 60:.1f} min; the whole study "
-             f"{cost['span_s'] / 60:.1f} min from its first record to its last.", ""]
+             f"{cost['span_s'] / 60:.1f} min of wall-clock time to its last record"
+             + (f"; every unit at its method's median unit time (which a few slow units do not move) "
+                f"{typical / 60:.1f} min" if typical else "") + ".", ""]
     for dataset in datasets:
         text += [f"The paper's claims as paired differences over the same people ({dataset}; ahead / behind: "
                  "the 95% interval excludes 0):", "", claims_table(summary, dataset)]

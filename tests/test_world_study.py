@@ -176,6 +176,17 @@ def test_world_mini_learns_a_likeness(tmp_path):
     gain = rows["personamagic"]["per_identity"]["i_pre"]["mean"] - rows["supercategory"]["per_identity"]["i_pre"]["mean"]
     assert gain > 0.03, gain
     assert rows["personamagic"]["stage_windows"][0] != [0, 1000]  # the automatic partition ran
+    cost = summary["cost"]
+    assert sorted(cost["unit_s"]) == ["personamagic", "supercategory"] and all(len(v) == 1 for v in cost["unit_s"].values())
+    parts = cost["train_s"] + cost["generate_s"] + cost["score_s"]
+    assert sum(v[0] for v in cost["unit_s"].values()) == pytest.approx(parts) and 0 < parts
+    assert cost["span_s"] >= parts  # from the run's start, one process doing every unit
     assert "world I-Pre (95% CI)" in (tmp_path / "mini" / "summary.md").read_text()
+    from personamagic.evaluation.report import pareto_figure
+
+    ax = pareto_figure(summary["rows"], world=True).axes[0]  # as the report draws it: a point per method
+    assert "world I-Pre" in ax.get_ylabel() and "world T-Sim" in ax.get_xlabel()
+    people = rows["personamagic"]["per_identity"]
+    assert tuple(ax.lines[0].get_xydata()[0]) == pytest.approx((people["t_sim"]["mean"], people["i_pre"]["mean"]))
     again = run_study(config)
     assert again.trained == 0 and again.generated == 0 and again.skipped == run.scored

@@ -22,6 +22,8 @@ TEXT_LABELS = {
     "clip_s": "T-Sim: CLIP-S = 2.5·max(cos, 0) (Hessel et al.; the paper's scale)",
     "t_sim": "T-Sim: raw CLIP cosine",
 }
+WORLD_LABELS = ("world T-Sim: share of the prompt's context the judge reads",
+                "world I-Pre: the judge's identity cosine to the photo")
 IDENTITY_LABELS = {"paper": "I-Pre (no face = −1, the paper's rule)", "zero": "I-Pre (no face = 0)",
                    "excluded": "I-Pre (faces found only)"}
 
@@ -135,7 +137,8 @@ def write_report(output: Path, config, plan, records: list[dict]) -> dict:
     write_text(paths["markdown"], markdown)
     pareto_plot(rows, paths["plot"], text_metric=config.plot_text_metric,
                 identity_convention=config.plot_identity_convention,
-                datasets=[(d.name, d.paper or paper_dataset(d.name)) for d in config.datasets])
+                datasets=[(d.name, d.paper or paper_dataset(d.name)) for d in config.datasets],
+                world=config.clip_model == "world")
     return {name: str(path) for name, path in paths.items()}
 
 
@@ -156,16 +159,28 @@ def study_settings(config, plan) -> dict:
 
 def study_cost(plan, records: list[dict]) -> dict:
     """What the study's finished work took: seconds of training, generation and scoring summed over
-    every process, and the wall-clock span from the first record to the last of the current plan."""
+    every process, the wall-clock span from the first start of a process (or the first record) to the
+    last record of the current plan (idle time between runs included), and each
+    method's units' own seconds (training + generation + scoring: `unit_s`)."""
     unit_ids = {u.unit_id for u in plan.units}
     mine = [r for r in records if r.get("unit") in unit_ids]
     train = {r["unit"]: r["train_s"] for r in mine if r.get("type") == "train" and r.get("train_s") is not None}
     images = {r["item"]: r for r in mine if r.get("type") == "image"}
-    times = [r["time"] for r in mine if r.get("time") is not None]
+    times = [r["time"] for r in mine + [r for r in records if r.get("type") == "start"] if r.get("time") is not None]
+    unit_s = defaultdict(float)  # training + generation + scoring of each unit
+    for unit, seconds in train.items():
+        unit_s[unit] += seconds
+    for r in images.values():
+        unit_s[r["unit"]] += (r.get("generate_s") or 0.0) + (r.get("score_s") or 0.0)
+    methods = {u.unit_id: u.method for u in plan.units}
+    per_method = defaultdict(list)
+    for unit, seconds in sorted(unit_s.items()):
+        per_method[methods[unit]].append(seconds)
     return {"train_s": math.fsum(train.values()),
             "generate_s": math.fsum(r.get("generate_s") or 0.0 for r in images.values()),
             "score_s": math.fsum(r.get("score_s") or 0.0 for r in images.values()),
-            "span_s": max(times) - min(times) if times else 0.0}
+            "span_s": max(times) - min(times) if times else 0.0,
+            "unit_s": dict(per_method)}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -284,20 +299,35 @@ MARKERS = "osD^vP*Xh<>"  # one per method, so that points on top of each other s
 
 
 def pareto_plot(rows: list[dict], path: Path, *, text_metric: str = "clip_s", identity_convention: str = "paper",
-                datasets: list[tuple[str, str | None]] | None = None) -> Path:
+                datasets: list[tuple[str, str | None]] | None = None, world: bool = False) -> Path:
     """`pareto_figure`, written to `path` (PNG)."""
     from ..files import write_atomic
 
-    figure = pareto_figure(rows, text_metric=text_metric, identity_convention=identity_convention, datasets=datasets)
+    figure = pareto_figure(rows, text_metric=text_metric, identity_convention=identity_convention, datasets=datasets,
+                           world=world)
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=150))
     return path
 
 
+def _point(row: dict, text_metric: str, identity_convention: str, world: bool):
+    """(x, x error, y, y error) of a row: per-image means and standard errors, or (world) the means over
+    people and their 95% intervals."""
+    if world:
+        people = row["per_identity"]
+        x, y = people["t_sim"], people["i_pre"]
+        return x["mean"], x["ci"] or 0.0, y["mean"], y["ci"] or 0.0
+    x, y = row[text_metric] or {}, row["i_pre"][identity_convention]
+    if x.get("mean") is None or y.get("mean") is None:
+        return None, 0.0, None, 0.0
+    return x["mean"], _standard_error(x), y["mean"], _standard_error(y)
+
+
 def pareto_figure(rows: list[dict], *, text_metric: str = "clip_s", identity_convention: str = "paper",
-                  datasets: list[tuple[str, str | None]] | None = None):
+                  datasets: list[tuple[str, str | None]] | None = None, world: bool = False):
     """T-Sim vs I-Pre per dataset (one panel each), ours filled, the paper's Table 6 hollow (Fig. 8).
     Methods whose points (nearly) coincide — CLIP-S clamps at 0, so two weak methods can share a dot —
-    are named together beside the dot."""
+    are named together beside the dot. `world`: the learning world's metrics, a point per method at its
+    mean over people with the 95% interval."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -308,12 +338,11 @@ def pareto_figure(rows: list[dict], *, text_metric: str = "clip_s", identity_con
     for ax, (name, reference) in zip(axes, datasets):
         ours = []
         for row in rows:
-            x, y = (row[text_metric] or {}).get("mean"), row["i_pre"][identity_convention].get("mean")
+            x, x_error, y, y_error = _point(row, text_metric, identity_convention, world)
             if row["dataset"] != name or x is None or y is None:
                 continue
-            ax.errorbar(x, y, xerr=_standard_error(row[text_metric]),
-                        yerr=_standard_error(row["i_pre"][identity_convention]), fmt=MARKERS[len(ours) % len(MARKERS)],
-                        capsize=2, label=row["method"])
+            ax.errorbar(x, y, xerr=x_error, yerr=y_error, fmt=MARKERS[len(ours) % len(MARKERS)], capsize=2,
+                        label=row["method"])
             ours.append((x, y, row["method"]))
         if len(ours) > 1:
             front = pareto_front([(x, y) for x, y, _ in ours])
@@ -328,12 +357,15 @@ def pareto_figure(rows: list[dict], *, text_metric: str = "clip_s", identity_con
                 ax.annotate(f"{method} (paper)", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
                             color="0.3")
         ax.set_title(name + (" (hollow: the paper's Table 6)" if reference in TABLE6 else ""), fontsize=9)
-        ax.set_xlabel(TEXT_LABELS[text_metric], fontsize=8)
-        ax.set_ylabel(IDENTITY_LABELS[identity_convention], fontsize=8)
+        ax.set_xlabel(WORLD_LABELS[0] if world else TEXT_LABELS[text_metric], fontsize=8)
+        ax.set_ylabel(WORLD_LABELS[1] if world else IDENTITY_LABELS[identity_convention], fontsize=8)
         ax.grid(True, linewidth=0.3)
         if ours:
             ax.legend(fontsize=7, loc="best")
-    figure.suptitle("T-Sim vs I-Pre (higher is better on both; error bars: standard error)", fontsize=10)
+    if world:
+        figure.suptitle("world T-Sim vs world I-Pre (higher is better; bars: 95% over people)", fontsize=9)
+    else:
+        figure.suptitle("T-Sim vs I-Pre (higher is better on both; error bars: standard error)", fontsize=10)
     return figure
 
 

@@ -11,6 +11,7 @@ MPI's variables; no process group is created, so CPU processes work as well as o
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -49,42 +50,31 @@ class StudyRun:
 
 
 class _Scorers:
-    """The metric models, loaded on first use and kept for the whole process."""
+    """The metric models, loaded on first use and kept for the whole process; "world" for `clip_model`
+    and `face_model` is the learning world's judge."""
 
     def __init__(self, config: StudyConfig, device):
         self.config = config
         self.device = device
-        self._text = None
-        self._identity = None
 
-    @property
+    @functools.cached_property
     def text(self):
-        if self._text is None:
-            from .text_similarity import TextSimilarity
+        from .images import world_metrics
+        from .text_similarity import TextSimilarity
 
-            if self.config.clip_model == WORLD:
-                self._text = self._world()[0]
-            else:
-                self._text = TextSimilarity.load(self.config.clip_model, device=self.device,
-                                                 local_files_only=self.config.local_files_only)
-        return self._text
+        if self.config.clip_model == WORLD:
+            return world_metrics()[0]
+        return TextSimilarity.load(self.config.clip_model, device=self.device,
+                                   local_files_only=self.config.local_files_only)
 
-    @property
+    @functools.cached_property
     def identity(self):
-        if self._identity is None:
-            from .identity_preservation import IdentityPreservation, load_face_embedder
-
-            if self.config.face_model == WORLD:
-                self._identity = self._world()[1]
-            else:
-                self._identity = IdentityPreservation(load_face_embedder(self.config.face_model, device=self.device))
-        return self._identity
-
-    def _world(self):
-        """The learning world's judge as (T-Sim, I-Pre) scorers (`clip_model`/`face_model` "world")."""
+        from .identity_preservation import IdentityPreservation, load_face_embedder
         from .images import world_metrics
 
-        return world_metrics()
+        if self.config.face_model == WORLD:
+            return world_metrics()[1]
+        return IdentityPreservation(load_face_embedder(self.config.face_model, device=self.device))
 
 
 class _Sampler:
@@ -213,6 +203,8 @@ def run_study(config: StudyConfig, shard: Shard | None = None) -> StudyRun:
     worker = _Worker(config, shard, plan)
     finished = {r["item"] for r in worker.ledger.records() if r.get("type") == "image"}
     mine = take_units(shard, plan.units)
+    if any(item.item_id not in finished for unit in mine for item in plan.items[unit.unit_id]):
+        worker.ledger.append({"type": "start", "process": shard.index, "time": time.time()})  # the study's span
     run = worker.run
     run.units = len(mine)
     logger.info("process %d of %d: %d of %d training runs", shard.index, shard.count, len(mine), len(plan.units))
