@@ -58,22 +58,27 @@ class _Scorers:
         self.device = device
 
     @functools.cached_property
-    def text(self):
+    def _world(self):
+        """The world judge's (T-Sim, I-Pre) scorers: one judge for both."""
         from .images import world_metrics
+
+        return world_metrics()
+
+    @functools.cached_property
+    def text(self):
         from .text_similarity import TextSimilarity
 
         if self.config.clip_model == WORLD:
-            return world_metrics()[0]
+            return self._world[0]
         return TextSimilarity.load(self.config.clip_model, device=self.device,
                                    local_files_only=self.config.local_files_only)
 
     @functools.cached_property
     def identity(self):
         from .identity_preservation import IdentityPreservation, load_face_embedder
-        from .images import world_metrics
 
         if self.config.face_model == WORLD:
-            return world_metrics()[1]
+            return self._world[1]
         return IdentityPreservation(load_face_embedder(self.config.face_model, device=self.device))
 
 
@@ -133,7 +138,8 @@ class _Sampler:
         from ..pipeline.schedulers import make_scheduler
 
         concept = Concept.load(concept_path)
-        base, family = self.base(), self.base().family
+        base = self.base()
+        family = base.family
         result = export_textual_inversion(concept_path, export_path, token=concept.placeholder, overwrite=True)
         modules = {}
         for spec, encoder, tokenizer in zip(family.encoders, base.text_encoders, base.tokenizers):
@@ -143,9 +149,9 @@ class _Sampler:
                                                          feature_extractor=None, **modules, **family.pipeline_kwargs())
         pipe.set_progress_bar_config(disable=True)
         tensors = load_file(result.path)
-        for spec in family.encoders:  # one call per encoder: its part of the file, or the file (SD-1.x)
-            part = str(result.path) if spec.export_key is None else tensors[spec.export_key]
-            pipe.load_textual_inversion(part, token=result.token, text_encoder=getattr(pipe, spec.component),
+        for spec in family.encoders:  # one call per encoder with its part of the file (SD-1.x: under the token)
+            pipe.load_textual_inversion(tensors[spec.export_key or result.token], token=result.token,
+                                        text_encoder=getattr(pipe, spec.component),
                                         tokenizer=getattr(pipe, spec.tokenizer))
         return pipe, concept
 
