@@ -81,6 +81,19 @@ def default_token(concept: Concept, output: Path) -> str:
     return f"<{name}>"
 
 
+def export_widths(concept: Concept, source: Path) -> list[int]:
+    """Each text encoder's width in the concept's embedding, checked against its model family's encoders:
+    a concept whose metadata swaps SDXL's widths would be written with clip_l and clip_g each holding the
+    other's part. A ConceptError before anything is written."""
+    family = family_named(concept.family)
+    widths = list(concept.mapper_config.get("encoder_widths") or [concept.text_encoder_hidden_size])
+    problems = family.encoder_width_problems(widths)
+    if problems:
+        raise ConceptError(f"{source}: its metadata does not fit {family.title} ({'; '.join(problems)}); nothing was "
+                           "written (the concept is damaged: train it again)")
+    return widths
+
+
 def export_textual_inversion(
     concept_path: str | Path,
     output: str | Path | None = None,
@@ -129,14 +142,9 @@ def export_textual_inversion(
             "lost": "stages (static embedding at every timestep) and the value residual",
         })
     }
-    family = family_named(concept.family)
-    widths = list(concept.mapper_config.get("encoder_widths") or [embedding.shape[1]])
-    problems = family.encoder_width_problems(widths)
-    if problems:
-        raise ConceptError(f"{source}: its metadata does not fit {family.title} ({'; '.join(problems)}); nothing was "
-                           "written (the concept is damaged: train it again)")
+    widths = export_widths(concept, source)
     parts = embedding.split(widths, dim=-1)
-    tensors = family.export_tensors(token, [part.contiguous() for part in parts])
+    tensors = family_named(concept.family).export_tensors(token, [part.contiguous() for part in parts])
     try:
         save_safetensors_atomic(tensors, header, output)
     except OSError as err:

@@ -130,18 +130,54 @@ def segment_range(segment: Segment, num_train_timesteps: int) -> tuple[float, fl
 
 @dataclass
 class SamplerSettings:
-    """What the exported workflow or prompt samples with (the paper's DDIM 50, CFG 8 by default)."""
+    """What the exported workflow or prompt samples with (the paper's DDIM 50, CFG 8 by default). None:
+    the concept's own (`export_stages` fills them in): its model's checkpoint file and image size."""
 
-    checkpoint: str
+    checkpoint: str | None = None
     steps: int = 50
     cfg: float = 8.0
     seed: int = 0
-    width: int = 512
-    height: int = 512
+    width: int | None = None
+    height: int | None = None
     batch_size: int = 1
     negative: str = ""
     sampler_name: str = "ddim"  # ComfyUI's DDIM sampler …
     scheduler: str = "ddim_uniform"  # … on evenly spaced timesteps, as the paper's DDIM
+
+
+@dataclass(frozen=True)
+class DeclaredRange:
+    """A number input of a ComfyUI node as ComfyUI declares it: low <= value <= high, and a multiple of
+    `step` where one is given. `flag` names the setting in messages."""
+
+    flag: str
+    node: str
+    input: str
+    low: float
+    high: float
+    step: int | None = None
+
+    def refusal(self, value) -> str | None:
+        """Why ComfyUI would refuse `value` for this input (None: it takes it)."""
+        if self.low <= value <= self.high and (self.step is None or value % self.step == 0):
+            return None
+        multiple = f", a multiple of {self.step}" if self.step else ""
+        return (f"{self.flag} {value} is outside ComfyUI's range for {self.node}'s {self.input} ({self.low} to "
+                f"{self.high}{multiple})")
+
+
+# The ranges ComfyUI declares for the numbers the workflow sets, by SamplerSettings field: ComfyUI's
+# nodes.py, the INPUT_TYPES of KSampler and EmptyLatentImage (MAX_RESOLUTION = 16384). ComfyUI refuses a
+# queued prompt with a value outside them; width and height are multiples of 8 because the latent is an
+# eighth of the image (another value would draw a smaller image than asked).
+COMFYUI_RANGES = {
+    "seed": DeclaredRange("--seed", "KSampler", "seed", 0, 0xFFFF_FFFF_FFFF_FFFF),
+    "steps": DeclaredRange("--steps", "KSampler", "steps", 1, 10000),
+    "cfg": DeclaredRange("--guidance-scale", "KSampler", "cfg", 0.0, 100.0),
+    "width": DeclaredRange("--width", "EmptyLatentImage", "width", 16, 16384, 8),
+    "height": DeclaredRange("--height", "EmptyLatentImage", "height", 16, 16384, 8),
+    "batch_size": DeclaredRange("batch_size", "EmptyLatentImage", "batch_size", 1, 4096),
+}
 
 
 def segment_texts(prompt: str, placeholder: str, segments: list[Segment], names: dict[str, str],
@@ -191,12 +227,14 @@ def comfyui_workflow(prompt: str, placeholder: str, segments: list[Segment], nam
 # turned into the step s = int(w · steps); the sampler's model calls are counted from 0 and call c uses A
 # while c <= s, B after. Nested edits are each converted against the whole step count. A1111's DDIM
 # (sd_samplers_timesteps.py) spaces N steps as t = 1 + k·(1000 // N) and calls the model at all of them
-# but the last, from the top: N = 50 gives 49 calls at t = 981, 961, …, 21.
+# but the last, from the top: N = 50 gives 49 calls at t = 981, 961, …, 21. So it samples with 2 to 1000
+# steps: 1 step calls the model never, more than 1000 space their steps 0 apart.
+A1111_TIMESTEPS = 1000  # what A1111's DDIM spaces its steps over, whatever the model's schedule
 
 
 def a1111_ddim_calls(steps: int) -> list[int]:
     """The timesteps at which A1111's DDIM calls the model, in order, for `steps` sampling steps."""
-    spaced = [min(t + 1, LAST_TIMESTEP) for t in range(0, 1000, 1000 // steps)]
+    spaced = [min(t + 1, LAST_TIMESTEP) for t in range(0, A1111_TIMESTEPS, A1111_TIMESTEPS // steps)]
     return spaced[:0:-1]  # from the top, the lowest (the landing point) excluded
 
 
@@ -237,7 +275,7 @@ def fraction_for_step(step: int, steps: int) -> str:
 
 # -- the export ------------------------------------------------------------------------------------
 TOOLS = ("comfyui", "a1111")
-# the file names the usual checkpoints have in the tools' checkpoint folders (else: the model's name)
+# the file names the usual checkpoints have in the tools' checkpoint folders
 CHECKPOINT_FILES = {
     "CompVis/stable-diffusion-v1-4": "sd-v1-4.ckpt",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "v1-5-pruned-emaonly.safetensors",
@@ -245,6 +283,7 @@ CHECKPOINT_FILES = {
     "dreamlike-art/dreamlike-photoreal-2.0": "dreamlike-photoreal-2.0.safetensors",
     "stabilityai/stable-diffusion-xl-base-1.0": "sd_xl_base_1.0.safetensors",
 }
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")  # the single files `load_base_model` reads
 DEFAULT_BINS = 4
 
 
@@ -255,10 +294,129 @@ class StagedExport:
     segments: list[Segment]
     names: dict[str, str]  # piece -> embedding name
     text: str  # the A1111 prompt, or the ComfyUI workflow's file name
+    concept: Concept  # what was exported
+    settings: SamplerSettings  # what the workflow or prompt samples with, the concept's defaults filled in
 
 
-def checkpoint_file(base_model: str) -> str:
-    return CHECKPOINT_FILES.get(base_model, Path(base_model).name.split("/")[-1] + ".safetensors")
+def checkpoint_file(base_model: str) -> str | None:
+    """The name the concept's model has as one file in a tool's checkpoints folder: the usual file of a
+    known hub model, or the single file the concept was trained on (its name as recorded, from any OS).
+    None for a model that is no one file (a diffusers folder or hub repo, the shipped world model, a model
+    built in code): only the user knows which file of it they load."""
+    from pathlib import PureWindowsPath
+
+    if base_model in CHECKPOINT_FILES:
+        return CHECKPOINT_FILES[base_model]
+    path = PureWindowsPath(base_model)  # a path recorded on Windows or not: both / and \ separate folders
+    return path.name if path.suffix.lower() in SINGLE_FILE_SUFFIXES else None
+
+
+def no_checkpoint_file(base_model: str) -> str:
+    """Why a model has no default checkpoint file, in words, for the refusal and for A1111's note."""
+    from .models.world import WORLD
+
+    if base_model == WORLD:
+        return (f"the concept's model {base_model!r} has no single-file checkpoint (the shipped world model is a "
+                "diffusers folder)")
+    return (f"the concept's model {base_model!r} has no single-file checkpoint known here (a diffusers folder, a hub "
+            "repo or a model built in code)")
+
+
+def step_count_problem(tool: str, steps: int, num_train_timesteps: int) -> str | None:
+    """Why the tool cannot sample with `steps` steps (None: it can). A1111's DDIM takes 2 to 1000 (see
+    `a1111_ddim_calls`); ComfyUI's ddim_uniform at most one step per timestep of the model's schedule
+    (more are quietly fewer)."""
+    low, high = (2, A1111_TIMESTEPS) if tool == "a1111" else (1, num_train_timesteps)
+    if low <= steps <= high:
+        return None
+    why = ("A1111's DDIM calls the model at every step but the last, 1000 // steps timesteps apart" if tool == "a1111"
+           else f"the model's schedule has {num_train_timesteps} timesteps")
+    return f"--steps {steps}: --format {tool} samples with {low} to {high} steps ({why})"
+
+
+def sampler_settings(tool: str, settings: SamplerSettings, concept: Concept) -> SamplerSettings:
+    """`settings` with the concept's defaults filled in, checked against what `tool` can sample: a
+    SettingsError before anything is computed or written, rather than a workflow ComfyUI refuses."""
+    import dataclasses
+
+    from .errors import SettingsError
+    from .families import family_named
+
+    side = family_named(concept.family).image_size
+    checkpoint = settings.checkpoint
+    if tool == "comfyui" and checkpoint is None:
+        checkpoint = checkpoint_file(concept.base_model)
+        if checkpoint is None:
+            raise SettingsError(f"{no_checkpoint_file(concept.base_model)}, and the workflow's Load Checkpoint needs "
+                                "one: give --checkpoint FILE, the checkpoint file you load in ComfyUI "
+                                "(models/checkpoints/)")
+    width, height = (side if value is None else value for value in (settings.width, settings.height))
+    settings = dataclasses.replace(settings, checkpoint=checkpoint, width=width, height=height)
+    problems = [step_count_problem(tool, settings.steps, concept.num_train_timesteps)]
+    if tool == "comfyui":
+        problems += [declared.refusal(getattr(settings, key)) for key, declared in COMFYUI_RANGES.items()]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise SettingsError(problems[0])
+    return settings
+
+
+def embedding_name(name: str | None, concept: Concept, source: Path) -> str:
+    """The embeddings' name: as given, else a placeholder that looks like a token (<ann>: ann), else the
+    concept folder's name; letters, digits, _ and - only (it becomes file names and prompt words)."""
+    import re
+
+    from .errors import SettingsError
+
+    if name is None:
+        token = re.fullmatch(r"<([A-Za-z0-9_-]+)>", concept.placeholder)
+        name = token.group(1) if token else re.sub(r"[^A-Za-z0-9_-]+", "-", source.parent.name).strip("-") or "concept"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise SettingsError(f"--name {name!r} must be letters, digits, _ or - (it becomes file names and prompt words)")
+    return name
+
+
+def write_folder_atomic(output: Path, write) -> None:
+    """Call `write(folder)` on a hidden sibling folder of `output`, then move what it wrote into place
+    (`move_into`). A fault while writing (a full disk, a write refused) removes the sibling and the
+    folders this call created: no half-written export, and an existing `output` as it was. The moves are
+    renames on one filesystem, which need no space."""
+    import secrets
+    import shutil
+
+    from .files import make_folders, remove_empty_folders
+
+    created = make_folders(output.parent)
+    staging = output.parent / f".{output.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        staging.mkdir()
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+    try:
+        write(staging)
+        move_into(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_folders(created)
+        raise
+
+
+def move_into(staging: Path, output: Path) -> None:
+    """Put a finished folder's files at `output`: one rename of the folder when there is none yet, else
+    one rename per file (files of `output` that the export does not write are kept)."""
+    import os
+    import shutil
+
+    if not output.exists():
+        os.replace(staging, output)
+        return
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = output / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_stages(concept_path, output, *, tool: str, bins: int = DEFAULT_BINS, prompt: str | None = None,
@@ -266,12 +424,13 @@ def export_stages(concept_path, output, *, tool: str, bins: int = DEFAULT_BINS, 
                   overwrite: bool = False) -> StagedExport:
     """Write a concept's stages for `tool` into the folder `output`: `embeddings/NAME_k.safetensors` per
     bin and `NAME_late.safetensors` for static 2, plus `workflow_api.json` (ComfyUI) or `prompt.txt`
-    (A1111) for `prompt` (default "a photo of <placeholder>")."""
+    (A1111) for `prompt` (default "a photo of <placeholder>"). Every setting is checked before anything is
+    computed, and the folder appears whole or not at all (`write_folder_atomic`)."""
     import json
-    import re
 
     from .concept import resolve_concept_path
-    from .errors import SettingsError
+    from .errors import DiskError, SettingsError
+    from .export import export_widths
     from .families import family_named
     from .files import disk_error, save_safetensors_atomic, write_atomic
 
@@ -289,38 +448,35 @@ def export_stages(concept_path, output, *, tool: str, bins: int = DEFAULT_BINS, 
     prompt = prompt or f"a photo of {concept.placeholder}"
     if concept.placeholder not in prompt:
         raise SettingsError(f"--prompt {prompt!r} does not say the concept's placeholder {concept.placeholder!r}")
-    settings = settings or SamplerSettings(checkpoint=checkpoint_file(concept.base_model))
-    if name is None:  # a placeholder that looks like a token (<ann>), else the concept folder's name
-        token = re.fullmatch(r"<([A-Za-z0-9_-]+)>", concept.placeholder)
-        name = token.group(1) if token else re.sub(r"[^A-Za-z0-9_-]+", "-", source.parent.name).strip("-") or "concept"
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise SettingsError(f"--name {name!r} must be letters, digits, _ or - (it becomes file names and prompt words)")
+    settings = sampler_settings(tool, settings or SamplerSettings(), concept)
+    name = embedding_name(name, concept, source)
+    widths = export_widths(concept, source)
     segments = stage_segments(concept, bins)
     names = {s.name: f"{name}_late" if s.name == Stage.STATIC_2 else f"{name}_{s.name.split()[-1]}"
              for s in segments if s.embedding is not None}
+    if tool == "comfyui":
+        graph = comfyui_workflow(prompt, concept.placeholder, segments, names, concept.supercategory,
+                                 concept.num_train_timesteps, settings)
+        text = target = "workflow_api.json"
+        body = json.dumps(graph, indent=2) + "\n"
+    else:
+        text = a1111_prompt(prompt, concept.placeholder, segments, names, concept.supercategory, settings.steps)
+        target, body = "prompt.txt", text + "\n"
     family = family_named(concept.family)
-    widths = list(concept.mapper_config.get("encoder_widths") or [concept.text_encoder_hidden_size])
-    written = []
-    try:
-        for segment in segments:
-            if segment.embedding is None:
-                continue
-            path = output / "embeddings" / f"{names[segment.name]}.safetensors"
+    pieces = [s for s in segments if s.embedding is not None]
+
+    def write(folder: Path) -> None:
+        for segment in pieces:
             parts = [p.contiguous() for p in segment.embedding.float().split(widths, dim=-1)]
             header = {"personamagic": json.dumps({"source_fingerprint": concept.fingerprint(), "piece": segment.name,
                                                   "timesteps": [segment.lo, segment.hi]})}
-            save_safetensors_atomic(family.export_tensors(names[segment.name], parts), header, path)
-            written.append(path)
-        if tool == "comfyui":
-            graph = comfyui_workflow(prompt, concept.placeholder, segments, names, concept.supercategory,
-                                     concept.num_train_timesteps, settings)
-            text = "workflow_api.json"
-            body = json.dumps(graph, indent=2) + "\n"
-        else:
-            text = a1111_prompt(prompt, concept.placeholder, segments, names, concept.supercategory, settings.steps)
-            body = text + "\n"
-        target = output / ("workflow_api.json" if tool == "comfyui" else "prompt.txt")
-        write_atomic(target, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+            save_safetensors_atomic(family.export_tensors(names[segment.name], parts), header,
+                                    folder / "embeddings" / f"{names[segment.name]}.safetensors")
+        write_atomic(folder / target, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+
+    try:
+        write_folder_atomic(output, write)
     except OSError as err:
-        raise disk_error(output, err) from None
-    return StagedExport(output, written, segments, names, text)
+        raise DiskError(f"{disk_error(output, err)}; nothing was written") from None
+    embeddings = [output / "embeddings" / f"{names[s.name]}.safetensors" for s in pieces]
+    return StagedExport(output, embeddings, segments, names, text, concept, settings)

@@ -5,10 +5,19 @@ from __future__ import annotations
 from .argtypes import non_negative_int, positive_float, positive_int
 
 
+# the flags each format reads, beyond the concept, --format, --output and --overwrite (every format's)
+FORMAT_FLAGS = {
+    "textual-inversion": ("--token", "--vectors"),
+    "comfyui": ("--bins", "--prompt", "--name", "--checkpoint", "--steps", "--guidance-scale", "--seed", "--width",
+                "--height", "--negative-prompt"),
+    "a1111": ("--bins", "--prompt", "--name", "--steps"),
+}
+
+
 def add_parser(commands) -> None:
     export = commands.add_parser("export", help="write a concept in another tool's format")
     export.add_argument("concept", help="concept folder or concept.safetensors file")
-    export.add_argument("--format", default="textual-inversion", choices=["textual-inversion", "comfyui", "a1111"],
+    export.add_argument("--format", default="textual-inversion", choices=list(FORMAT_FLAGS),
                         help="textual-inversion: one safetensors embedding for diffusers load_textual_inversion, A1111 "
                              "and ComfyUI embeddings/ ({token: [n, 768]} on SD 1.x, {clip_l, clip_g} on SDXL; the "
                              "default); comfyui / a1111: the stages kept, as embeddings that switch by timestep — a "
@@ -23,34 +32,35 @@ def add_parser(commands) -> None:
                                                              "'a photo of S*')")
     staged.add_argument("--name", default=None, help="the embeddings' name: NAME_1..NAME_K, NAME_late (default: "
                                                      "from the placeholder)")
-    staged.add_argument("--checkpoint", default=None, help="checkpoint file name in the tool's models folder (default: "
-                                                           "the usual file of the concept's model)")
-    staged.add_argument("--steps", type=positive_int, default=50, help="sampling steps (50, DDIM as the paper)")
-    staged.add_argument("--guidance-scale", type=positive_float, default=8.0, help="CFG scale (8.0)")
-    staged.add_argument("--seed", type=non_negative_int, default=0, help="ComfyUI's sampler seed (0)")
-    staged.add_argument("--width", type=positive_int, default=None, help="image width (the model's resolution)")
-    staged.add_argument("--height", type=positive_int, default=None, help="image height (the model's resolution)")
-    staged.add_argument("--negative-prompt", default="", help="negative prompt (none)")
-    export.add_argument("--token", help="token the embedding is stored under (default: the placeholder if it "
+    staged.add_argument("--steps", type=positive_int, default=None,
+                        help="sampling steps (50, DDIM as the paper; comfyui 1 to 1000, a1111 2 to 1000)")
+    comfyui = export.add_argument_group("comfyui only")
+    comfyui.add_argument("--checkpoint", default=None, help="checkpoint file name in ComfyUI's models/checkpoints/ "
+                                                            "(default: the usual file of the concept's model; needed "
+                                                            "for a model that is no single file, e.g. world)")
+    comfyui.add_argument("--guidance-scale", type=positive_float, default=None, help="CFG scale (8.0; at most 100)")
+    comfyui.add_argument("--seed", type=non_negative_int, default=None, help="the sampler's seed (0)")
+    comfyui.add_argument("--width", type=positive_int, default=None,
+                         help="image width, a multiple of 8 (the model's resolution)")
+    comfyui.add_argument("--height", type=positive_int, default=None,
+                         help="image height, a multiple of 8 (the model's resolution)")
+    comfyui.add_argument("--negative-prompt", default=None, help="negative prompt (none)")
+    single = export.add_argument_group("textual-inversion only")
+    single.add_argument("--token", help="token the embedding is stored under (default: the placeholder if it "
                                         "looks like <name>, else <file name>)")
-    export.add_argument("--vectors", default="mean", choices=["mean", "centre"],
+    single.add_argument("--vectors", default=None, choices=["mean", "centre"],
                         help="mean: mapper averaged over the dynamic stage (default); centre: at its middle timestep")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def run(args) -> int:
-    from ..errors import SettingsError
     from ..export import export_textual_inversion
 
+    refuse_unused_flags(args)
     if args.format != "textual-inversion":
         return _staged(args)
-    given = [f for f, v in (("--bins", args.bins), ("--prompt", args.prompt), ("--name", args.name),
-                            ("--checkpoint", args.checkpoint)) if v is not None]
-    if given:
-        raise SettingsError(f"{', '.join(given)} belong to --format comfyui or a1111")
-
     result = export_textual_inversion(
-        args.concept, args.output, token=args.token, vectors=args.vectors, overwrite=args.overwrite
+        args.concept, args.output, token=args.token, vectors=args.vectors or "mean", overwrite=args.overwrite
     )
     print(f"wrote {result.path}: token {result.token!r}, {result.num_vectors} vector(s) of width {result.width} "
           f"({result.description})")
@@ -58,23 +68,34 @@ def run(args) -> int:
     return 0
 
 
+def refuse_unused_flags(args) -> None:
+    """One SettingsError naming every flag given that the chosen format does not read, and the formats
+    that do, before anything is read: a flag silently ignored looks obeyed."""
+    from ..errors import SettingsError
+
+    flags = dict.fromkeys(flag for used in FORMAT_FLAGS.values() for flag in used)
+    unused = [flag for flag in flags if flag not in FORMAT_FLAGS[args.format]
+              and getattr(args, flag[2:].replace("-", "_")) is not None]
+    if unused:
+        readers = {flag: " or ".join(f for f, used in FORMAT_FLAGS.items() if flag in used) for flag in unused}
+        raise SettingsError(f"--format {args.format} does not use "
+                            + ", ".join(f"{flag} (a --format {readers[flag]} flag)" for flag in unused))
+
+
 def _staged(args) -> int:
     from pathlib import Path
 
-    from ..concept import Concept, resolve_concept_path
     from ..errors import SettingsError
-    from ..families import family_named
-    from ..stage_export import DEFAULT_BINS, SamplerSettings, checkpoint_file, export_stages, segment_range
+    from ..stage_export import DEFAULT_BINS, SamplerSettings, export_stages, segment_range
 
     if args.output is None:
         raise SettingsError(f"--format {args.format} writes a folder: give it with --output")
-    concept = Concept.load(resolve_concept_path(args.concept))
-    side = family_named(concept.family).image_size
-    settings = SamplerSettings(checkpoint=args.checkpoint or checkpoint_file(concept.base_model), steps=args.steps,
-                               cfg=args.guidance_scale, seed=args.seed, width=args.width or side,
-                               height=args.height or side, negative=args.negative_prompt)
+    given = {"checkpoint": args.checkpoint, "steps": args.steps, "cfg": args.guidance_scale, "seed": args.seed,
+             "width": args.width, "height": args.height, "negative": args.negative_prompt}
+    settings = SamplerSettings(**{key: value for key, value in given.items() if value is not None})
     result = export_stages(args.concept, Path(args.output), tool=args.format, bins=args.bins or DEFAULT_BINS,
                            prompt=args.prompt, settings=settings, name=args.name, overwrite=args.overwrite)
+    concept = result.concept
     for segment in result.segments:
         what = f"embedding {result.names[segment.name]}" if segment.name in result.names else f"the word {concept.supercategory!r}"
         start, end = segment_range(segment, concept.num_train_timesteps)
@@ -82,10 +103,24 @@ def _staged(args) -> int:
     print(f"wrote {len(result.embeddings)} embeddings to {result.folder / 'embeddings'} (copy them into the tool's "
           "embeddings folder: ComfyUI models/embeddings/, A1111 embeddings/)")
     if args.format == "comfyui":
-        print(f"wrote {result.folder / 'workflow_api.json'}: queue it with ComfyUI's API (POST /prompt), checkpoint "
-              f"{settings.checkpoint} in models/checkpoints/")
+        print(f"wrote {result.folder / 'workflow_api.json'}: drag it onto ComfyUI's page (or Workflow > Open), then "
+              f"Run (Queue); it loads the checkpoint {result.settings.checkpoint} from models/checkpoints/ (another "
+              "name: pick it in the Load Checkpoint box, or export again with --checkpoint FILE)")
     else:
-        print(f"prompt (also in {result.folder / 'prompt.txt'}), for the DDIM sampler at {args.steps} steps:")
+        print(f"prompt (also in {result.folder / 'prompt.txt'}), for the DDIM sampler at {result.settings.steps} "
+              "steps:")
         print(result.text)
+        print(a1111_checkpoint(concept.base_model))
     print("lost in the export: the value residual (as in every embedding); the stages are kept, piecewise constant")
     return 0
+
+
+def a1111_checkpoint(base_model: str) -> str:
+    """Which checkpoint to select in A1111 for the concept's model (the prompt cannot name one)."""
+    from ..stage_export import checkpoint_file, no_checkpoint_file
+
+    file = checkpoint_file(base_model)
+    if file is None:
+        return (f"checkpoint: {no_checkpoint_file(base_model)}; select the checkpoint file of that model you use in "
+                "A1111's checkpoint list")
+    return f"checkpoint: select {file} (the concept's model, {base_model}) in A1111's checkpoint list"
