@@ -6,6 +6,8 @@ command modules import the heavy parts), so a cycle that only shows at run time 
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -26,12 +28,22 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts)
 
 
-def _imported_modules(path: pathlib.Path) -> set[str]:
+def _imported_modules(path: pathlib.Path, *, type_checking: bool = True) -> set[str]:
+    """The package's modules `path` imports, inside functions too; `type_checking=False`: not those
+    imported only for annotations (under `if TYPE_CHECKING:`), which never run."""
     name = _module_name(path)
     # the package a relative import is resolved against
     anchor = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = set()
+    if not type_checking:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+                skipped.update(id(n) for statement in node.body for n in ast.walk(statement))
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -101,6 +113,22 @@ def test_the_graph_is_read_from_the_real_package():
 
 def test_the_package_has_no_import_cycles():
     assert find_cycle(part_graph()) is None
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports when it runs (inside functions too, not for annotations only),
+    without the edges into a package's `__init__` (a package imports its own modules by design)."""
+    paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    packages = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
+    return {name: _imported_modules(path, type_checking=False) - packages - {name}
+            for name, path in paths.items() if name not in packages}
+
+
+def test_no_two_modules_import_each_other_even_inside_functions():
+    # an import inside a function hides a cycle from Python, not from the reader: the record of an
+    # image builds on the job's settings, and the job on both, never the other way round
+    assert find_cycle(module_graph()) is None
+    assert "personamagic.jobs.generate" not in module_graph()["personamagic.jobs.image_record"]
 
 
 @pytest.mark.parametrize("part", sorted(SELF_CONTAINED))
@@ -205,12 +233,8 @@ def test_the_family_test_finder_finds_name_and_type_tests_and_passes_questions()
 
 
 def test_no_module_outside_the_families_tests_which_family_it_has():
-    found = set()
-    for path in PACKAGE.rglob("*.py"):
-        relative = path.relative_to(PACKAGE).as_posix()
-        if relative.startswith("families/"):
-            continue
-        found |= {(relative, test) for test in family_tests(path.read_text())}
+    found = {(relative, test) for relative, tests in findings(family_tests, outside="families/").items()
+             for test in tests}
     assert found <= FAMILY_TEST_ALLOWED, sorted(found - FAMILY_TEST_ALLOWED)
     assert FAMILY_TEST_ALLOWED <= found, f"no longer there, drop from the allow-list: {FAMILY_TEST_ALLOWED - found}"
 
@@ -245,10 +269,61 @@ def test_the_exit_code_finder_finds_names_attributes_parameters_and_imports():
     assert exit_code_mentions("from ..errors import SettingsError\nraise SettingsError('exit_code')\n") == []
 
 
-def test_no_module_below_the_command_line_raises_user_error_or_knows_exit_codes():
+def findings(finder, outside: str) -> dict[str, list]:
+    """What `finder` finds in each module of the package but those whose path starts with `outside`."""
     found = {}
     for path in PACKAGE.rglob("*.py"):
         relative = path.relative_to(PACKAGE).as_posix()
-        if not relative.startswith("cli/") and (mentions := exit_code_mentions(path.read_text())):
-            found[relative] = mentions
+        if not relative.startswith(outside) and (hits := finder(path.read_text())):
+            found[relative] = hits
+    return found
+
+
+def test_no_module_below_the_command_line_raises_user_error_or_knows_exit_codes():
+    found = findings(exit_code_mentions, outside="cli/")
     assert not found, found
+
+
+# --------------------------------------------------------------------------------------------------
+# weights files are read in one place: `files.read_weights` (no pickled code runs, one error per failure)
+
+WEIGHTS_READER = "files.py"
+_SAFETENSORS_READERS = {"load_file", "load", "safe_open"}
+
+
+def direct_weight_reads(source: str) -> list[str]:
+    """Where `source` reads a weights file itself: imports safetensors' readers, or calls `torch.load`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "safetensors":
+            found += [f"line {node.lineno}: {a.name}" for a in node.names if a.name in _SAFETENSORS_READERS]
+        elif isinstance(node, ast.Attribute) and ast.unparse(node) in ("torch.load", "safetensors.torch.load_file"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_weight_read_finder_finds_imports_and_calls_and_passes_writers():
+    assert len(direct_weight_reads(
+        "from safetensors.torch import load_file\n"
+        "from safetensors import safe_open\n"
+        "state = torch.load(path)\n"
+        "state = safetensors.torch.load_file(path)\n"
+    )) == 4
+    assert direct_weight_reads("from safetensors.torch import save_file\nfrom ..files import read_weights\n") == []
+
+
+def test_weights_are_read_only_by_the_one_safe_reader():
+    found = findings(direct_weight_reads, outside=WEIGHTS_READER)
+    assert not found, f"read weights with personamagic.files.read_weights: {found}"
+
+
+# --------------------------------------------------------------------------------------------------
+# one name for the default base model: `personamagic.DEFAULT_BASE_MODEL`
+
+
+def test_the_paper_studies_take_the_default_base_model_from_its_one_constant():
+    # in a fresh process, so that the presets are built after the constant is changed
+    code = ("import personamagic; personamagic.DEFAULT_BASE_MODEL = 'Org/Other'; "
+            "from personamagic.evaluation.presets import STUDY_PRESETS; print(STUDY_PRESETS['table1']['model'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.split() == ["Org/Other"], run.stderr

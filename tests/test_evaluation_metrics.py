@@ -16,7 +16,7 @@ from personamagic.evaluation.statistics import identity_scores, mean_std, summar
 from personamagic.evaluation.text_similarity import CLIP_S_WEIGHT, TextSimilarity, replace_placeholders
 from personamagic.models.tiny import build_tiny_clip
 from personamagic.faces import load_photo
-from personamagic.jobs.generate import GenerateConfig
+from personamagic.jobs.generate_config import GenerateConfig
 from personamagic.jobs.image_record import image_metadata, png_info
 
 

@@ -85,3 +85,14 @@ def test_the_same_train_command_run_again_has_nothing_to_do(tmp_path, astronaut,
     assert (tmp_path / "c" / "concept.safetensors").read_bytes() == before
     code, _, err = run_cli(capsys, *argv[:-4], "--steps", "3", "--stage-window", "400:800", "--checkpoint-every", "0")
     assert_one_line_error(code, err, "already holds a concept", "--overwrite", train=True)  # other settings
+
+
+def test_generate_offline_suggests_the_toy_of_its_concepts_family_not_of_the_models_name(tmp_path, capsys):
+    from _concepts import random_concept
+    from personamagic.models import build_tiny_sdxl_components
+
+    random_concept(build_tiny_sdxl_components()).save(tmp_path / "c")  # an SDXL concept
+    # a fine-tune whose name says nothing of SDXL: the concept's family decides the toy to suggest
+    code, _, err = run_cli(capsys, "generate", tmp_path / "c", "--model", "SomeOrg/my-finetune", "-p", "a photo of S*",
+                           "-o", tmp_path / "out")
+    assert code == 2 and "--model tiny-sdxl" in err and "--model tiny " not in err, err

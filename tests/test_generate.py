@@ -9,7 +9,8 @@ from PIL import Image
 from cli_helpers import assert_one_line_error, run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.jobs.generate import GenerateConfig, read_prompts_file
+from personamagic.jobs.generate import read_prompts_file
+from personamagic.jobs.generate_config import GenerateConfig
 from personamagic.jobs.image_record import read_image_metadata
 from personamagic.pipeline.localized import localized_size
 

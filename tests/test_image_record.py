@@ -13,7 +13,7 @@ from PIL.PngImagePlugin import PngInfo
 from cli_helpers import run_cli
 from personamagic import __version__
 from personamagic.errors import PhotoError
-from personamagic.jobs.generate import GenerateConfig
+from personamagic.jobs.generate_config import GenerateConfig
 from personamagic.jobs.image_record import ImageRecord, image_metadata, png_info, read_image_metadata
 
 

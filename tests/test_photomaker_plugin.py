@@ -166,7 +166,7 @@ def test_the_commands_with_photomaker_as_tested_in_the_readme(weights, astronaut
 
 
 def test_a_merge_step_that_leaves_photomaker_no_step_is_refused():
-    from personamagic.jobs.generate import GenerateConfig
+    from personamagic.jobs.generate_config import GenerateConfig
 
     ok = GenerateConfig(prompts=["a photo of S* img"], num_inference_steps=4, photomaker="pm.bin",
                         photomaker_images=["me.png"], photomaker_merge_step=2)  # steps 3 fused

@@ -196,7 +196,7 @@ def test_cancelled_personalization_leaves_nothing(studio, astronaut):
 
 def test_personalize_generate_regenerate(studio, astronaut, monkeypatch):
     import personamagic.models.resident
-    from personamagic.jobs.generate import GenerateConfig
+    from personamagic.jobs.generate_config import GenerateConfig
     from personamagic.jobs.image_record import read_image_metadata
     from personamagic.training import TrainConfig
 

@@ -93,7 +93,8 @@ def flag_message(message: str) -> str:
 
 def _run(args):
     from ..errors import SettingsError
-    from ..jobs.generate import GenerateConfig, generate, read_prompts_file, regenerate
+    from ..jobs.generate import generate, read_prompts_file, regenerate
+    from ..jobs.generate_config import GenerateConfig
     from .common import check_adapter_flags, quiet_libraries
 
     quiet_libraries(args.verbose)

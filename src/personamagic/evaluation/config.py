@@ -245,7 +245,7 @@ class StudyConfig:
                 )
 
     def generate_config(self, prompt: str, seed: int = 0):
-        from ..jobs.generate import GenerateConfig
+        from ..jobs.generate_config import GenerateConfig
 
         return GenerateConfig(prompts=[prompt], seed=seed, num_images=1, grid=False, **self.generate)
 

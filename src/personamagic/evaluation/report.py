@@ -142,16 +142,34 @@ def write_report(output: Path, config, plan, records: list[dict]) -> dict:
     return {name: str(path) for name, path in paths.items()}
 
 
+def machine_description() -> str:
+    """Where a figure was measured: the CPU's model and cores, torch's thread count (a study's training
+    runs can come out differently with another CPU model or thread count: float sums are taken in
+    another order), and the GPU when there is one."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
 def study_settings(config, plan) -> dict:
     """What a reader needs to know to compare the report with another: when and where, how many people,
     the study-wide training and sampling settings."""
     import datetime
-    import os
-    import platform
 
     sampling = config.generate_config("-")
-    return {"date": datetime.date.today().isoformat(),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+    return {"date": datetime.date.today().isoformat(), "machine": machine_description(),
             "people": len({(u.dataset, u.identity) for u in plan.units}), "prompts": len(config.prompts),
             "train": dict(config.train), "sampling_steps": sampling.num_inference_steps,
             "guidance_scale": sampling.guidance_scale, "scheduler": sampling.scheduler}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..world.attributes import CONTEXT_ATTRIBUTES, held_out_identities
+from .report import machine_description
 from ..prompts import WORLD_EDITING_PROMPTS
 from ..world.captions import caption, random_context
 from ..world.judge import WorldJudge, context_predictions
@@ -215,8 +216,6 @@ def world_report(*, people: int, steps: int, seeds: int, captions: int, images: 
     """Every figure of docs/world.md: the judge, the VAE, the base model's prompt-following and the
     likeness of `people` held-out people; example sheets written into `images` (world-*.png)."""
     import datetime
-    import os
-    import platform
 
     from ..models import load_base_model
     from ..pipeline import PersonaMagicPipeline
@@ -228,7 +227,7 @@ def world_report(*, people: int, steps: int, seeds: int, captions: int, images: 
     pipe = PersonaMagicPipeline.from_base(base)
     pipe.set_progress_bar_config(disable=True)
     report = {"date": datetime.date.today().isoformat(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+              "machine": machine_description(),
               "judge": judge_report(judge), "vae": vae_figures(base.vae, judge)}
     following = prompt_following(pipe, judge, count=captions)
     images.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from .. import __version__
 from ..concept import Concept
 from ..errors import BAD_JSON, PhotoError, SettingsError
-from .generate import MAX_BATCH_SIZE, MAX_SEED, GenerateConfig, is_int, is_number
+from .generate_config import MAX_BATCH_SIZE, MAX_SEED, GenerateConfig, is_int, is_number
 
 METADATA_KEY = "personamagic"  # PNG text chunk of the record's JSON
 PARAMETERS_KEY = "parameters"  # PNG text chunk of the A1111-style line

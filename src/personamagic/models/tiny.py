@@ -210,7 +210,7 @@ def build_random_sd1_components(device=None) -> BaseComponents:
     """Stable Diffusion 1.x at its real sizes (UNet 320/640/1280/1280, SD VAE, CLIP ViT-L/14 text
     encoder, real tokenizer) with random weights, initialised directly on `device`. For benchmarks:
     timing and memory do not depend on the weights' values. Images are noise."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = clip_tokenizer()
@@ -294,7 +294,7 @@ def build_random_sdxl_components(device=None) -> BaseComponents:
     """SDXL base at its real sizes (UNet 320/640/1280 with 1/2/10 transformer layers, CLIP-L + OpenCLIP-G
     text encoders, the SDXL VAE), random weights, initialised directly on `device`: for benchmarks at
     1024². Images are noise."""
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")
