@@ -198,7 +198,7 @@ def test_bad_photo(kind, message, tmp_path, astronaut, capsys):
         (["--model", "SomeOrg/Not-A-Model", "--mask", "landmarks", "--image-encoder", "tiny"],
          "SomeOrg/Not-A-Model (or --model tiny"),
         (["--mask", "nowhere.png"], "--mask"),
-        (["--seed", str(2**63)], "--seed"),  # torch cannot take it: was a raw "Overflow when unpacking long long"
+        (["--seed", str(2**63)], "--seed"),  # signed 64-bit, as generate's seeds
         (["--crop", "eyes"], "--crop"),
     ],
 )
@@ -206,6 +206,26 @@ def test_bad_flags(flags, message, tmp_path, astronaut, capsys):
     code, out, err = run_cli(capsys, "train", astronaut, "-o", tmp_path / "out", *TRAIN_FAST, *flags)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_largest_accepted_seed_trains_with_every_derived_seed_in_range(astronaut, tmp_path, capsys, monkeypatch):
+    # seeds derived from --seed (the partition's capture noise) must stay in [0, 2**63) like --seed itself:
+    # seed + 1 left it for the largest seed train accepts
+    import torch
+
+    seeds = []
+
+    class RecordingGenerator(torch.Generator):
+        def manual_seed(self, seed):
+            seeds.append(seed)
+            return super().manual_seed(seed)
+
+    monkeypatch.setattr(torch, "Generator", RecordingGenerator)
+    code, _, err = run_cli(capsys, "train", astronaut, "-o", tmp_path / "out", "--model", "tiny", "--steps", 2,
+                           "--partition-warmup-steps", 1, "--checkpoint-every", 0, "--seed", 2**63 - 1)
+    assert code == 0, err
+    assert Concept.load(tmp_path / "out").stages["method"] == "auto"
+    assert 2**63 - 1 in seeds and all(0 <= seed < 2**63 for seed in seeds), seeds
 
 
 def test_existing_concept_needs_overwrite_or_resume(trained, astronaut, tmp_path, capsys):

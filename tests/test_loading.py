@@ -284,6 +284,33 @@ def test_offline_every_missing_download_is_named_at_once(offline_hub, astronaut,
     assert not (tmp_path / "c").exists()
 
 
+def test_an_sdxl_model_missing_its_scheduler_offline_suggests_the_sdxl_toy(offline_hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    from hub_fixture import SDXL
+
+    # a hub cache holding SDXL's model_index.json (so the offline check passes) but not its scheduler config
+    storage = "models--" + SDXL.replace("/", "--")
+    cache = tmp_path / "cache"
+    shutil.copytree(offline_hub["hub_cache"] / storage, cache / storage, symlinks=True)
+    snapshot = cache / storage / "snapshots" / offline_hub["snapshots"][SDXL].name
+    (snapshot / "scheduler" / "scheduler_config.json").unlink()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.raises(ModelLoadError, match="scheduler_config.json") as info:
+        load_base_model(SDXL)
+    assert "--model tiny-sdxl" in str(info.value)
+
+
+def test_the_offline_toy_suggested_for_a_base_model_is_of_the_family_known():
+    from personamagic.families import SD1, SDXL
+    from personamagic.jobs.assets import model_assets
+
+    # a name that says nothing of its family: guessed SD-1.x, unless the caller knows (a concept's family)
+    (guessed,) = model_assets("SomeOrg/my-finetune")
+    (known,) = model_assets("SomeOrg/my-finetune", family=SDXL)
+    assert f"--model {SD1.tiny_model} " in guessed.flag and f"--model {SDXL.tiny_model} " in known.flag
+
+
 def test_evaluate_images_offline_names_its_clip_model(offline_hub, astronaut, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants as hub_constants
 

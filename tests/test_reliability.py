@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from cli_helpers import assert_one_line_error, edit, rewrite_concept, run_cli
 from personamagic.cli import main
 from personamagic.concept import Concept
-from personamagic.errors import FolderInUse
+from personamagic.errors import FolderInUse, ModelLoadError, SettingsError
 from personamagic.files import FolderLock
 
 GENERATE_FAST = ["--steps", "2", "--num-images", "1"]
@@ -668,7 +668,8 @@ def test_absurd_values_and_paths_are_one_short_line(concept_dir, tmp_path, capsy
 
 
 def test_image_names_sort_in_order_past_a_thousand_images():
-    from personamagic.jobs.generate import GenerateConfig, safe_filename
+    from personamagic.jobs.generate import safe_filename
+    from personamagic.jobs.generate_config import GenerateConfig
 
     config = GenerateConfig(prompts=["a", "b"], num_images=600, seed=7)
     jobs = list(config.jobs())
@@ -678,7 +679,7 @@ def test_image_names_sort_in_order_past_a_thousand_images():
 
 
 def test_generate_config_bounds():
-    from personamagic.jobs.generate import GenerateConfig
+    from personamagic.jobs.generate_config import GenerateConfig
 
     GenerateConfig(prompts=["S*"], num_inference_steps=1000, guidance_scale=100.0, width=4096, seed=2**63 - 4,
                    num_images=4)
@@ -807,8 +808,32 @@ def test_an_unknown_prediction_type_is_refused_when_the_trainer_is_built(tiny_ba
 
     data = make_data(tiny_base, prepare_photo(astronaut, tiny_base.resolution))
     tiny_base.scheduler_config = {**tiny_base.scheduler_config, "prediction_type": "flow"}
-    with pytest.raises(ValueError, match="'flow'"):
+    with pytest.raises(ModelLoadError, match="'flow'"):  # one of the package's errors: one line on the CLI
         Trainer(tiny_base, data, base_config())
+
+
+def test_a_partition_grid_finer_than_the_models_schedule_is_refused_when_the_trainer_is_built(tiny_base, astronaut):
+    from test_training import base_config, make_data
+
+    from personamagic.faces import prepare_photo
+    from personamagic.training import Trainer
+
+    data = make_data(tiny_base, prepare_photo(astronaut, tiny_base.resolution))
+    with pytest.raises(SettingsError, match="partition_timesteps 2000.*at most 1000"):
+        Trainer(tiny_base, data, base_config(stage_window=None, partition_timesteps=2000))
+
+
+def test_a_mask_too_small_for_the_attention_grid_is_one_line(astronaut, tmp_path, capsys):
+    from PIL import Image
+
+    mask = Image.new("L", Image.open(astronaut).size, 0)
+    mask.paste(255, (250, 250, 261, 261))  # 11 x 11 pixels: nothing at the 16 x 16 attention resolution
+    mask.save(tmp_path / "dot.png")
+    code, _, err = run_cli(capsys, "train", astronaut, "--mask", tmp_path / "dot.png", "--model", "tiny",
+                           "--steps", "2", "--partition-warmup-steps", "1", "--checkpoint-every", "0",
+                           "-o", tmp_path / "c")
+    assert_one_line_error(code, err, "the stage partition failed", "mask", train=True)
+    assert not (tmp_path / "c" / "concept.safetensors").exists()
 
 
 def test_trainer_leaves_gradient_checkpointing_as_it_found_it(tiny_base, astronaut):
@@ -938,25 +963,38 @@ def test_a_missing_input_image_is_named_by_its_flag_before_loading(flags, messag
     assert_one_line_error(code, err, message)
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A real, full filesystem: a 64 KiB tmpfs filled by `filler` (needs root; skipped where mounting is not allowed),
-    so that the libraries raise what they raise on a full disk (safetensors: its own SafetensorError)."""
-    import subprocess
-
-    mount = tmp_path / "full"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    with open(mount / "filler", "wb", buffering=0) as f:  # fill it to the last byte
+def _fill(folder) -> None:
+    """Fill the filesystem of `folder` to the last byte with one file, `filler`."""
+    with open(folder / "filler", "ab", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 512)
         except OSError:
             pass
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (needs root; skipped where mounting is not allowed): fill it with `_fill` when the
+    test wants the disk full, so that the libraries raise what they raise on a full disk (safetensors: its
+    own SafetensorError)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield mount
+    gc.collect()  # a concept or checkpoint read in the test is memory-mapped until its tensors are freed
     subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def full_disk(small_disk):
+    """A real, full filesystem (see `small_disk`), full from the start."""
+    _fill(small_disk)
+    return small_disk
 
 
 def test_export_onto_a_really_full_disk_is_one_line(concept_dir, full_disk, capsys):
@@ -971,3 +1009,71 @@ def test_train_onto_a_really_full_disk_is_one_line(astronaut, full_disk, capsys)
                            "--stage-window", "400:800", "--checkpoint-every", "0")
     assert_one_line_error(code, err, "No space left on device", train=True)
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_train_many_onto_a_really_full_disk_is_one_line_not_one_per_identity(astronaut, grace_hopper, full_disk,
+                                                                             tmp_path, capsys):
+    photos = tmp_path / "people"
+    photos.mkdir()
+    shutil.copy(astronaut, photos / "ann.png")
+    shutil.copy(grace_hopper, photos / "bob.png")
+    code, _, err = run_cli(capsys, "train-many", photos, "-o", full_disk / "concepts", "--model", "tiny",
+                           "--steps", "2", "--stage-window", "400:800", "--checkpoint-every", "0")
+    assert_one_line_error(code, err, "No space left on device", train=True)
+    assert "warning" not in err  # the disk is the run's fault, not each identity's
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_a_disk_that_fills_while_train_many_runs_stops_it_in_one_line_naming_what_is_kept(
+        astronaut, grace_hopper, small_disk, tmp_path, capsys, monkeypatch):
+    from personamagic.training.group import GroupTrainer
+
+    photos = tmp_path / "people"
+    photos.mkdir()
+    shutil.copy(astronaut, photos / "ann.png")
+    shutil.copy(grace_hopper, photos / "bob.png")
+    train = GroupTrainer.train
+
+    def train_then_fill(self, *args, **kwargs):  # the disk fills up while the group trains
+        errors = train(self, *args, **kwargs)
+        _fill(small_disk)
+        return errors
+
+    monkeypatch.setattr(GroupTrainer, "train", train_then_fill)
+    code, _, err = run_cli(capsys, "train-many", photos, "-o", small_disk / "concepts", "--model", "tiny",
+                           "--steps", "2", "--stage-window", "400:800", "--checkpoint-every", "1")
+    assert_one_line_error(code, err, "No space left on device", "checkpoints", "run the same command again",
+                          train=True)
+    assert "warning" not in err and "bob" not in err  # the disk is the run's fault: no identity after it starts
+    assert not list((small_disk / "concepts").rglob("concept.safetensors"))
+    assert list((small_disk / "concepts" / "ann" / "checkpoints").glob("step-*.safetensors"))  # a rerun goes on
+    (small_disk / "filler").unlink()  # space again: the same command finishes the job
+    monkeypatch.setattr(GroupTrainer, "train", train)
+    code, out, err = run_cli(capsys, "train-many", photos, "-o", small_disk / "concepts", "--model", "tiny",
+                             "--steps", "2", "--stage-window", "400:800", "--checkpoint-every", "1")
+    assert code == 0, err
+    assert sorted(p.parent.name for p in (small_disk / "concepts").rglob("concept.safetensors")) == ["ann", "bob"]
+
+
+def test_a_disk_that_fills_while_train_runs_names_the_kept_checkpoint_and_the_resume_command(
+        astronaut, small_disk, capsys, monkeypatch):
+    from personamagic.training import checkpoints
+
+    save = checkpoints.save_checkpoint
+
+    def save_then_fill(*args, **kwargs):  # the disk is full right after the first checkpoint
+        save(*args, **kwargs)
+        _fill(small_disk)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_fill)
+    argv = ["train", astronaut, "-o", small_disk / "c", "--model", "tiny", "--steps", "3", "--stage-window",
+            "400:800", "--checkpoint-every", "1"]
+    code, _, err = run_cli(capsys, *argv)
+    kept = small_disk / "c" / "checkpoints" / "step-000001.safetensors"
+    assert_one_line_error(code, err, "No space left on device", f"kept the checkpoint {kept}", "--resume",
+                          train=True)
+    (small_disk / "filler").unlink()
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
+    code, out, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and (small_disk / "c" / "concept.safetensors").is_file(), err
+    assert "resumed from step-000001" in out + err

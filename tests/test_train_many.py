@@ -179,12 +179,12 @@ def test_each_loose_image_or_each_sub_folder_is_an_identity(tmp_path):
     loose = tmp_path / "loose"
     touch_images(loose, "Ada Lovelace.jpg", "b.png", ".hidden.png")
     (loose / "notes.txt").write_text("not a photo")
-    assert [name for name, _ in discover_identities(loose)] == ["Ada-Lovelace", "b"]
+    assert [name for name, _ in discover_identities(loose).identities] == ["Ada-Lovelace", "b"]
     folders = tmp_path / "folders"
     touch_images(folders / "ada", "1.jpg", "2.jpg")
     touch_images(folders / "bob", "1.png")
-    touch_images(folders / "concepts" / "ada", "mask.png")  # the output folder, inside: ignored
-    found = discover_identities(folders, exclude=folders / "concepts")
+    touch_images(folders / "old" / "ada", "1.jpg")  # images two levels down: the scan does not go there
+    found = discover_identities(folders).identities
     assert [(name, [p.name for p in photos]) for name, photos in found] == [("ada", ["1.jpg", "2.jpg"]),
                                                                              ("bob", ["1.png"])]
     assert safe_name("../x y") == "x-y" and safe_name("...") == "identity"
@@ -250,7 +250,7 @@ def test_sub_folders_are_few_shot_identities(tmp_path, mirrored, capsys):
     photos = tmp_path / "people"
     photos_folder(photos / "ada", DATA / "astronaut.png", mirrored)
     photos_folder(photos / "grace", DATA / "grace_hopper.jpg")
-    out = photos / "concepts"  # inside the photos folder: not taken for an identity on the rerun
+    out = tmp_path / "concepts"
     argv = ["train-many", str(photos), "-o", str(out), "--identities-per-step", "2", "--steps", "1", *FAST[:-2],
             "--stage-window", "400:800"]
     assert main(argv) == 0
@@ -399,8 +399,9 @@ def test_a_mistake_of_the_whole_run_is_one_error_not_one_per_identity(flags, mes
 
 
 @pytest.mark.parametrize("where, message", [
-    ("photos", "would put the concepts among the photos"),
-    ("photos/ada/concepts", "would put the concepts among the photos"),
+    ("photos", "is the photos folder"),
+    ("photos/concepts", "lies inside the photos folder"),
+    ("photos/ada/concepts", "lies inside the photos folder"),
     ("afile/sub", "lies under"),
 ])
 def test_an_output_among_the_photos_or_under_a_file_is_refused(where, message, tmp_path, capsys):
@@ -409,6 +410,9 @@ def test_an_output_among_the_photos_or_under_a_file_is_refused(where, message, t
     code = main(["train-many", str(tmp_path / "photos"), "-o", str(tmp_path / where), *FAST])
     err = capsys.readouterr().err
     assert code == 2 and len(errors_of(err)) == 1 and message in err, err
+    if where.startswith("photos"):  # and it says where the concepts go instead: beside the photos
+        assert f"--output {tmp_path / 'concepts'}" in err, err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["ada"]
     assert sorted(p.name for p in (tmp_path / "photos" / "ada").iterdir()) == ["astronaut.png"]
 
 
@@ -468,9 +472,30 @@ def test_a_concept_folder_is_never_the_photos_folder_nor_taken_for_a_person(tmp_
     concept.mkdir()
     (concept / "concept.safetensors").write_bytes(b"")
     Image.new("L", (8, 8)).save(concept / "mask.png")
-    assert [name for name, _ in discover_identities(few_shot)] == ["bo"]
+    assert [name for name, _ in discover_identities(few_shot).identities] == ["bo"]
     with pytest.raises(PhotoError, match="is a concept folder"):
         discover_identities(concept)
+
+
+def test_images_personamagic_made_are_no_people_and_are_named_in_one_note(tmp_path, capsys):
+    from PIL.PngImagePlugin import PngInfo
+
+    from personamagic.jobs.image_record import METADATA_KEY
+
+    photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png")
+    record = PngInfo()  # what `generate` writes into every image: its record
+    record.add_text(METADATA_KEY, json.dumps({"prompt": "a photo of S*", "seed": 0}))
+    Image.open(DATA / "grace_hopper.jpg").save(photos / "000-a-photo-of-s-seed0.png", pnginfo=record)
+    Image.new("L", (64, 64)).save(photos / "mask.png")  # a concept's mask preview, left among the photos
+    code = main(["train-many", str(photos), "-o", str(tmp_path / "concepts"), *FAST])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "concepts").iterdir()) == ["astronaut"]
+    notes = [line for line in out.splitlines() if "personamagic made" in line]
+    assert len(notes) == 1 and "000-a-photo-of-s-seed0.png" in notes[0] and "mask.png" in notes[0], out
+    (photos / "astronaut.png").unlink()  # only images it made: no person, and the error says why
+    with pytest.raises(PhotoError, match="no images .*; skipped 2 images personamagic made"):
+        discover_identities(photos)
 
 
 def test_runs_on_one_output_folder_share_the_identities(tmp_path, astronaut, capsys):

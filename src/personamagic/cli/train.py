@@ -168,9 +168,22 @@ def interrupted_message(args) -> str:
     return f"interrupted; kept the checkpoint {checkpoint}; continue with: {resume_command(args)}"
 
 
+def disk_full_message(err, args) -> str:
+    """A failed write: the fault, then what the run keeps and how to go on from it."""
+    from pathlib import Path
+
+    from ..jobs.personalize import CHECKPOINT_DIR
+    from ..training import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(args.output) / CHECKPOINT_DIR)
+    if checkpoint is None:
+        return f"{err}; nothing was kept"
+    return f"{err}; kept the checkpoint {checkpoint}; once there is space, continue with: {resume_command(args)}"
+
+
 def run(args) -> int:
     from ..adapters.ip_adapter import IPAdapterSpec
-    from ..errors import Interrupted
+    from ..errors import DiskError, Interrupted
     from ..jobs.personalize import personalize
     from .common import check_adapter_flags, quiet_libraries
 
@@ -194,6 +207,9 @@ def run(args) -> int:
     except KeyboardInterrupt:
         progress.close()
         raise Interrupted(interrupted_message(args)) from None
+    except DiskError as err:
+        progress.close()
+        raise DiskError(disk_full_message(err, args)) from None
     finally:
         progress.close()
     for note in result.notes:

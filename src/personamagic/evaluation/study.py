@@ -131,10 +131,10 @@ class _Sampler:
         import copy
 
         import diffusers
-        from safetensors.torch import load_file
 
         from ..concept import Concept
         from ..export import export_textual_inversion
+        from ..files import read_weights
         from ..pipeline.schedulers import make_scheduler
 
         concept = Concept.load(concept_path)
@@ -148,7 +148,8 @@ class _Sampler:
         pipe = getattr(diffusers, family.pipeline_class)(vae=base.vae, unet=base.unet, scheduler=scheduler,
                                                          feature_extractor=None, **modules, **family.pipeline_kwargs())
         pipe.set_progress_bar_config(disable=True)
-        tensors = load_file(result.path)
+        # a damaged export fails this unit (a ModelLoadError, recorded), not the whole study
+        tensors = read_weights(result.path, advice="check the disk it is on; the study's next run exports it again")
         for spec in family.encoders:  # one call per encoder with its part of the file (SD-1.x: under the token)
             pipe.load_textual_inversion(tensors[spec.export_key or result.token], token=result.token,
                                         text_encoder=getattr(pipe, spec.component),

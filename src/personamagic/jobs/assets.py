@@ -85,25 +85,26 @@ def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None
                          f"({advice}):{listed}")
 
 
-def base_model_asset(model: str) -> Asset:
-    """A hub model, with the offline toy of the family it most likely has as the alternative."""
+def base_model_asset(model: str, family=None) -> Asset:
+    """A hub model, with the offline toy of its family as the alternative: `family` where the caller knows
+    it (its concepts'), else the family the name suggests (the config that would tell is what is missing)."""
     from ..families import likely_family
 
-    toy = likely_family(model).tiny_model
+    toy = (family or likely_family(model)).tiny_model
     return Asset("the base model", model, f"--model {toy} (an offline toy) or a local folder or file",
                  filename="model_index.json")
 
 
-def model_assets(model: str, *, model_config: str | None = None, vae: str | None = None, photomaker=None,
-                 ip_adapter=None) -> list[Asset]:
+def model_assets(model: str, *, family=None, model_config: str | None = None, vae: str | None = None,
+                 photomaker=None, ip_adapter=None) -> list[Asset]:
     """What loading `model` with these options downloads: the model (or, for a single file without
     `model_config`, its family's config repo), another VAE, PhotoMaker's weights, an IP-Adapter's
-    weights and image encoder."""
+    weights and image encoder. `family`: the model's, where the caller knows it (`base_model_asset`)."""
     from ..models.loading import checkpoint_tensor_shapes, family_of_checkpoint
 
     found = []
     if is_hub_id(model):
-        found.append(base_model_asset(model))
+        found.append(base_model_asset(model, family))
     elif Path(model).expanduser().is_file() and model_config is None:
         path = Path(model).expanduser()
         family = family_of_checkpoint(path, checkpoint_tensor_shapes(path))

@@ -2,11 +2,14 @@
 trained in each step (`training.group`).
 
 Identities (`discover_identities`): each image directly in the folder is an identity of its own
-(one-shot), or each sub-folder is one identity that learns from the images directly in it (few-shot). A
-folder holding both loose images and sub-folders with images is refused, since either reading could be
-meant. Hidden entries, other files and the output folder (when it lies inside) are ignored. The concept
-of an identity goes to OUTPUT/<name>: the image's stem or the sub-folder's name, with every character
-but letters, digits, `.`, `_` and `-` replaced by `-` (`safe_name`).
+(one-shot), or each sub-folder is one identity that learns from the images directly in it (few-shot);
+nothing deeper is read. A folder holding both loose images and sub-folders with images is refused, since
+either reading could be meant. Hidden entries, other files, concept folders, world renders' masks
+(NAME.mask.png) and the other images personamagic made (`_made_by_us`: generated PNGs, concept
+pictures) are ignored; the last are named in one note. The output folder lies outside the photos folder
+(`_check_output`). The concept of an identity goes to OUTPUT/<name>: the image's stem or the
+sub-folder's name, with every character but letters, digits, `.`, `_` and `-` replaced by `-`
+(`safe_name`).
 
 Each concept is the one `personamagic train` writes for the same photos and flags (same seed, same
 concept; grouping changes the speed only): the photos are prepared by the same steps
@@ -21,24 +24,32 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from .. import DEFAULT_BASE_MODEL
 from ..concept import CONCEPT_FILENAME
-from ..errors import ConceptError, FolderInUse, PersonaMagicError, PhotoError, SettingsError
+from ..errors import ConceptError, DiskError, FolderInUse, PersonaMagicError, PhotoError, SettingsError
 from ..files import remove_empty_folders
 from ..faces import load_photo
 from ..models import load_base_model, resolve_device, resolve_dtype
 from .assets import check_assets, model_assets
+from .image_record import METADATA_KEY
 from ..training import TrainConfig, Trainer, latest_checkpoint
 from ..training.checkpoints import CheckpointError
 from ..training.group import GroupTrainer, group_key
 from .personalize import (
+    ATTENTION_PLOT,
     CHECKPOINT_DIR,
     MASK_METHODS,
+    MASK_PREVIEW,
+    STAGES_PLOT,
     OutputFolder,
     PersonalizeResult,
     PersonalizeRun,
@@ -86,6 +97,25 @@ def safe_name(text: str) -> str:
 
 
 MASK_SUFFIX = ".mask.png"  # the face mask `personamagic world render` writes beside a photo: never a photo
+CONCEPT_PICTURES = (MASK_PREVIEW, STAGES_PLOT, ATTENTION_PLOT)  # what `train` writes beside a concept
+NAMED_AT_MOST = 5  # images the note of skipped ones names; the rest are counted
+
+
+@dataclass
+class PhotoScan:
+    """What `discover_identities` found in a photos folder."""
+
+    identities: list[tuple[str, tuple[Path, ...]]]  # (concept folder name, photos), by name
+    skipped: list[Path] = field(default_factory=list)  # images personamagic made (`_made_by_us`): no photos
+
+    def skipped_note(self) -> str | None:
+        """One line naming the skipped images, so that a user who meant one as a photo sees why it is not."""
+        if not self.skipped:
+            return None
+        names = ", ".join(str(p) for p in self.skipped[:NAMED_AT_MOST])
+        more = f" and {len(self.skipped) - NAMED_AT_MOST} more" if len(self.skipped) > NAMED_AT_MOST else ""
+        return (f"skipped {len(self.skipped)} images personamagic made (generated images, concept pictures), not "
+                f"photos of a person: {names}{more}")
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -94,31 +124,63 @@ def _images_in(folder: Path) -> list[Path]:
                   and not p.name.lower().endswith(MASK_SUFFIX))
 
 
+def _photos_in(folder: Path, skipped: list[Path]) -> list[Path]:
+    """The images of `folder` that may be photos; those personamagic made are added to `skipped`."""
+    photos = []
+    for image in _images_in(folder):
+        (skipped if _made_by_us(image) else photos).append(image)
+    return photos
+
+
+def _made_by_us(image: Path) -> bool:
+    """A picture `train` writes beside a concept (mask.png...), or a PNG `generate` wrote (it carries its
+    record): a photos folder may hold them (copied, or an output folder pointed at), but they show no
+    person to learn (a generated image would teach the concept its own output)."""
+    return image.name.lower() in CONCEPT_PICTURES or _has_generation_record(image)
+
+
+def _has_generation_record(image: Path) -> bool:
+    """Whether a PNG carries `generate`'s record (`image_record.METADATA_KEY`). Only the chunks before
+    the pixels are read (where the record is written); an unreadable file is no record: it is named as a
+    bad photo later, as any other."""
+    if image.suffix.lower() != ".png":
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(image) as png:
+                return METADATA_KEY in png.info
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError):
+        return False
+
+
 def _written_by_us(folder: Path) -> bool:
     """A concept folder (its concept or checkpoints): its pictures (mask.png, stages.png…) are never photos."""
     return (folder / CONCEPT_FILENAME).is_file() or _has_checkpoint(folder)
 
 
-def discover_identities(photos_dir: str | Path, exclude: Path | None = None) -> list[tuple[str, tuple[Path, ...]]]:
-    """(concept folder name, photos) of every identity in `photos_dir` (module docstring), by name."""
+def discover_identities(photos_dir: str | Path) -> PhotoScan:
+    """Every identity in `photos_dir` (module docstring), by name, and the images skipped as ours."""
     root = Path(photos_dir)
     if not root.is_dir():
         raise PhotoError(f"{root} is not a folder; give a folder of photos (or of one sub-folder per person)")
     if _written_by_us(root):
         raise PhotoError(f"{root} is a concept folder (it holds {CONCEPT_FILENAME} or training checkpoints), not a "
                          "folder of photos; give the folder of photos")
-    exclude = exclude.resolve() if exclude is not None else None
-    loose = _images_in(root)
-    folders = [p for p in sorted(root.iterdir())
-               if p.is_dir() and not p.name.startswith(".") and p.resolve() != exclude and not _written_by_us(p)
-               and _images_in(p)]
+    scan = PhotoScan([])
+    loose = _photos_in(root, scan.skipped)
+    folders = {p: photos for p in sorted(root.iterdir())
+               if p.is_dir() and not p.name.startswith(".") and not _written_by_us(p)
+               and (photos := _photos_in(p, scan.skipped))}
     if loose and folders:
         raise PhotoError(f"{root} holds both images ({loose[0].name}...) and sub-folders of images "
-                         f"({folders[0].name}/...); use one layout: an image per person, or a sub-folder per person")
-    found = [(safe_name(p.stem), (p,), p) for p in loose] or [(safe_name(p.name), tuple(_images_in(p)), p)
-                                                               for p in folders]
+                         f"({next(iter(folders)).name}/...); use one layout: an image per person, or a sub-folder "
+                         "per person")
+    found = [(safe_name(p.stem), (p,), p) for p in loose] or [(safe_name(p.name), tuple(photos), p)
+                                                               for p, photos in folders.items()]
     if not found:
-        raise PhotoError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} nor in its sub-folders")
+        skipped = f"; {scan.skipped_note()}" if scan.skipped else ""
+        raise PhotoError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root} nor in its sub-folders{skipped}")
     sources: dict[str, list[str]] = {}
     for name, _, source in found:
         sources.setdefault(name.lower(), []).append(source.name)  # lower: case-insensitive file systems
@@ -126,7 +188,8 @@ def discover_identities(photos_dir: str | Path, exclude: Path | None = None) -> 
         if len(sources[name.lower()]) > 1:
             raise PhotoError(f"{' and '.join(sources[name.lower()])} in {root} would share the concept folder "
                              f"{name!r}; rename one")
-    return sorted((name, photos) for name, photos, _ in found)
+    scan.identities = sorted((name, photos) for name, photos, _ in found)
+    return scan
 
 
 def train_many(
@@ -151,7 +214,8 @@ def train_many(
         raise SettingsError(f"--mask {mask!r}: train-many takes {', '.join(MASK_METHODS)} (a mask file fits one photo "
                             "only)")
     _check_output(output, Path(photos_dir))
-    identities = discover_identities(photos_dir, exclude=output)
+    scan = discover_identities(photos_dir)
+    identities = scan.identities
     shard = shard or Shard.from_environment()
     mine = identities[shard.index :: shard.count]
     jobs = [IdentityJob(name, tuple(str(p) for p in photos), output / name, config, mask) for name, photos in mine]
@@ -165,26 +229,37 @@ def train_many(
     finally:  # a run that wrote nothing (every identity failed, Ctrl-C before a checkpoint) leaves no folder
         remove_empty_folders(made)
     result.identities, result.shard = len(identities), (shard.index, shard.count)
+    if scan.skipped:
+        result.notes.insert(0, scan.skipped_note())
     return result
 
 
 def _check_output(output: Path, photos_dir: Path) -> None:
-    """The concepts folder is a folder, not under a file, and neither the photos folder itself nor inside
-    one of its identities' folders (the concepts and their pictures would be read as photos)."""
+    """The concepts folder is a folder, not under a file, and neither the photos folder nor inside it. This
+    scan would not take the concepts for people (it reads one level of sub-folders and skips concept
+    folders), but other readers of a photos folder do: a study's dataset reads every image below it
+    (`evaluation.datasets`), so `photos/concepts/ada/mask.png` would be a person there."""
     if output.exists() and not output.is_dir():
         raise SettingsError(f"--output {output} is a file; give a folder")
     above = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if above is not None:
         raise SettingsError(f"--output {output} lies under {above}, which is a file; give a folder")
     out, root = output.resolve(), photos_dir.resolve()
-    if out == root or (root in out.parents and out.parent != root):
-        raise SettingsError(f"--output {output} would put the concepts among the photos of {photos_dir}; give a folder "
-                            f"outside it (or directly inside it, e.g. {photos_dir}/concepts)")
+    if out == root or root in out.parents:
+        where = "is the photos folder" if out == root else f"lies inside the photos folder {photos_dir}"
+        raise SettingsError(f"--output {output} {where}; put the concepts beside the photos instead, e.g. "
+                            f"--output {_beside(photos_dir)}")
+
+
+def _beside(photos_dir: Path) -> Path:
+    """A concepts folder next to the photos folder: `concepts`, or `NAME-concepts` for photos in `concepts`."""
+    beside = photos_dir.parent / "concepts"
+    return beside if beside.resolve() != photos_dir.resolve() else photos_dir.parent / f"{photos_dir.name}-concepts"
 
 
 def _check_concept_folders(jobs: list[IdentityJob], photos_dir: Path) -> None:
-    """No concept folder is the photos folder, holds it, or lies among its photos (an output folder
-    above the photos: `-o w` for photos in `w/people/` and a person called `people`)."""
+    """No concept folder is the photos folder or holds it (an output folder above the photos: `-o w` for
+    photos in `w/people/` and a person called `people`); none lies inside it, as its output does not."""
     root = photos_dir.resolve()
     for job in jobs:
         folder = job.output.resolve()
@@ -283,6 +358,14 @@ def _has_checkpoint(folder: Path) -> bool:
     return latest_checkpoint(folder / CHECKPOINT_DIR) is not None
 
 
+def _stop_if_the_disk_is_full(err: Exception) -> None:
+    """A full disk is the run's fault, not an identity's: every identity after it would fail the same way,
+    so the run stops with one line (each folder is released as it is, and its checkpoints stay)."""
+    if isinstance(err, DiskError):
+        raise DiskError(f"{err}; the run stopped: the concepts and checkpoints written so far are kept, so free "
+                        "some space and run the same command again to continue") from None
+
+
 def _failed(result: TrainManyResult, name: str, err: Exception) -> None:
     message = str(err)
     message = message[len(name) + 2:] if message.startswith(f"{name}: ") else message
@@ -357,6 +440,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
         train_s = time.perf_counter() - t0
         for i, slot in enumerate(slots):
             if i in errors:
+                _stop_if_the_disk_is_full(errors[i])
                 _failed(result, slot.job.name, errors[i])
                 slot.folder.__exit__(type(errors[i]), errors[i], None)
                 slot.folder = None
@@ -368,7 +452,8 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             concept = trainer.concept(base_model=base.name, image_encoder=run.encoder_name, extra=extra)
             try:
                 path = _write_outputs(slot.job.output, concept, trainer, slot.prepared[0].image, slot.masks[0])
-            except PersonaMagicError as err:  # a full disk: the checkpoints stay for a rerun
+            except PersonaMagicError as err:
+                _stop_if_the_disk_is_full(err)
                 _failed(result, slot.job.name, err)
                 slot.folder.__exit__(type(err), err, None)
                 slot.folder = None

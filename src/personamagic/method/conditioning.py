@@ -303,8 +303,9 @@ class ScheduledConditioning:
                                      cat(self.pooled, other.pooled), rows, cat(self.ids, other.ids))
 
     def zeroing(self, count: int) -> "ScheduledConditioning":
-        """The same with the first `count` rows of every step's batch all zeros (an empty negative prompt
-        on families that zero it): a zero row is added to the table and those positions point to it."""
+        """The same with the first `count` rows of every step's batch all zeros (a missing negative prompt,
+        None, on families that zero it; an explicit "" is encoded): a zero row is added to the table and
+        those positions point to it."""
         zero = lambda t: torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # noqa: E731
         last = self.hidden.shape[0]
         rows = [torch.cat([r.new_full((count,), last), r[count:]]) for r in self.rows]

@@ -26,13 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import PersonaMagicError
 from .attention import PersonaMagicAttnProcessor, attention_processors, is_cross_attention
 
 logger = logging.getLogger(__name__)
 
 
-class PartitionError(ValueError):
-    """The IoU curve or the maps cannot be partitioned (NaN values, empty mask)."""
+class PartitionError(PersonaMagicError):
+    """The IoU curve or the maps cannot be partitioned (NaN values, empty mask): the photo's mask or the
+    run's settings are the cause, so the caller (and the command line) gets it as one of the package's
+    errors."""
 
 
 class Stage(str, Enum):

@@ -29,7 +29,7 @@ import torch
 
 from .. import DEFAULT_BASE_MODEL
 from ..errors import BAD_JSON, ModelLoadError, SettingsError
-from ..families import FAMILIES, ModelFamily
+from ..families import FAMILIES, ModelFamily, likely_family
 from ..files import first_line, read_weights
 from ..hub import is_hub_id, resolve_file
 from .components import BaseComponents
@@ -135,12 +135,15 @@ def _components(name: str, *, device, dtype, local_files_only: bool, revision, m
 
 
 def read_json_file(name: str, filename: str, *, subfolder: str = "", revision: str | None = None,
-                   local_files_only: bool = False) -> tuple[dict, Path]:
-    """A JSON object from a model folder or hub repo, and the local path it was read from."""
+                   local_files_only: bool = False, family: ModelFamily | None = None) -> tuple[dict, Path]:
+    """A JSON object from a model folder or hub repo, and the local path it was read from. `family`: the
+    model's, where it is known already; a missing file's message suggests that family's offline toy
+    (else the one its name suggests), so that the toy is one the user's concepts and flags fit."""
+    toy = (family or likely_family(name)).tiny_model
     path = resolve_file(
         name, what="model file", filename="/".join(part for part in (subfolder, filename) if part),
         advice="check that it is a complete diffusers model (folder or hub id), your network and hub login, "
-        "or use --model tiny to try offline",
+        f"or use --model {toy} to try offline",
         revision=revision, local_files_only=local_files_only,
     )
     try:
@@ -199,7 +202,7 @@ def load_diffusers(name: str, *, local_files_only: bool = False, revision: str |
     index, index_path = read_json_file(name, "model_index.json", revision=revision, local_files_only=local_files_only)
     family = family_of_index(name, index)
     hub = {"revision": revision, "local_files_only": local_files_only}
-    scheduler_config, _ = read_json_file(name, SCHEDULER_CONFIG_FILE, subfolder="scheduler", **hub)
+    scheduler_config, _ = read_json_file(name, SCHEDULER_CONFIG_FILE, subfolder="scheduler", family=family, **hub)
     variant = HALF_VARIANT if dtype in (torch.float16, torch.bfloat16) else None
     # Explicitly: transformers 5 would otherwise load in the dtype a config names (SDXL's say float16).
     dtype = dtype or torch.float32
@@ -283,12 +286,12 @@ def load_single_file(path: Path, *, model_config: str | None = None, local_files
         if not Path(model_config).expanduser().is_dir() and not is_hub_id(model_config):
             raise ModelLoadError(f"--model-config {model_config} is neither a folder nor a hub id; give the diffusers "
                                  f"folder (or hub id) of a {family.title} model whose configs {path.name} uses")
-        index, _ = read_json_file(model_config, "model_index.json")
+        index, _ = read_json_file(model_config, "model_index.json", family=family)
         if family_of_index(model_config, index) is not family:
             raise ModelLoadError(f"--model-config {model_config} is not a {family.title} model, but {path} is")
     try:
         scheduler_config, _ = read_json_file(config, SCHEDULER_CONFIG_FILE, subfolder="scheduler",
-                                             local_files_only=local_files_only)
+                                             local_files_only=local_files_only, family=family)
     except ModelLoadError:
         raise ModelLoadError(
             f"{path} is a {family.title} checkpoint, whose configs come from {config} (not in the local hub "

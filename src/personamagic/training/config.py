@@ -10,6 +10,15 @@ from ..errors import SettingsError
 from ..models.devices import check_compile_backend
 
 DEFAULT_PARTITION_WARMUP_STEPS = 100  # docs/method.md
+SEED_LIMIT = 2**63  # seeds lie in [0, 2**63), a signed 64-bit integer, as `generate`'s (jobs/generate.MAX_SEED)
+
+
+def derived_seed(seed: int, stream: int) -> int:
+    """The seed of a side stream of random numbers (`stream` >= 1) derived from the user's `seed`.
+
+    It wraps modulo SEED_LIMIT so that it stays in the range of every seed the project takes, whatever
+    seed `train` accepted: a plain `seed + stream` left it for the largest ones."""
+    return (seed + stream) % SEED_LIMIT
 
 
 @dataclass
@@ -72,8 +81,8 @@ class TrainConfig:
             self.te_encoder_weights = tuple(self.te_encoder_weights)
         if self.max_train_steps == 0 and self.stage_window is None:
             raise SettingsError("max_train_steps 0 (an untrained concept: the supercategory word) needs a stage_window")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:  # torch generators take a signed 64-bit seed
-            raise SettingsError(f"seed (--seed) must be a whole number from 0 to {2**63 - 1}, got {self.seed}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise SettingsError(f"seed (--seed) must be a whole number from 0 to {SEED_LIMIT - 1}, got {self.seed}")
         if not isinstance(self.max_train_steps, int) or self.max_train_steps < 0:
             raise SettingsError(f"max_train_steps must be >= 0, got {self.max_train_steps}")
         positive = ("num_vectors", "train_batch_size", "mapper_hidden_dim", "time_frequencies",

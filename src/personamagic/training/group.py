@@ -390,13 +390,11 @@ class GroupTrainer:
                 try:
                     with nullcontext() if alone else m.trainer.objective:
                         m.trainer.partition_after_warmup()
+                except PartitionError as err:  # e.g. an empty mask, NaN attention maps: this identity's alone
+                    self._fail(m, PersonaMagicError(f"the stage partition failed: {err}"), errors)
+                    continue
                 except PersonaMagicError as err:
                     self._fail(m, err, errors)
-                    continue
-                except PartitionError as err:  # e.g. NaN attention maps: this identity's alone
-                    if errors is None:
-                        raise
-                    self._fail(m, PersonaMagicError(f"the stage partition failed ({err})"), errors)
                     continue
                 m.phase = "done" if m.trainer.step_count >= m.until else "train"
         finally:

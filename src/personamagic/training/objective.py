@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import SettingsError
+from ..errors import ModelLoadError, SettingsError
 from ..faces.alignment import warp_faces
 from ..models.latents import LatentScale
 from ..method.attention import attention_processors
@@ -72,8 +72,8 @@ class Objective:
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{base.name} predicts {self.prediction_type!r}; PersonaMagic trains "
-                             f"{' and '.join(PREDICTION_TYPES)} models")
+            raise ModelLoadError(f"{base.name} predicts {self.prediction_type!r} (its scheduler config's "
+                                 f"prediction_type); PersonaMagic trains {' and '.join(PREDICTION_TYPES)} models")
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
         self.latent_scale = LatentScale.of(base.vae)
         self.conditioner = TextConditioner(base)

@@ -21,6 +21,7 @@ from ..method.stages import (
     capturing_attention,
     partition_stages,
 )
+from .config import derived_seed
 
 CAPTURE_PROMPT = "a photo of {}"  # the prompt of the attention capture (paper, Fig. 2)
 
@@ -41,9 +42,9 @@ def partition_after_warmup(trainer) -> tuple[StagePartition, StageWindow, torch.
 def capture_attention(trainer, num_timesteps: int, resolution: int, chunk: int = 10):
     """S*'s cross-attention map at each timestep of a `num_timesteps`-step DDIM grid.
 
-    Photo 0's latent is noised with one fixed-seed noise draw (independent of the training generator),
-    the prompt is "a photo of S*" with the current mapper. Returns timesteps (K,) descending and maps
-    (K, resolution, resolution) in [0, 1].
+    Photo 0's latent is noised with one fixed-seed noise draw (the seed's stream 1, independent of the
+    training generator), the prompt is "a photo of S*" with the current mapper. Returns timesteps (K,)
+    descending and maps (K, resolution, resolution) in [0, 1].
     """
     from diffusers import DDIMScheduler
 
@@ -51,7 +52,7 @@ def capture_attention(trainer, num_timesteps: int, resolution: int, chunk: int =
     grid = DDIMScheduler.from_config(trainer.base.scheduler_config)
     grid.set_timesteps(num_timesteps)
     timesteps = grid.timesteps.to(device)
-    generator = torch.Generator(device).manual_seed(trainer.config.seed + 1)
+    generator = torch.Generator(device).manual_seed(derived_seed(trainer.config.seed, 1))
     latents = objective.latent_scale.encode(trainer.data.latent_mean[:1])
     noise = torch.randn(latents.shape, generator=generator, device=device)
     prompt = objective._rewrite(CAPTURE_PROMPT.format(trainer.config.placeholder))

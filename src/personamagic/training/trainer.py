@@ -83,6 +83,10 @@ class Trainer:
             except ValueError as err:
                 raise SettingsError(f"--stage-window: {err}") from None
             self.stages = {"method": "fixed", "window": self.stage_window.to_list()}
+        elif config.partition_timesteps > self.num_train_timesteps:
+            raise SettingsError(f"partition_timesteps {config.partition_timesteps}: the automatic partition probes "
+                                f"a DDIM grid of the model's {self.num_train_timesteps}-step schedule; use at most "
+                                f"{self.num_train_timesteps}")
         self.partition: StagePartition | None = None  # the automatic partition, once found
         self.attention_maps: torch.Tensor | None = None  # (K, r, r) from the partition capture
         self.group = GroupTrainer([self], names=[None])  # what steps it: training alone is a group of one
