@@ -8,7 +8,8 @@ the study's cost.
     cp runs/world/pareto.png docs/images/world-pareto.png
     python benchmarks/world_study_doc.py [benchmarks/results/world-study.json ...]
 
-Several reports (the one-shot study, the few-shot variant) are written one after the other.
+Several reports (the one-shot study, the few-shot variant, the λ grid) are written one after the other;
+with no argument, every committed one of `STUDIES`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from personamagic.evaluation.statistics import mean_ci, student_t_quantile  # no
 
 DOC = ROOT / "docs" / "evaluation.md"
 START, END = "<!-- world-study:start -->", "<!-- world-study:end -->"
+STUDIES = ("world-study", "world-few-shot-study", "world-table2-study")  # in the order the doc shows them
 
 # (claim, method A, method B): the paper says A is ahead of B; measured as A − B per person.
 CLAIMS = [
@@ -120,14 +122,52 @@ def study_markdown(summary: dict, name: str, pareto: str | None) -> str:
     return "\n".join(text)
 
 
+RERUNS = {"world-study": "world-study-rerun"}  # a committed study and its second run, from a fresh clone
+
+
+def rerun_markdown(first: dict, second: dict, name: str) -> str:
+    """The study run twice: each method's means over people in the second run against the first run's
+    95% intervals, so that a reader sees what "reproduces within its CIs" amounts to."""
+    rows = {(r["dataset"], r["method"]): r["per_identity"] for r in first["rows"]}
+    lines = [f"**Run again** (`{name}`, measured {second['settings']['date']} on {second['settings']['machine']}, "
+             "from a fresh clone): each method's means over people against the first run's mean ± 95% CI.", "",
+             "| method | world I-Pre, first run | second run | within? | world T-Sim, first run | second run | within? |",
+             "|---|---|---|---|---|---|---|"]
+    inside = total = 0
+    for row in second["rows"]:
+        before = rows.get((row["dataset"], row["method"]))
+        if before is None:
+            continue
+        cells = []
+        for metric in ("i_pre", "t_sim"):
+            a, b = before[metric], row["per_identity"][metric]
+            within = a["ci"] is not None and abs(b["mean"] - a["mean"]) <= a["ci"]
+            inside, total = inside + within, total + 1
+            cells += [f"{a['mean']:.3f} ± {a['ci']:.3f}" if a["ci"] is not None else f"{a['mean']:.3f}",
+                      f"{b['mean']:.3f}", "yes" if within else "**no**"]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    same = sum(1 for r in second["rows"] for p, v in r["per_identity"]["people"].items()
+               if rows.get((r["dataset"], r["method"])) and
+               rows[(r["dataset"], r["method"])]["people"].get(p) == v)
+    units = sum(len(r["per_identity"]["people"]) for r in second["rows"])
+    lines += ["", f"{inside} of {total} means fall within the first run's intervals; {same} of {units} "
+              "(method, person) results are identical to the first run's to the last digit.", ""]
+    return "\n".join(lines)
+
+
 def main(paths: list[str]) -> None:
-    paths = paths or [str(ROOT / "benchmarks/results/world-study.json")]
+    # by default every committed study report, so that a plain run keeps each section
+    paths = paths or [str(ROOT / f"benchmarks/results/{name}.json") for name in STUDIES
+                      if (ROOT / f"benchmarks/results/{name}.json").is_file()]
     parts = []
     for path in paths:
         summary = json.loads(Path(path).read_text())
         name = Path(path).stem
         pareto = ROOT / "docs" / "images" / f"{name.replace('-study', '-pareto')}.png"
         parts.append(study_markdown(summary, name, f"images/{pareto.name}" if pareto.is_file() else None))
+        rerun = Path(path).with_name(f"{RERUNS.get(name, '')}.json")
+        if name in RERUNS and rerun.is_file():
+            parts.append(rerun_markdown(summary, json.loads(rerun.read_text()), rerun.stem))
     doc = DOC.read_text()
     block = f"{START}\n" + "\n".join(parts) + f"\n{END}"
     if START not in doc:

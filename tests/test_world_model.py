@@ -67,7 +67,7 @@ def test_inspect_export_and_train_many_take_the_world_model(tmp_path, capsys):
 
 
 def test_the_web_ui_previews_trains_and_generates_on_the_world_model(tmp_path, capsys):
-    from personamagic.jobs.generate import GenerateConfig
+    from personamagic.jobs.generate_config import GenerateConfig
     from personamagic.training import TrainConfig
     from personamagic.ui.app import DEFAULT_MODELS
     from personamagic.ui.jobs import DONE
@@ -89,3 +89,22 @@ def test_the_web_ui_previews_trains_and_generates_on_the_world_model(tmp_path, c
         assert Image.open(made.result["images"][0]).size == (64, 64)
     finally:
         studio.close()
+
+
+def test_the_web_ui_proposes_the_world_recipe_for_the_world_model(tmp_path):
+    from personamagic.ui.app import build_app, training_defaults
+    from personamagic.ui.studio import Library, Studio
+
+    studio = Studio(Library(tmp_path / "library"), device="cpu", max_upload_mb=1)
+    try:
+        fields = {}
+        for default_model in ("world", "tiny"):
+            app = build_app(studio, default_model=default_model)
+            by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+            fields[default_model] = (by_id["train-steps"].value, by_id["learning-rate"].value, by_id["prompts"].value)
+    finally:
+        studio.close()
+    # the measured world recipe (docs/world.md: 300 steps at 5e-3), and a scene the world can draw
+    assert fields["world"][:2] == (300, 5e-3) and "astronaut" not in fields["world"][2]
+    assert fields["tiny"][:2] == (1000, 5e-5)  # the paper's defaults everywhere else
+    assert training_defaults(" world ")[:2] == (300, 5e-3)  # what choosing it in the page sets

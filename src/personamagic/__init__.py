@@ -6,6 +6,10 @@ modules on first use.
 
 __version__ = "0.1.0"
 DEFAULT_BASE_MODEL = "CompVis/stable-diffusion-v1-4"  # the base model when none is given: SD 1.4, as in the paper
+# How one photo is learnt on the shipped world model (`--model world`; TrainConfig fields): the paper's 5e-5
+# for 1,000 steps moves the mapper too little on that model, 5e-3 for 300 steps learns a likeness in about
+# half a minute on a CPU (docs/world.md). The README's example, the web UI and the world studies use it.
+WORLD_RECIPE = {"max_train_steps": 300, "learning_rate": 5e-3}
 
 # public name -> module that defines it
 _LAZY = {
@@ -16,7 +20,7 @@ _LAZY = {
     "PhotoMakerSpec": "personamagic.adapters.photomaker_plugin",
 }
 
-__all__ = ["DEFAULT_BASE_MODEL", "__version__", *_LAZY]
+__all__ = ["DEFAULT_BASE_MODEL", "WORLD_RECIPE", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -33,6 +33,9 @@ def add_parser(commands) -> None:
     base.add_argument("--output", "-o", default=None, help="diffusers folder to write (default: WORK/model)")
     base.add_argument("--unet-steps", type=positive_int, default=None, help="UNet + text encoder steps (7000)")
     base.add_argument("--vae-steps", type=positive_int, default=None, help="VAE steps (1200)")
+    base.add_argument("--device", default="auto",
+                      help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps; the random draws are the "
+                           "CPU's on every device")
     judge = sub.add_parser("train-judge", help="train the world's judge on renders (needs train-base's data)")
     judge.add_argument("--work", default="runs/world-train", help="train-base's working folder (its data.npz)")
     judge.add_argument("--output", "-o", default=None, help="weights file (default: WORK/judge.safetensors)")
@@ -84,8 +87,10 @@ def _people(args) -> int:
 def _train_base(args) -> int:
     from dataclasses import replace
 
+    from ..models.devices import resolve_device
     from ..world.train_base import BaseTrainingConfig, run
 
+    device = resolve_device(args.device)
     config = BaseTrainingConfig()
     if args.unet_steps is not None:
         config = replace(config, unet_steps=args.unet_steps)
@@ -93,7 +98,7 @@ def _train_base(args) -> int:
         config = replace(config, vae_steps=args.vae_steps)
     work = Path(args.work)
     output = Path(args.output) if args.output else work / "model"
-    run(config, work, output)
+    run(config, work, output, device)
     print(f"world model written to {output}")
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import DEFAULT_BASE_MODEL, WORLD_RECIPE
 from ..prompts import EVALUATION_PROMPTS, WORLD_EDITING_PROMPTS
 
 WHOLE_SCHEDULE = (0, 1000)
@@ -147,7 +148,7 @@ _WORLD_SETTINGS = {
     "model": "world",
     "prompts": [p.format("S*") for p in WORLD_EDITING_PROMPTS],
     "seeds": [0, 1, 2, 3],
-    "train": {"max_train_steps": 300, "learning_rate": 5e-3, "checkpoint_every": 0},
+    "train": {**WORLD_RECIPE, "checkpoint_every": 0},
     "generate": {"num_inference_steps": 25, "guidance_scale": 8.0},  # DDIM 25 (the paper: 50) to fit 45 minutes
     "clip_model": "world",
     "face_model": "world",
@@ -157,7 +158,7 @@ _WORLD_SETTINGS = {
 }
 
 _PAPER_SETTINGS = {
-    "model": "CompVis/stable-diffusion-v1-4",
+    "model": DEFAULT_BASE_MODEL,  # SD 1.4, the paper's
     "prompts": list(EVALUATION_PROMPTS),
     "seeds": [0, 1, 2, 3],  # four samples per prompt (paper)
     # the paper's identity loss is ArcFace; its weights are non-commercial and downloaded from the hub

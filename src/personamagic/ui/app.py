@@ -23,6 +23,7 @@ import gradio as gr  # noqa: E402  (the environment above must be set first)
 from ..errors import PersonaMagicError, SettingsError  # noqa: E402
 from ..families import FAMILIES  # noqa: E402
 from ..models.tiny import TINY_MODELS  # noqa: E402
+from .. import WORLD_RECIPE  # noqa: E402
 from ..models.world import WORLD  # noqa: E402
 from .jobs import CANCELLED, DONE, FAILED, INTERNAL_ERROR, QUEUED, RUNNING  # noqa: E402
 from .studio import MASK_CHOICES, Studio  # noqa: E402
@@ -87,6 +88,18 @@ def _int(value, name: str, minimum: int = 0) -> int:
     if number != value or number < minimum:
         raise SettingsError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def training_defaults(model: str) -> tuple[int, float, str]:
+    """What the page proposes for a base model: training steps, learning rate and an example prompt (the
+    world model's own recipe and a scene it can draw; the paper's defaults for every other model)."""
+    from ..training.config import TrainConfig
+
+    if (model or "").strip() == WORLD:
+        return (WORLD_RECIPE["max_train_steps"], WORLD_RECIPE["learning_rate"],
+                "a photo of S* wearing a red hat on a beach\na painting of S* in a city")
+    paper = TrainConfig()
+    return paper.max_train_steps, paper.learning_rate, "a photo of S* as an astronaut"
 
 
 def _float(value, name: str) -> float:
@@ -155,9 +168,10 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
     from ..jobs.personalize import FACE_SUPERCATEGORIES
     from ..pipeline.schedulers import SCHEDULERS
     from ..training.config import TrainConfig
-    from ..jobs.generate import GenerateConfig
+    from ..jobs.generate_config import GenerateConfig
 
     models = list(dict.fromkeys([default_model, *DEFAULT_MODELS]))
+    default_steps, default_lr, default_prompts = training_defaults(default_model)
     supercategories = ["face", *sorted(FACE_SUPERCATEGORIES - {"face"}), *EXTRA_SUPERCATEGORIES]
 
     def concept_choices():
@@ -172,7 +186,8 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
             "check the face and mask, **2.** personalize (a concept is saved in the library), "
             "**3.** generate with prompts that contain the concept's placeholder (`S*`). "
             f"Library: `{studio.library.root}`. The `world` model is the learning world's small model of drawn people (64², offline; its example "
-            "photos are in `examples/world/`); `tiny` and `tiny-sdxl` are offline toys whose images are noise."
+            "photos are in `examples/world/`, and choosing it sets its own steps and learning rate); `tiny` and "
+            "`tiny-sdxl` are offline toys whose images are noise."
         )
 
         # 1. personalize -----------------------------------------------------------------------
@@ -196,7 +211,8 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                     placeholder = gr.Textbox(label="Placeholder", value="S*", elem_id="placeholder")
                 # Not in a closed gr.Accordion: Gradio 6 drops edits made in one on its first event.
                 with gr.Row():
-                    steps = gr.Number(1000, label="Steps", precision=0, minimum=1, elem_id="train-steps")
+                    steps = gr.Number(default_steps, label="Steps", precision=0, minimum=1, elem_id="train-steps")
+                    learning_rate = gr.Number(default_lr, label="Learning rate", minimum=0, elem_id="learning-rate")
                     seed = gr.Number(0, label="Seed", precision=0, minimum=0, elem_id="train-seed")
                 with gr.Row():
                     window = gr.Textbox("auto", label="Dynamic stage (auto or LO:HI)", elem_id="stage-window")
@@ -224,7 +240,7 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
                     concepts = gr.CheckboxGroup(concept_choices(), label="Concepts in the library",
                                                 elem_id="concepts", scale=4)
                     refresh = gr.Button("Refresh", size="sm", elem_id="refresh", scale=1)
-                prompts = gr.Textbox("a photo of S* as an astronaut", lines=3, elem_id="prompts",
+                prompts = gr.Textbox(default_prompts, lines=3, elem_id="prompts",
                                      label="Prompts (one per line; S* = the concept)")
                 negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
                 with gr.Row():
@@ -259,14 +275,15 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
             return previews, status_html(f"{len(previews)} photo(s) ready", "done")
 
         @guarded(5, 0)
-        def on_train(files, name_, supercategory_, model_, mask_, placeholder_, steps_, seed_, window_,
-                     warmup_, id_loss_, state):
+        def on_train(files, name_, supercategory_, model_, mask_, placeholder_, steps_, learning_rate_, seed_,
+                     window_, warmup_, id_loss_, state):
             from .studio import parse_stage_window
 
             config = TrainConfig(
                 placeholder=(placeholder_ or "").strip() or "S*",
                 supercategory=(supercategory_ or "").strip(),
                 max_train_steps=_int(steps_, "steps", 1),
+                learning_rate=_float(learning_rate_, "learning rate"),
                 seed=_int(seed_, "seed"),
                 stage_window=parse_stage_window(window_),
                 partition_warmup_steps=_int(warmup_, "warm-up steps"),
@@ -382,8 +399,10 @@ def build_app(studio: Studio, *, default_model: str = DEFAULT_MODELS[0]) -> gr.B
         quick = {"concurrency_limit": None}  # handlers only queue work or read state: never make tabs wait
         for trigger in (photos.change, supercategory.change, mask.change, model.change):
             trigger(on_photos, [photos, supercategory, mask, model], [preview, photo_status], **quick)
-        train_button.click(on_train, [photos, name, supercategory, model, mask, placeholder, steps, seed, window,
-                                      warmup, id_loss, tab], [train_status, tab, timer, loss_plot, pictures], **quick)
+        model.change(lambda model_: training_defaults(model_)[:2], [model], [steps, learning_rate], **quick)
+        train_button.click(on_train, [photos, name, supercategory, model, mask, placeholder, steps, learning_rate,
+                                      seed, window, warmup, id_loss, tab],
+                           [train_status, tab, timer, loss_plot, pictures], **quick)
         cancel_train.click(functools.partial(on_cancel, key="train"), [tab], [train_status], **quick)
         gen_button.click(on_generate, [concepts, prompts, negative, num_images, gen_seed, gen_steps, guidance,
                                        scheduler, tab], [gen_status, tab, timer], **quick)

@@ -6,7 +6,9 @@
 3. *unet*: train the UNet and the text encoder together on the cached latents (ε-prediction on SD-1.4's
    noise schedule, 10% of captions dropped for classifier-free guidance), with an EMA of both.
 
-Each stage checkpoints (safetensors + JSON, atomically) and a rerun continues where it stopped. The
+Each stage checkpoints (safetensors + JSON, atomically) and a rerun continues where it stopped. Every
+random draw (batches, noise, timesteps) is made on the CPU and then moved to the training device, so a
+GPU run draws the same numbers as a CPU run. The
 result is a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
 `scheduler/`) that `--model world` loads like any user's folder.
 """
@@ -45,6 +47,7 @@ class BaseTrainingConfig:
     ema_decay: float = 0.999  # EMA of the UNet and text encoder weights (what is saved)
     caption_drop: float = 0.1  # share of empty captions (classifier-free guidance)
     checkpoint_every: int = 500  # steps between checkpoints (both stages)
+    grid_seeds: int = 4  # seeds per prompt of the fixed-seed grid drawn at each UNet checkpoint (0: no grid)
     seed: int = 0  # seed of noise, timesteps and batches
     model: WorldModelConfig = field(default_factory=WorldModelConfig)
 
@@ -59,11 +62,12 @@ class BaseTrainingConfig:
 
 
 def _save_state(path: Path, modules: dict, optimizer, step: int, extra: dict) -> None:
-    tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous() for name, m in modules.items()
+               for k, v in m.state_dict().items()}
     state = optimizer.state_dict()
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     header = {"step": step, "param_groups": state["param_groups"], **extra}
     save_safetensors_atomic(tensors, {"state": json.dumps(header)}, path)
 
@@ -87,8 +91,14 @@ def _load_state(path: Path, modules: dict, optimizer) -> dict:
 # stage 2: the VAE
 
 
-def train_vae(config: BaseTrainingConfig, images: np.ndarray, folder: Path, log) -> torch.nn.Module:
-    vae = build_vae(config.model).train()
+def _pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) renders as (N, 3, H, W) floats in [-1, 1] on `device`."""
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(device)
+
+
+def train_vae(config: BaseTrainingConfig, images: np.ndarray, folder: Path, log,
+              device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    vae = build_vae(config.model).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     path, step = folder / "vae-state.safetensors", 0
     if path.is_file():
@@ -96,11 +106,14 @@ def train_vae(config: BaseTrainingConfig, images: np.ndarray, folder: Path, log)
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
     generator = torch.Generator().manual_seed(config.seed + step)  # a resume continues with its own stream
     bar = tqdm(total=config.vae_steps, initial=step, desc="vae", unit="step")
+    started = time.monotonic()
     while step < config.vae_steps:
         index = order[(step * config.vae_batch + torch.arange(config.vae_batch)) % len(images)]
-        x = torch.from_numpy(images[index.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = _pixels(images[index.numpy()], device)
         posterior = vae.encode(x).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
+        # the posterior's sample, drawn on the CPU (what diffusers' `sample(generator)` draws there)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        reconstruction = vae.decode(z).sample
         mse = torch.nn.functional.mse_loss(reconstruction, x)
         loss = mse + config.vae_kl * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +122,7 @@ def train_vae(config: BaseTrainingConfig, images: np.ndarray, folder: Path, log)
         step += 1
         bar.update(1)
         bar.set_postfix(mse=f"{mse.item():.4f}")
-        log({"stage": "vae", "step": step, "mse": mse.item()})
+        log({"stage": "vae", "step": step, "mse": mse.item(), "seconds": time.monotonic() - started})
         if step % config.checkpoint_every == 0 or step == config.vae_steps:
             _save_state(path, {"vae": vae}, optimizer, step, {})
     bar.close()
@@ -120,11 +133,11 @@ def train_vae(config: BaseTrainingConfig, images: np.ndarray, folder: Path, log)
 def cache_latents(vae, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray, float]:
     """Every image's latent mean and std (N, 4, 16, 16) float16, and the scaling factor 1/std(latents)."""
     means, stds = [], []
+    device = next(vae.parameters()).device
     for start in tqdm(range(0, len(images), batch), desc="latents", unit="batch"):
-        x = torch.from_numpy(images[start:start + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        dist = vae.encode(x).latent_dist
-        means.append(dist.mean.half().numpy())
-        stds.append(dist.std.half().numpy())
+        dist = vae.encode(_pixels(images[start:start + batch], device)).latent_dist
+        means.append(dist.mean.half().cpu().numpy())
+        stds.append(dist.std.half().cpu().numpy())
     mean, std = np.concatenate(means), np.concatenate(stds)
     sample_var = mean.astype(np.float64).var() + (std.astype(np.float64) ** 2).mean()
     return mean, std, float(1 / math.sqrt(sample_var))
@@ -157,13 +170,15 @@ def tokenize(tokenizer, captions) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def train_unet(config: BaseTrainingConfig, latents: dict, captions: np.ndarray, folder: Path, log, sample=None):
+def train_unet(config: BaseTrainingConfig, latents: dict, captions: np.ndarray, folder: Path, log, sample=None,
+               device: torch.device = torch.device("cpu")):
     from diffusers import DDPMScheduler
 
     from ..models.tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
-    unet, text_encoder = build_unet(config.model).train(), build_text_encoder(config.model).train()
+    unet = build_unet(config.model).to(device).train()
+    text_encoder = build_text_encoder(config.model).to(device).train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=0.01)
     ema_unet, ema_text = EMA(unet, config.ema_decay), EMA(text_encoder, config.ema_decay)
@@ -187,6 +202,7 @@ def train_unet(config: BaseTrainingConfig, latents: dict, captions: np.ndarray, 
         batch_ids[torch.rand(len(index), generator=generator) < config.caption_drop] = empty
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        x0, noise, t, batch_ids = x0.to(device), noise.to(device), t.to(device), batch_ids.to(device)
         noisy = scheduler.add_noise(x0, noise, t)
         prediction = unet(noisy, t, text_encoder(batch_ids).last_hidden_state).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
@@ -206,9 +222,9 @@ def train_unet(config: BaseTrainingConfig, latents: dict, captions: np.ndarray, 
             _save_state(path, {"unet": unet, "text_encoder": text_encoder, **ema_modules.as_modules()}, optimizer,
                         step, {})
             if sample is not None:
-                sample(ema_modules.build(config.model), step)
+                sample(ema_modules.build(config.model, device), step)
     bar.close()
-    return ema_modules.build(config.model)
+    return ema_modules.build(config.model, device)
 
 
 class _EmaModules:
@@ -220,8 +236,8 @@ class _EmaModules:
     def as_modules(self) -> dict:
         return {"ema_unet": _Holder(self.ema_unet.shadow), "ema_text_encoder": _Holder(self.ema_text.shadow)}
 
-    def build(self, model: WorldModelConfig):
-        unet, text_encoder = build_unet(model), build_text_encoder(model)
+    def build(self, model: WorldModelConfig, device: torch.device):
+        unet, text_encoder = build_unet(model).to(device), build_text_encoder(model).to(device)
         unet.load_state_dict(self.ema_unet.shadow)
         text_encoder.load_state_dict(self.ema_text.shadow)
         return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
@@ -286,17 +302,18 @@ def progress_grid(vae, unet, text_encoder, path: Path, seeds: int = 4, steps: in
     scheduler = DDIMScheduler.from_config(scheduler_config())
     scheduler.set_timesteps(steps)
     prompts = [p for p in PROGRESS_PROMPTS for _ in range(seeds)]
-    cond = text_encoder(tokenize(tokenizer, prompts)).last_hidden_state
-    uncond = text_encoder(tokenize(tokenizer, [""] * len(prompts))).last_hidden_state
+    device = unet.device
+    cond = text_encoder(tokenize(tokenizer, prompts).to(device)).last_hidden_state
+    uncond = text_encoder(tokenize(tokenizer, [""] * len(prompts)).to(device)).last_hidden_state
     size = unet.config.sample_size
     latents = torch.stack([torch.randn(4, size, size, generator=torch.Generator().manual_seed(i % seeds))
-                           for i in range(len(prompts))])
+                           for i in range(len(prompts))]).to(device)
     for t in scheduler.timesteps:
         both = unet(torch.cat([latents] * 2), t, torch.cat([uncond, cond])).sample
         noise_uncond, noise_cond = both.chunk(2)
         latents = scheduler.step(noise_uncond + guidance * (noise_cond - noise_uncond), t, latents).prev_sample
     images = (vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1) + 1) * 127.5
-    images = images.permute(0, 2, 3, 1).round().to(torch.uint8).numpy()
+    images = images.permute(0, 2, 3, 1).round().to(torch.uint8).cpu().numpy()
     side = images.shape[1]
     grid = Image.new("RGB", (seeds * side, len(PROGRESS_PROMPTS) * side))
     for i, image in enumerate(images):
@@ -320,8 +337,8 @@ def export_state(work: Path, output: Path, model: WorldModelConfig = WorldModelC
     return json.loads(header["state"])["step"]
 
 
-def run(config: BaseTrainingConfig, work: Path, output: Path) -> None:
-    """Run (or continue) every stage in `work`, then write the diffusers folder `output`."""
+def run(config: BaseTrainingConfig, work: Path, output: Path, device: torch.device = torch.device("cpu")) -> None:
+    """Run (or continue) every stage in `work` on `device`, then write the diffusers folder `output`."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     log_file = open(work / "log.jsonl", "a", encoding="utf-8")
@@ -341,8 +358,9 @@ def run(config: BaseTrainingConfig, work: Path, output: Path) -> None:
         vae = build_vae(config.model)
         vae.load_state_dict({k[4:]: v for k, v in load_safetensors(work / "vae-state.safetensors")[0].items()
                              if k.startswith("vae.")})
+        vae.to(device)
     else:
-        vae = train_vae(config, data["images"], work, log)
+        vae = train_vae(config, data["images"], work, log, device)
         mean, std, scale = cache_latents(vae, data["images"])
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -354,16 +372,18 @@ def run(config: BaseTrainingConfig, work: Path, output: Path) -> None:
     vae.eval()
 
     def sample(modules, step: int) -> None:
-        progress_grid(vae, *modules, work / f"grid-{step:06d}.png")
+        progress_grid(vae, *modules, work / f"grid-{step:06d}.png", seeds=config.grid_seeds)
 
-    unet, text_encoder = train_unet(config, latents, data["captions"], work, log, sample)
+    unet, text_encoder = train_unet(config, latents, data["captions"], work, log,
+                                    sample if config.grid_seeds else None, device)
     save_world_model(output, vae.eval(), unet, text_encoder, config.model)
     log_file.close()
     write_model_card(work, output)
 
 
 def training_summary(work: Path, every: int = 100) -> dict:
-    """The run's log condensed: mean VAE MSE and UNet loss per `every` steps, and the UNet stage's time."""
+    """The run's log condensed: mean VAE MSE and UNet loss per `every` steps (and at the last step), and the
+    UNet stage's time."""
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines() if line.strip()]
     config = json.loads((work / "config.json").read_text())
     final = {"vae": config["vae_steps"], "unet": config["unet_steps"]}  # a run cut short: steps past its end
@@ -373,16 +393,22 @@ def training_summary(work: Path, every: int = 100) -> dict:
         rows = {r["step"]: r for r in records if r["stage"] == stage}  # a resumed step: its last record
         steps = sorted(rows)
         summary[stage] = [[s, float(np.mean([rows[t][key] for t in steps if s - every < t <= s]))]
-                          for s in steps if s % every == 0]
-    unet = [r for r in records if r["stage"] == "unet"]
-    # "seconds" restarts at each resume: add up each segment's last reading
-    segments, last = [], None
-    for r in unet:
-        if last is not None and r["seconds"] < last:
-            segments.append(last)
-        last = r["seconds"]
-    summary["unet_seconds"] = sum(segments) + (last or 0.0)
+                          for s in steps if s % every == 0 or s == steps[-1]]
+    for stage in ("vae", "unet"):
+        timed = [r["seconds"] for r in records if r["stage"] == stage and "seconds" in r]
+        if timed:
+            summary[f"{stage}_seconds"] = _resumed_seconds(timed)
     return summary
+
+
+def _resumed_seconds(readings: list[float]) -> float:
+    """A stage's time from its log's clock readings, which restart at each resume: each segment's last."""
+    segments, last = [], None
+    for seconds in readings:
+        if last is not None and seconds < last:
+            segments.append(last)
+        last = seconds
+    return sum(segments) + (last or 0.0)
 
 
 def write_model_card(work: Path, output: Path) -> None:
@@ -406,6 +432,7 @@ def write_model_card(work: Path, output: Path) -> None:
     fig.savefig(output / "loss.png", dpi=80)
     plt.close(fig)
     vae_last, unet_last = summary["vae"][-1], summary["unet"][-1]
+    vae_time = f", in {summary['vae_seconds'] / 60:.0f} minutes" if "vae_seconds" in summary else ""
     card = f"""# The world model
 
 A Stable Diffusion 1.x-shaped text-to-image model of the learning world's drawn people (64² images),
@@ -419,12 +446,19 @@ figures measured on it and what it cannot tell about real faces: docs/world.md i
   `CLIPTextModel` (width {config['model']['text_width']}, {config['model']['text_layers']} layers) with the
   real Stable Diffusion tokenizer; SD-1.4's noise schedule, DDIM by default.
 - **Training**: the VAE alone for {config['vae_steps']} steps of {config['vae_batch']} (AdamW
-  {config['vae_lr']}), last 100-step mean reconstruction MSE {vae_last[1]:.4f} (pixels in [−1, 1]); then
+  {config['vae_lr']}), last 100-step mean reconstruction MSE {vae_last[1]:.4f} (pixels in [−1, 1]){vae_time}; then
   the UNet and the text encoder together on the cached latents for {config['unet_steps']} steps of
   {config['unet_batch']} (AdamW {config['unet_lr']}, {config['warmup_steps']} warm-up steps, {config['caption_drop']:.0%}
   empty captions), last 100-step mean ε-MSE {unet_last[1]:.4f}, in {summary['unet_seconds'] / 60:.0f}
   minutes. The weights are the EMA (decay {config['ema_decay']}) of both.
 - **Loss curves**: `loss.png`; every 100 steps: `training_log.json`.
 - **Licence**: the same as the package (MIT); the tokenizer's vocabulary is OpenAI CLIP's (MIT).
+
+## Quality
+
+<!-- figures:start -->
+Not measured yet: `personamagic evaluate world` measures the shipped model and `python benchmarks/world_doc.py`
+writes its figures here.
+<!-- figures:end -->
 """
     (output / "README.md").write_text(card)
