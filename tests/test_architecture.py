@@ -117,7 +117,9 @@ def test_the_package_has_no_import_cycles():
 
 def module_graph() -> dict[str, set[str]]:
     """Module -> the modules it imports when it runs (inside functions too, not for annotations only),
-    without the edges into a package's `__init__` (a package imports its own modules by design)."""
+    without the edges into a package's `__init__` (a package imports its own modules by design). So a
+    cycle through a package's re-exports (`from ..training import Trainer`) is not seen here; the parts'
+    graph above sees it at the level of the parts."""
     paths = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
     packages = {_module_name(path) for path in PACKAGE.rglob("__init__.py")}
     return {name: _imported_modules(path, type_checking=False) - packages - {name}

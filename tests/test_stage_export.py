@@ -2,6 +2,7 @@
 project's pipeline sampling exactly what an export describes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -418,7 +419,15 @@ def test_a_write_that_fails_leaves_nothing_half_written(tool, tmp_path, tiny_bas
                 export_stages(tmp_path / "c", tmp_path / "new" / "x", tool=tool, settings=settings)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "done"], n  # no folder, no temporary file
     random_concept(tiny_base, seed=1).save(tmp_path / "other")
-    for n in range(1, len(writes)):  # another concept over a finished export (--overwrite): it stays as it was
+    shutil.copytree(tmp_path / "done", tmp_path / "copy")
+    overwrites = []
+    with monkeypatch.context() as patch:  # the renames of a whole export over a finished one
+        patch.setattr(os, "replace", failing_at(0, overwrites))
+        export_stages(tmp_path / "other", tmp_path / "copy", tool=tool, settings=settings, overwrite=True)
+    shutil.rmtree(tmp_path / "copy")
+    # another concept over a finished export (--overwrite), failing at each rename, the moves into place
+    # included: it stays as it was
+    for n in range(1, len(overwrites) + 1):
         with monkeypatch.context() as patch:
             patch.setattr(os, "replace", failing_at(n, []))
             with pytest.raises(DiskError):

@@ -416,6 +416,15 @@ def test_an_output_among_the_photos_or_under_a_file_is_refused(where, message, t
     assert sorted(p.name for p in (tmp_path / "photos" / "ada").iterdir()) == ["astronaut.png"]
 
 
+def test_photos_given_as_the_working_folder_are_told_a_folder_outside_them(tmp_path, capsys, monkeypatch):
+    photos_folder(tmp_path / "photos" / "ada", DATA / "astronaut.png")
+    monkeypatch.chdir(tmp_path / "photos")
+    code = main(["train-many", ".", "-o", "concepts", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and len(errors_of(err)) == 1, err
+    assert f"--output {tmp_path.resolve() / 'concepts'}" in err, err  # not `concepts`, the folder it refused
+
+
 def test_an_unknown_model_is_named_before_any_download_is_checked(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     photos = photos_folder(tmp_path / "photos", DATA / "astronaut.png")

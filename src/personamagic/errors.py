@@ -28,7 +28,12 @@ class SettingsError(PersonaMagicError):
 
 
 class DiskError(PersonaMagicError, OSError):
-    """A fault of the disk while writing (full, read-only, no permission), worded with the path."""
+    """A fault of the disk while writing (full, read-only, no permission), worded with the path;
+    `remedy` is what to do about it, for a message that goes on to say how to continue."""
+
+    @property
+    def remedy(self) -> str:
+        return "free some space" if self.errno in (28, 122) else "make it writable"  # ENOSPC, EDQUOT
 
 
 class FolderInUse(PersonaMagicError):

@@ -244,4 +244,6 @@ def _try_lock(file) -> bool:
 
 def disk_error(path, err: OSError) -> DiskError:
     """A filesystem fault while writing `path` as one line: `cannot write PATH: No space left on device`."""
-    return DiskError(f"cannot write {path}: {err.strerror or err}")
+    fault = DiskError(f"cannot write {path}: {err.strerror or err}")
+    fault.errno = err.errno  # what the fault was (a full disk, a read-only one...): DiskError.remedy
+    return fault

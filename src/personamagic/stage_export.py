@@ -404,18 +404,36 @@ def write_folder_atomic(output: Path, write) -> None:
 
 def move_into(staging: Path, output: Path) -> None:
     """Put a finished folder's files at `output`: one rename of the folder when there is none yet, else
-    one rename per file (files of `output` that the export does not write are kept)."""
+    one rename per file (files of `output` that the export does not write are kept). The files it
+    replaces are moved aside first and put back if a move fails, so `output` holds the whole new export
+    or its old files, never a mix."""
     import os
     import shutil
 
     if not output.exists():
         os.replace(staging, output)
         return
-    for path in sorted(staging.rglob("*")):
-        if path.is_file():
-            target = output / path.relative_to(staging)
+    aside = staging.with_name(staging.name + ".old")
+    placed, replaced = [], []  # new files moved in; (aside, target) of the old files they replace
+    try:
+        for path in sorted(p for p in staging.rglob("*") if p.is_file()):
+            relative = path.relative_to(staging)
+            target = output / relative
+            if target.exists():
+                (aside / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target, aside / relative)
+                replaced.append((aside / relative, target))
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
+            placed.append(target)
+    except BaseException:
+        for target in placed:
+            target.unlink(missing_ok=True)
+        for old, target in reversed(replaced):
+            os.replace(old, target)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
 
 

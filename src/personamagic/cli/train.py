@@ -155,30 +155,30 @@ def resume_command(args) -> str:
     return "personamagic " + " ".join(shlex.quote(a) for a in argv) + " --resume"
 
 
-def interrupted_message(args) -> str:
-    """What Ctrl-C leaves behind and how to go on."""
+def kept_checkpoint(args):
+    """The checkpoint a stopped run leaves in its output folder (None before the first)."""
     from pathlib import Path
 
     from ..jobs.personalize import CHECKPOINT_DIR
     from ..training import latest_checkpoint
 
-    checkpoint = latest_checkpoint(Path(args.output) / CHECKPOINT_DIR)
+    return latest_checkpoint(Path(args.output) / CHECKPOINT_DIR)
+
+
+def interrupted_message(args) -> str:
+    """What Ctrl-C leaves behind and how to go on."""
+    checkpoint = kept_checkpoint(args)
     if checkpoint is None:
         return "interrupted before the first checkpoint; nothing was kept"
     return f"interrupted; kept the checkpoint {checkpoint}; continue with: {resume_command(args)}"
 
 
-def disk_full_message(err, args) -> str:
+def disk_fault_message(err, args) -> str:
     """A failed write: the fault, then what the run keeps and how to go on from it."""
-    from pathlib import Path
-
-    from ..jobs.personalize import CHECKPOINT_DIR
-    from ..training import latest_checkpoint
-
-    checkpoint = latest_checkpoint(Path(args.output) / CHECKPOINT_DIR)
+    checkpoint = kept_checkpoint(args)
     if checkpoint is None:
         return f"{err}; nothing was kept"
-    return f"{err}; kept the checkpoint {checkpoint}; once there is space, continue with: {resume_command(args)}"
+    return f"{err}; kept the checkpoint {checkpoint}; {err.remedy}, then continue with: {resume_command(args)}"
 
 
 def run(args) -> int:
@@ -209,7 +209,7 @@ def run(args) -> int:
         raise Interrupted(interrupted_message(args)) from None
     except DiskError as err:
         progress.close()
-        raise DiskError(disk_full_message(err, args)) from None
+        raise DiskError(disk_fault_message(err, args)) from None
     finally:
         progress.close()
     for note in result.notes:

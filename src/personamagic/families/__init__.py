@@ -38,6 +38,12 @@ def family_of_built_model(name: str) -> ModelFamily | None:
     return None
 
 
+def offline_toy(hub_id: str, family: ModelFamily | None = None) -> str:
+    """The offline toy to suggest in place of a model that cannot be had: `family`'s where the caller
+    knows it (a concept's), else that of the family the model's name suggests."""
+    return (family or likely_family(hub_id)).tiny_model
+
+
 def likely_family(hub_id: str) -> ModelFamily:
     """The family a hub model not downloaded yet most likely has (its config, which would tell, is what
     is missing): the family that suggests it, else one whose `repo_name_hints` its name holds, else SD-1.x
@@ -64,4 +70,4 @@ def family_of_modules(text_encoders: list, unet) -> ModelFamily:
 
 
 __all__ = ["FAMILIES", "ModelFamily", "SD1", "SDXL", "TextEncoderSpec", "family_named", "family_of_built_model",
-           "family_of_modules", "likely_family"]
+           "family_of_modules", "likely_family", "offline_toy"]

@@ -88,10 +88,9 @@ def check_assets(assets: list[Asset], *, local_files_only: bool = False) -> None
 def base_model_asset(model: str, family=None) -> Asset:
     """A hub model, with the offline toy of its family as the alternative: `family` where the caller knows
     it (its concepts'), else the family the name suggests (the config that would tell is what is missing)."""
-    from ..families import likely_family
+    from ..families import offline_toy
 
-    toy = (family or likely_family(model)).tiny_model
-    return Asset("the base model", model, f"--model {toy} (an offline toy) or a local folder or file",
+    return Asset("the base model", model, f"--model {offline_toy(model, family)} (an offline toy) or a local folder or file",
                  filename="model_index.json")
 
 

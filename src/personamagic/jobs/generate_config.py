@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from ..errors import SettingsError
 from ..models.devices import check_compile_backend
+from ..training.config import SEED_LIMIT  # the last image's seed + i included
 
 # Bounds of the sampling settings, checked before anything loads.
 MAX_INFERENCE_STEPS = 1000  # Stable Diffusion's T: a schedule has no more steps (checked again against the model's T)
-MAX_SEED = 2**63  # seeds lie in [0, 2**63), the last image's seed + i included (a signed 64-bit integer)
 MAX_SIDE = 4096  # largest width or height in pixels (8x SD-1.x's 512; beyond it no GPU holds the UNet's activations)
 MAX_GUIDANCE_SCALE = 100.0  # CFG far above the usual 5-15 saturates every pixel (1e30 makes black images)
 MAX_IP_ADAPTER_SCALE = 10.0  # IP-Adapter weight; 1.0 is as trained, far above it saturates like CFG
@@ -60,13 +60,13 @@ class GenerateConfig:
         if not isinstance(self.negative_prompt, str):
             raise SettingsError(f"negative_prompt must be text, got {self.negative_prompt!r}")
         for name, low, high in (("num_images", 1, MAX_IMAGES), ("num_inference_steps", 1, MAX_INFERENCE_STEPS),
-                                ("batch_size", 1, MAX_BATCH_SIZE), ("seed", 0, MAX_SEED - 1)):
+                                ("batch_size", 1, MAX_BATCH_SIZE), ("seed", 0, SEED_LIMIT - 1)):
             value = getattr(self, name)
             if not is_int(value) or value < low or (high is not None and value > high):
                 bound = f"from {low} to {high}" if high is not None else f">= {low}"
                 raise SettingsError(f"{name} must be a whole number {bound}, got {value!r}")
-        if self.seed + self.num_images - 1 >= MAX_SEED:
-            raise SettingsError(f"seed {self.seed} + {self.num_images} images passes the largest seed {MAX_SEED - 1}; "
+        if self.seed + self.num_images - 1 >= SEED_LIMIT:
+            raise SettingsError(f"seed {self.seed} + {self.num_images} images passes the largest seed {SEED_LIMIT - 1}; "
                                 "use a smaller seed")
         if len(self.prompts) * self.num_images > MAX_IMAGES:
             raise SettingsError(f"{len(self.prompts)} prompts x {self.num_images} images is more than {MAX_IMAGES} "

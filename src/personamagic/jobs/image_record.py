@@ -28,7 +28,8 @@ from PIL.PngImagePlugin import PngInfo
 from .. import __version__
 from ..concept import Concept
 from ..errors import BAD_JSON, PhotoError, SettingsError
-from .generate_config import MAX_BATCH_SIZE, MAX_SEED, GenerateConfig, is_int, is_number
+from ..training.config import SEED_LIMIT
+from .generate_config import MAX_BATCH_SIZE, GenerateConfig, is_int, is_number
 
 METADATA_KEY = "personamagic"  # PNG text chunk of the record's JSON
 PARAMETERS_KEY = "parameters"  # PNG text chunk of the A1111-style line
@@ -126,8 +127,8 @@ class ImageRecord(Mapping):
             return [(self.prompt, self.seed)], 0
         jobs = [(prompt, seed) for prompt, seed in self.batch["jobs"]]
         for _, seed in jobs:  # the other images' seeds are sampled again too
-            if not 0 <= seed < MAX_SEED:
-                raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED - 1}, got {seed}")
+            if not 0 <= seed < SEED_LIMIT:
+                raise SettingsError(f"seed must be a whole number from 0 to {SEED_LIMIT - 1}, got {seed}")
         return jobs, self.batch["index"]
 
 

@@ -48,6 +48,8 @@ CHECKPOINT_DIR = "checkpoints"
 MASK_PREVIEW = "mask.png"
 STAGES_PLOT = "stages.png"
 ATTENTION_PLOT = "attention.png"
+# the pictures `train` writes beside a concept, with what each shows (the web UI's captions)
+CONCEPT_PICTURES = ((STAGES_PLOT, "stage partition"), (ATTENTION_PLOT, "S* attention"), (MASK_PREVIEW, "training mask"))
 
 
 @dataclass

@@ -45,11 +45,9 @@ from ..training import TrainConfig, Trainer, latest_checkpoint
 from ..training.checkpoints import CheckpointError
 from ..training.group import GroupTrainer, group_key
 from .personalize import (
-    ATTENTION_PLOT,
     CHECKPOINT_DIR,
+    CONCEPT_PICTURES,
     MASK_METHODS,
-    MASK_PREVIEW,
-    STAGES_PLOT,
     OutputFolder,
     PersonalizeResult,
     PersonalizeRun,
@@ -97,7 +95,6 @@ def safe_name(text: str) -> str:
 
 
 MASK_SUFFIX = ".mask.png"  # the face mask `personamagic world render` writes beside a photo: never a photo
-CONCEPT_PICTURES = (MASK_PREVIEW, STAGES_PLOT, ATTENTION_PLOT)  # what `train` writes beside a concept
 NAMED_AT_MOST = 5  # images the note of skipped ones names; the rest are counted
 
 
@@ -136,7 +133,7 @@ def _made_by_us(image: Path) -> bool:
     """A picture `train` writes beside a concept (mask.png...), or a PNG `generate` wrote (it carries its
     record): a photos folder may hold them (copied, or an output folder pointed at), but they show no
     person to learn (a generated image would teach the concept its own output)."""
-    return image.name.lower() in CONCEPT_PICTURES or _has_generation_record(image)
+    return image.name.lower() in {name for name, _ in CONCEPT_PICTURES} or _has_generation_record(image)
 
 
 def _has_generation_record(image: Path) -> bool:
@@ -253,8 +250,9 @@ def _check_output(output: Path, photos_dir: Path) -> None:
 
 def _beside(photos_dir: Path) -> Path:
     """A concepts folder next to the photos folder: `concepts`, or `NAME-concepts` for photos in `concepts`."""
+    photos_dir = photos_dir.resolve()  # `.` has no parent to name otherwise
     beside = photos_dir.parent / "concepts"
-    return beside if beside.resolve() != photos_dir.resolve() else photos_dir.parent / f"{photos_dir.name}-concepts"
+    return beside if beside != photos_dir else photos_dir.parent / f"{photos_dir.name}-concepts"
 
 
 def _check_concept_folders(jobs: list[IdentityJob], photos_dir: Path) -> None:
@@ -362,8 +360,10 @@ def _stop_if_the_disk_is_full(err: Exception) -> None:
     """A full disk is the run's fault, not an identity's: every identity after it would fail the same way,
     so the run stops with one line (each folder is released as it is, and its checkpoints stay)."""
     if isinstance(err, DiskError):
-        raise DiskError(f"{err}; the run stopped: the concepts and checkpoints written so far are kept, so free "
-                        "some space and run the same command again to continue") from None
+        stopped = DiskError(f"{err}; the run stopped: the concepts and checkpoints written so far are kept, so "
+                            f"{err.remedy} and run the same command again to continue")
+        stopped.errno = err.errno
+        raise stopped from None
 
 
 def _failed(result: TrainManyResult, name: str, err: Exception) -> None:
@@ -397,6 +397,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
                 result.held[slot.job.name] = str(err)
                 continue
             except PersonaMagicError as err:
+                _stop_if_the_disk_is_full(err)
                 _failed(result, slot.job.name, err)
                 continue
             stack.push(_release(slot))
@@ -421,6 +422,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             except SettingsError:  # the same for every identity: the run stops (its folders released)
                 raise
             except PersonaMagicError as err:
+                _stop_if_the_disk_is_full(err)
                 _failed(result, slot.job.name, err)
                 slot.folder.__exit__(type(err), err, None)
                 slot.folder = None

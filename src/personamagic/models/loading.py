@@ -29,7 +29,7 @@ import torch
 
 from .. import DEFAULT_BASE_MODEL
 from ..errors import BAD_JSON, ModelLoadError, SettingsError
-from ..families import FAMILIES, ModelFamily, likely_family
+from ..families import FAMILIES, ModelFamily, offline_toy
 from ..files import first_line, read_weights
 from ..hub import is_hub_id, resolve_file
 from .components import BaseComponents
@@ -139,7 +139,7 @@ def read_json_file(name: str, filename: str, *, subfolder: str = "", revision: s
     """A JSON object from a model folder or hub repo, and the local path it was read from. `family`: the
     model's, where it is known already; a missing file's message suggests that family's offline toy
     (else the one its name suggests), so that the toy is one the user's concepts and flags fit."""
-    toy = (family or likely_family(name)).tiny_model
+    toy = offline_toy(name, family)
     path = resolve_file(
         name, what="model file", filename="/".join(part for part in (subfolder, filename) if part),
         advice="check that it is a complete diffusers model (folder or hub id), your network and hub login, "

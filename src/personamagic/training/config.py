@@ -10,7 +10,7 @@ from ..errors import SettingsError
 from ..models.devices import check_compile_backend
 
 DEFAULT_PARTITION_WARMUP_STEPS = 100  # docs/method.md
-SEED_LIMIT = 2**63  # seeds lie in [0, 2**63), a signed 64-bit integer, as `generate`'s (jobs/generate.MAX_SEED)
+SEED_LIMIT = 2**63  # every seed the project takes lies in [0, 2**63), a signed 64-bit integer (train, generate)
 
 
 def derived_seed(seed: int, stream: int) -> int:

@@ -36,7 +36,6 @@ MAX_PLOT_POINTS = 400  # per loss term: longer curves are thinned before they ar
 # model and the offline toys
 DEFAULT_MODELS = (*(model for family in FAMILIES.values() for model in family.suggested_models), WORLD, *TINY_MODELS)
 EXTRA_SUPERCATEGORIES = ("cat", "dog")  # non-face examples: no face detection, no identity loss
-CONCEPT_PICTURES = (("stages.png", "stage partition"), ("attention.png", "S* attention"), ("mask.png", "training mask"))
 
 CSS = """
 .pm-status { padding: 0.5em 0.75em; border-radius: 6px; }
@@ -160,6 +159,8 @@ def loss_frame(history: list[dict]):
 
 
 def concept_pictures(folder) -> list[tuple[str, str]]:
+    from ..jobs.personalize import CONCEPT_PICTURES
+
     return [(str(folder / name), caption) for name, caption in CONCEPT_PICTURES if (folder / name).is_file()]
 
 
