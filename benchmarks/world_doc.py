@@ -95,8 +95,11 @@ def figures_markdown(report: dict, breaks: dict | None) -> str:
     lines.append("")
     lines += _emergence_markdown(people[0])
     if breaks:
-        lines += ["**The learning test can fail** (`tests/test_world_learning.py`, one held-out person, "
-                  "`PERSONAMAGIC_WORLD_BREAKS=1`): what it reported with the method broken on purpose —", "",
+        method = breaks.get("method", {})
+        where = (f", measured {method['date']} on {method['machine']}" if "date" in method else "")
+        lines += [f"**The learning test can fail** (`tests/test_world_learning.py`, held-out person "
+                  f"{method.get('identity', '?')}, its window {_window(method)}, `PERSONAMAGIC_WORLD_BREAKS=1`"
+                  f"{where}): what it reported with the method broken on purpose —", "",
                   "| run | world I-Pre | supercategory | gain | world T-Sim | verdict |", "|---|---|---|---|---|---|"]
         for name, run in breaks.items():
             gain = run["i_pre"] - run["i_pre_supercategory"]
@@ -104,6 +107,11 @@ def figures_markdown(report: dict, breaks: dict | None) -> str:
                          f"{run['t_sim']:.3f} | {run.get('verdict', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _window(run: dict) -> str:
+    window = run.get("stage_window")
+    return f"{window[0]} ≤ t < {window[1]}" if window else "?"
 
 
 def emergence_point(run: dict) -> int | None:
