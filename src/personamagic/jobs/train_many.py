@@ -366,6 +366,15 @@ def _stop_if_the_disk_is_full(err: Exception) -> None:
         raise stopped from None
 
 
+def _give_up(result: TrainManyResult, slot: "_Slot", err: PersonaMagicError) -> None:
+    """This identity failed: recorded in `result`, its folder released as the error leaves it (a full
+    disk stops the whole run instead)."""
+    _stop_if_the_disk_is_full(err)
+    _failed(result, slot.job.name, err)
+    slot.folder.__exit__(type(err), err, None)
+    slot.folder = None
+
+
 def _failed(result: TrainManyResult, name: str, err: Exception) -> None:
     message = str(err)
     message = message[len(name) + 2:] if message.startswith(f"{name}: ") else message
@@ -422,10 +431,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             except SettingsError:  # the same for every identity: the run stops (its folders released)
                 raise
             except PersonaMagicError as err:
-                _stop_if_the_disk_is_full(err)
-                _failed(result, slot.job.name, err)
-                slot.folder.__exit__(type(err), err, None)
-                slot.folder = None
+                _give_up(result, slot, err)
                 continue
             slots.append(slot)
         if not slots:
@@ -442,10 +448,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
         train_s = time.perf_counter() - t0
         for i, slot in enumerate(slots):
             if i in errors:
-                _stop_if_the_disk_is_full(errors[i])
-                _failed(result, slot.job.name, errors[i])
-                slot.folder.__exit__(type(errors[i]), errors[i], None)
-                slot.folder = None
+                _give_up(result, slot, errors[i])
                 continue
             trainer, run = slot.trainer, slot.run
             if trainer.stages.get("method") == "auto":
@@ -455,10 +458,7 @@ def _train_group(queue: list, size: int, base, models: PhotoModels, device, dtyp
             try:
                 path = _write_outputs(slot.job.output, concept, trainer, slot.prepared[0].image, slot.masks[0])
             except PersonaMagicError as err:
-                _stop_if_the_disk_is_full(err)
-                _failed(result, slot.job.name, err)
-                slot.folder.__exit__(type(err), err, None)
-                slot.folder = None
+                _give_up(result, slot, err)
                 continue
             slot.folder.__exit__(None, None, None)
             slot.folder = None
