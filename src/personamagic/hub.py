@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 # file types of model weights: `dir/name.pt` is a relative local path, not the hub repo `dir/name.pt`
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")  # a whole base model in one file (a fine-tune)
 _OWNER = re.compile(r"[A-Za-z0-9][\w.-]*")  # a hub user or organisation name
 _NAME = re.compile(r"[\w.-]+")  # a hub repo name
 

@@ -283,7 +283,6 @@ CHECKPOINT_FILES = {
     "dreamlike-art/dreamlike-photoreal-2.0": "dreamlike-photoreal-2.0.safetensors",
     "stabilityai/stable-diffusion-xl-base-1.0": "sd_xl_base_1.0.safetensors",
 }
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")  # the single files `load_base_model` reads
 DEFAULT_BINS = 4
 
 
@@ -305,10 +304,12 @@ def checkpoint_file(base_model: str) -> str | None:
     built in code): only the user knows which file of it they load."""
     from pathlib import PureWindowsPath
 
+    from .hub import MODEL_FILE_SUFFIXES
+
     if base_model in CHECKPOINT_FILES:
         return CHECKPOINT_FILES[base_model]
     path = PureWindowsPath(base_model)  # a path recorded on Windows or not: both / and \ separate folders
-    return path.name if path.suffix.lower() in SINGLE_FILE_SUFFIXES else None
+    return path.name if path.suffix.lower() in MODEL_FILE_SUFFIXES else None
 
 
 def no_checkpoint_file(base_model: str) -> str:

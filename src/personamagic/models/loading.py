@@ -31,7 +31,7 @@ from .. import DEFAULT_BASE_MODEL
 from ..errors import BAD_JSON, ModelLoadError, SettingsError
 from ..families import FAMILIES, ModelFamily, offline_toy
 from ..files import first_line, read_weights
-from ..hub import is_hub_id, resolve_file
+from ..hub import MODEL_FILE_SUFFIXES, is_hub_id, resolve_file
 from .components import BaseComponents
 from .world import WORLD, world_model_folder
 from .tiny import BUILT_MODELS, TINY, build_model
@@ -242,7 +242,7 @@ def _load_part(cls, name: str, subfolder: str, hub: dict, *, variant=None, dtype
 def checkpoint_tensor_shapes(path: Path) -> dict[str, tuple]:
     """Tensor names and shapes of a single-file checkpoint, without reading its weights (the
     safetensors header, or a weights-only, memory-mapped `torch.load` of a .ckpt)."""
-    if path.suffix not in (".safetensors", ".ckpt", ".pt", ".pth"):
+    if path.suffix not in MODEL_FILE_SUFFIXES:
         raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; use .safetensors or .ckpt")
     checkpoint = read_weights(path, lazy=True, advice="convert it to .safetensors where you trust it, or pass a "
                               "diffusers folder")
