@@ -31,6 +31,9 @@ from ..errors import BAD_JSON, PhotoError, SettingsError
 from ..training.config import SEED_LIMIT
 from .generate_config import MAX_BATCH_SIZE, GenerateConfig, is_int, is_number
 
+# what PIL raises for a file it cannot read as an image (a truncated or forged PNG, a decompression bomb)
+UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombWarning,
+                    Image.DecompressionBombError)
 METADATA_KEY = "personamagic"  # PNG text chunk of the record's JSON
 PARAMETERS_KEY = "parameters"  # PNG text chunk of the A1111-style line
 
@@ -235,8 +238,7 @@ def read_image_metadata(path: str | Path) -> ImageRecord:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 text = image.text.get(METADATA_KEY) if hasattr(image, "text") else None
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as err:
+    except UNREADABLE_IMAGE as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise PhotoError(f"cannot read {path} as an image ({reason})") from None
     if not text:

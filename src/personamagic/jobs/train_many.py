@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-import struct
 import time
 import warnings
 from contextlib import ExitStack
@@ -40,7 +39,7 @@ from ..files import remove_empty_folders
 from ..faces import load_photo
 from ..models import load_base_model, resolve_device, resolve_dtype
 from .assets import check_assets, model_assets
-from .image_record import METADATA_KEY
+from .image_record import METADATA_KEY, UNREADABLE_IMAGE
 from ..training import TrainConfig, Trainer, latest_checkpoint
 from ..training.checkpoints import CheckpointError
 from ..training.group import GroupTrainer, group_key
@@ -147,7 +146,7 @@ def _has_generation_record(image: Path) -> bool:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(image) as png:
                 return METADATA_KEY in png.info
-    except (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError):
+    except UNREADABLE_IMAGE:
         return False
 
 
