@@ -33,7 +33,10 @@ class DiskError(PersonaMagicError, OSError):
 
     @property
     def remedy(self) -> str:
-        return "free some space" if self.errno in (28, 122) else "make it writable"  # ENOSPC, EDQUOT
+        import errno
+
+        full = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # a full disk, a used-up quota
+        return "free some space" if self.errno in full else "make it writable"
 
 
 class FolderInUse(PersonaMagicError):
